@@ -1,0 +1,393 @@
+"""MVTec AD as a supervised good/anomaly dataset: indexing, the shared train/val/test split, preprocessing,
+and a small synthetic MVTec-like tree for tests and the offline demo.
+
+MVTec AD's train/ folder holds only good parts. A classifier needs defects in training too, so all labelled
+images of a category (train/good, test/good, test/<defect>) are pooled and split once, seeded and
+stratified by defect type, into train / val / test. Every defect type appears in test. The split is saved
+as a JSON manifest (and inside every checkpoint) so that all scripts evaluate on exactly the same images.
+
+    python mvtec_dataset.py --data-dir ./data/mvtec --category bottle      # summary of a category
+    python mvtec_dataset.py --make-synthetic ./data/synthetic               # write the synthetic tree
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from train_utils import UserError, atomic_write_text, format_table, run_cli
+
+CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+              "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+SPLIT_FORMAT = "tp4-mvtec-split-v1"
+GET_DATA_HINT = ("get it with `python download_mvtec.py --category {category} --output {data_dir}` "
+                 "or make a synthetic tree with `python mvtec_dataset.py --make-synthetic DIR`")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str          # relative to the category folder, e.g. "test/broken_large/000.png"
+    label: int         # 0 = good, 1 = anomaly
+    defect_type: str   # "good" or the MVTec defect folder name
+    mask_path: str | None = None  # relative ground-truth mask, anomalies only
+
+
+# --------------------------------------------------------------------------------------------------
+# Indexing
+# --------------------------------------------------------------------------------------------------
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def category_dir(data_dir: str | Path, category: str) -> Path:
+    if not category or "/" in category or "\\" in category or category.startswith("."):
+        raise UserError(f"invalid category name {category!r}; MVTec AD has: {', '.join(CATEGORIES)}.")
+    root = Path(data_dir)
+    folder = root / category
+    if not folder.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        known = f" (found there: {', '.join(found)})" if found else ""
+        unknown = "" if category in CATEGORIES or (folder / "train").exists() else \
+            f" '{category}' is not an MVTec AD category ({', '.join(CATEGORIES)})."
+        raise UserError(f"no dataset folder {folder}{known}.{unknown} To get the data, "
+                        + GET_DATA_HINT.format(category=category, data_dir=data_dir))
+    return folder
+
+
+def index_category(data_dir: str | Path, category: str) -> list[Sample]:
+    """Every labelled image of ROOT/CATEGORY with its label, defect type and mask (MVTec AD layout)."""
+    folder = category_dir(data_dir, category)
+    hint = GET_DATA_HINT.format(category=category, data_dir=data_dir)
+    for sub in ("train/good", "test/good"):
+        if not (folder / sub).is_dir() or not _images(folder / sub):
+            raise UserError(f"{folder / sub} is missing or holds no image: {folder} is not a complete MVTec AD "
+                            f"category; {hint}")
+    samples = [Sample(p.relative_to(folder).as_posix(), 0, "good") for p in _images(folder / "train/good")]
+    samples += [Sample(p.relative_to(folder).as_posix(), 0, "good") for p in _images(folder / "test/good")]
+    defects = sorted(d.name for d in (folder / "test").iterdir() if d.is_dir() and d.name != "good")
+    if not defects:
+        raise UserError(f"{folder / 'test'} has no defect folder (e.g. test/broken_large): "
+                        f"an anomaly classifier needs defective examples; {hint}")
+    for defect in defects:
+        images = _images(folder / "test" / defect)
+        if not images:
+            raise UserError(f"{folder / 'test' / defect} holds no image; {hint}")
+        for p in images:
+            mask = folder / "ground_truth" / defect / f"{p.stem}_mask.png"
+            samples.append(Sample(p.relative_to(folder).as_posix(), 1, defect,
+                                  mask.relative_to(folder).as_posix() if mask.is_file() else None))
+    return samples
+
+
+def count_table(samples: list[Sample], split: dict[str, list[Sample]] | None = None) -> str:
+    """Images per defect type (and per split when given), as a printable table."""
+    groups = sorted({s.defect_type for s in samples}, key=lambda d: (d != "good", d))
+    parts = split or {"all": samples}
+    rows = []
+    for defect in groups:
+        row = {"defect_type": defect, "label": "good" if defect == "good" else "anomaly"}
+        for name, items in parts.items():
+            row[name] = sum(s.defect_type == defect for s in items)
+        rows.append(row)
+    total = {"defect_type": "TOTAL", "label": ""}
+    for name, items in parts.items():
+        total[name] = len(items)
+    rows.append(total)
+    return format_table(rows, ["defect_type", "label", *parts.keys()])
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared split
+# --------------------------------------------------------------------------------------------------
+def make_split(samples: list[Sample], seed: int = 42, val_frac: float = 0.15, test_frac: float = 0.25
+               ) -> dict[str, list[Sample]]:
+    """Seeded split stratified by defect type ('good' is one group): no image in two splits, every defect
+    type in test (and in train when it has >= 2 images). Deterministic for the same files and seed."""
+    if not (0 <= val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
+        raise UserError("split fractions must satisfy 0 <= val < 1, 0 < test < 1 and val + test < 1.")
+    rng = np.random.default_rng(seed)
+    split = {"train": [], "val": [], "test": []}
+    for defect in sorted({s.defect_type for s in samples}):
+        group = sorted((s for s in samples if s.defect_type == defect), key=lambda s: s.path)
+        order = rng.permutation(len(group))
+        n = len(group)
+        n_test = max(1, round(n * test_frac))
+        n_val = round(n * val_frac) if n - n_test >= 2 else 0
+        n_val = min(n_val, max(0, n - n_test - 1))
+        picked = [group[i] for i in order]
+        split["test"] += picked[:n_test]
+        split["val"] += picked[n_test:n_test + n_val]
+        split["train"] += picked[n_test + n_val:]
+    for name in split:
+        split[name].sort(key=lambda s: s.path)
+    return split
+
+
+def split_manifest(category: str, split: dict[str, list[Sample]], seed: int, val_frac: float,
+                   test_frac: float) -> dict:
+    """The JSON-able description of a split, embedded in checkpoints and written next to the models."""
+    return {"format": SPLIT_FORMAT, "category": category, "seed": seed,
+            "fractions": {"val": val_frac, "test": test_frac},
+            "counts": {k: len(v) for k, v in split.items()},
+            "splits": {k: [asdict(s) for s in v] for k, v in split.items()}}
+
+
+def split_from_manifest(manifest: dict) -> dict[str, list[Sample]]:
+    if not isinstance(manifest, dict) or manifest.get("format") != SPLIT_FORMAT:
+        raise UserError("the split manifest is not one written by this lab (format field missing or unknown).")
+    return {k: [Sample(**s) for s in v] for k, v in manifest["splits"].items()}
+
+
+def save_manifest(path: str | Path, manifest: dict) -> Path:
+    return atomic_write_text(path, json.dumps(manifest, indent=1))
+
+
+def load_manifest(path: str | Path) -> dict:
+    try:
+        manifest = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"split manifest {path} not found.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"split manifest {path} is not valid JSON ({exc}).") from None
+    split_from_manifest(manifest)  # validates
+    return manifest
+
+
+def prepare_split(data_dir, category: str, seed: int = 42, val_frac: float = 0.15, test_frac: float = 0.25):
+    """Index a category and split it. Returns (split dict, manifest dict)."""
+    samples = index_category(data_dir, category)
+    split = make_split(samples, seed, val_frac, test_frac)
+    return split, split_manifest(category, split, seed, val_frac, test_frac)
+
+
+# --------------------------------------------------------------------------------------------------
+# Images and preprocessing
+# --------------------------------------------------------------------------------------------------
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open any image as 3-channel RGB (grayscale MVTec categories, RGBA, palette); a broken file is a
+    UserError naming it."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
+                background = Image.new("RGB", img.size, (0, 0, 0))
+                img = img.convert("RGBA")
+                background.paste(img, mask=img.getchannel("A"))
+                return background
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"image {path} not found (the dataset changed since the split was made?).") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}. Replace or delete this file.") from None
+
+
+def preprocess_image(img: Image.Image, preprocessing: dict) -> torch.Tensor:
+    """PIL RGB -> uint8 tensor [3, H, W] at the model's input size. The whole image is resized, not
+    cropped: a defect near the border must stay visible."""
+    height, width = preprocessing["image_size"]
+    img = img.resize((width, height), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize(pixels_uint8: torch.Tensor, preprocessing: dict) -> torch.Tensor:
+    """uint8 [.., 3, H, W] -> float32 normalised with the model's mean/std."""
+    mean = torch.tensor(preprocessing["mean"], dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(-1, 1, 1)
+    return (pixels_uint8.float() / 255.0 - mean) / std
+
+
+def image_to_tensor(path_or_image, preprocessing: dict) -> torch.Tensor:
+    """One image file (or PIL image) -> normalised float tensor [3, H, W], exactly as in evaluation."""
+    img = path_or_image if isinstance(path_or_image, Image.Image) else load_rgb(path_or_image)
+    return normalize(preprocess_image(img.convert("RGB"), preprocessing), preprocessing)
+
+
+def train_augmentation():
+    """Light augmentations that keep defects visible: flips, small rotation, small colour changes."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
+                       v2.RandomApply([v2.RandomRotation(10)], p=0.3),
+                       v2.ColorJitter(brightness=0.1, contrast=0.1)])
+
+
+class MVTecDataset(Dataset):
+    """(normalised pixels, label) for a list of samples. Images are decoded and resized once, up front,
+    and kept in memory as uint8, so an epoch does not decode 900x900 PNGs again."""
+
+    def __init__(self, category_root: str | Path, samples: list[Sample], preprocessing: dict,
+                 train: bool = False, desc: str = "decoding images"):
+        self.root = Path(category_root)
+        self.samples = list(samples)
+        self.preprocessing = preprocessing
+        self.augment = train_augmentation() if train else None
+        self.images = [preprocess_image(load_rgb(self.root / s.path), preprocessing)
+                       for s in tqdm(self.samples, desc=desc, unit="img", leave=False)]
+        self.labels = torch.tensor([s.label for s in self.samples], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        pixels = self.images[i]
+        if self.augment is not None:
+            pixels = self.augment(pixels)
+        return normalize(pixels, self.preprocessing), self.labels[i]
+
+    @property
+    def defect_types(self) -> list[str]:
+        return [s.defect_type for s in self.samples]
+
+
+def make_loaders(data_dir, category: str, split: dict[str, list[Sample]], preprocessing: dict,
+                 batch_size: int = 16, names=("train", "val", "test"), seed: int = 42) -> dict:
+    """DataLoaders for the requested splits (train shuffled and augmented). Checks that every image of the
+    manifest exists before decoding anything."""
+    root = category_dir(data_dir, category)
+    missing = [s.path for name in names for s in split[name] if not (root / s.path).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) of the saved split are missing under {root} "
+                        f"(first: {missing[0]}): use the same --data-dir as when the model was trained.")
+    loaders = {}
+    for name in names:
+        dataset = MVTecDataset(root, split[name], preprocessing, train=(name == "train"),
+                               desc=f"decoding {name} images")
+        generator = torch.Generator().manual_seed(seed)
+        loaders[name] = DataLoader(dataset, batch_size=batch_size, shuffle=(name == "train"), generator=generator,
+                                   drop_last=False, num_workers=0)
+    return loaders
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic MVTec-like tree (tests, offline demo)
+# --------------------------------------------------------------------------------------------------
+SYNTHETIC_DEFECTS = ("broken_large", "contamination", "crack")
+
+
+def _draw_part(rng: np.random.Generator, size: int) -> tuple[Image.Image, tuple[float, float, float]]:
+    """A bottle seen from above: dark background, bright ring with a shaded neck, small random pose."""
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(8, 24, 3)))
+    draw = ImageDraw.Draw(img)
+    cx, cy = size / 2 + rng.normal(0, size * 0.02, 2)
+    r = size * rng.uniform(0.33, 0.37)
+    base = rng.integers(150, 175)
+    for k in range(12):  # radial shading of the body
+        rk = r * (1 - k / 12)
+        shade = int(base - 6 * k)
+        draw.ellipse([cx - rk, cy - rk, cx + rk, cy + rk], fill=(shade, shade - 10, shade - 30))
+    rn = r * 0.45
+    draw.ellipse([cx - rn, cy - rn, cx + rn, cy + rn], fill=(40, 35, 30), outline=(200, 190, 160), width=2)
+    noise = rng.normal(0, 4, (size, size, 3))
+    arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr), (cx, cy, r)
+
+
+def _draw_defect(img: Image.Image, defect: str, geom, rng: np.random.Generator) -> Image.Image:
+    """Paint one visible defect and return its binary mask (255 = defect)."""
+    cx, cy, r = geom
+    size = img.size[0]
+    mask = Image.new("L", img.size, 0)
+    draw, mdraw = ImageDraw.Draw(img), ImageDraw.Draw(mask)
+    angle = rng.uniform(0, 2 * math.pi)
+    if defect == "broken_large":  # a dark wedge bitten out of the rim
+        start = math.degrees(angle)
+        box = [cx - r * 1.02, cy - r * 1.02, cx + r * 1.02, cy + r * 1.02]
+        draw.pieslice(box, start, start + rng.uniform(35, 60), fill=(12, 12, 12))
+        mdraw.pieslice(box, start, start + 60, fill=255)
+        draw.ellipse([cx - r * 0.45, cy - r * 0.45, cx + r * 0.45, cy + r * 0.45], fill=(40, 35, 30))
+    elif defect == "contamination":  # a reddish-brown blob on the body
+        d = r * rng.uniform(0.55, 0.8)
+        px, py = cx + d * math.cos(angle), cy + d * math.sin(angle)
+        rb = size * rng.uniform(0.06, 0.09)
+        draw.ellipse([px - rb, py - rb, px + rb, py + rb], fill=(150, 40, 30))
+        mdraw.ellipse([px - rb, py - rb, px + rb, py + rb], fill=255)
+    elif defect == "crack":  # a thin dark zig-zag across the body
+        points, d = [], r * 0.5
+        for k in range(6):
+            a = angle + rng.normal(0, 0.15)
+            points.append((cx + (d + k * r * 0.09) * math.cos(a), cy + (d + k * r * 0.09) * math.sin(a)))
+            angle += rng.normal(0, 0.2)
+        draw.line(points, fill=(10, 10, 10), width=max(2, size // 40))
+        mdraw.line(points, fill=255, width=max(2, size // 40) + 2)
+    else:
+        raise ValueError(defect)
+    return mask.filter(ImageFilter.MaxFilter(3))
+
+
+def make_synthetic_mvtec(root: str | Path, category: str = "bottle", n_train_good: int = 60, n_test_good: int = 15,
+                         n_per_defect: int = 15, image_size: int = 128, defects=SYNTHETIC_DEFECTS,
+                         seed: int = 0) -> Path:
+    """Write a small, deterministic MVTec-like tree ROOT/CATEGORY/{train/good, test/<type>, ground_truth/<type>}.
+
+    Parts are bottle-like rings seen from above; defects (broken rim, contamination, crack) are clearly
+    visible, with their masks. Returns the category folder."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / category
+    plan = [("train/good", None, n_train_good), ("test/good", None, n_test_good)]
+    plan += [(f"test/{d}", d, n_per_defect) for d in defects]
+    total = sum(n for *_, n in plan)
+    with tqdm(total=total, desc=f"synthetic {category}", unit="img", leave=False) as bar:
+        for sub, defect, count in plan:
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            if defect:
+                (folder / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                img, geom = _draw_part(rng, image_size)
+                if defect:
+                    mask = _draw_defect(img, defect, geom, rng)
+                    mask.save(folder / "ground_truth" / defect / f"{i:03d}_mask.png")
+                img.save(folder / sub / f"{i:03d}.png")
+                bar.update()
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Summarise an MVTec AD category and its train/val/test split, "
+                                                 "or write a synthetic MVTec-like tree.")
+    parser.add_argument("--data-dir", default="./data/mvtec", help="folder holding the category folders "
+                        "(default: ./data/mvtec)")
+    parser.add_argument("--category", default="bottle", help="MVTec AD category (default: bottle)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the train/val/test split (default: 42)")
+    parser.add_argument("--val-frac", type=float, default=0.15, help="share of each defect type in val (0.15)")
+    parser.add_argument("--test-frac", type=float, default=0.25, help="share of each defect type in test (0.25)")
+    parser.add_argument("--save-manifest", metavar="JSON", help="also write the split manifest to this file")
+    parser.add_argument("--check-images", action="store_true", help="decode every image (finds corrupt files)")
+    parser.add_argument("--make-synthetic", metavar="DIR", help="write a synthetic tree DIR/CATEGORY and exit")
+    parser.add_argument("--image-size", type=int, default=128, help="side of synthetic images in pixels (128)")
+    args = parser.parse_args(argv)
+
+    if args.make_synthetic:
+        folder = make_synthetic_mvtec(args.make_synthetic, args.category, image_size=args.image_size,
+                                      seed=args.seed)
+        print(f"synthetic category written to {folder}")
+        args.data_dir = args.make_synthetic
+    split, manifest = prepare_split(args.data_dir, args.category, args.seed, args.val_frac, args.test_frac)
+    root = category_dir(args.data_dir, args.category)
+    if args.check_images:
+        for s in tqdm([s for part in split.values() for s in part], desc="checking images", unit="img"):
+            load_rgb(root / s.path)
+    all_samples = [s for part in split.values() for s in part]
+    n_masks = sum(s.mask_path is not None for s in all_samples)
+    print(f"MVTec AD category '{args.category}' in {root}: {len(all_samples)} labelled images, "
+          f"{sum(s.label for s in all_samples)} anomalies, {n_masks} masks; split seed {args.seed}")
+    print(count_table(all_samples, split))
+    if args.save_manifest:
+        save_manifest(args.save_manifest, manifest)
+        print(f"split manifest written to {args.save_manifest}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,33 @@
+"""Shared fixtures: the repository root on sys.path, a synthetic MVTec tree, helpers to run scripts."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mvtec_dataset import make_synthetic_mvtec  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small synthetic MVTec tree: DATA/bottle with train/good, test/good, 3 defect types, masks."""
+    root = tmp_path_factory.mktemp("mvtec")
+    make_synthetic_mvtec(root, "bottle", n_train_good=60, n_test_good=15, n_per_defect=15, image_size=96, seed=0)
+    return root
+
+
+def run_script(script: str, *args, cwd=None, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """Run one of the lab's scripts as a user would, from `cwd`, with the CPU forced and no hub access."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
+                **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def run():
+    return run_script

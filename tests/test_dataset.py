@@ -1,0 +1,107 @@
+"""mvtec_dataset.py: indexing, the shared split, image conversion, error paths, CLI."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mvtec_dataset import (SYNTHETIC_DEFECTS, MVTecDataset, image_to_tensor, index_category, load_manifest,
+                           load_rgb, make_split, make_synthetic_mvtec, prepare_split, save_manifest,
+                           split_from_manifest)
+from train_utils import UserError
+
+PRE = {"image_size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def test_index_counts_labels_and_masks(synthetic_root):
+    samples = index_category(synthetic_root, "bottle")
+    assert len(samples) == 60 + 15 + 15 * len(SYNTHETIC_DEFECTS)
+    assert sum(s.label == 0 for s in samples) == 75
+    anomalies = [s for s in samples if s.label == 1]
+    assert {s.defect_type for s in anomalies} == set(SYNTHETIC_DEFECTS)
+    assert all(s.mask_path and (synthetic_root / "bottle" / s.mask_path).is_file() for s in anomalies)
+    assert all(s.mask_path is None for s in samples if s.label == 0)
+
+
+def test_split_is_disjoint_complete_stratified_and_deterministic(synthetic_root):
+    samples = index_category(synthetic_root, "bottle")
+    split = make_split(samples, seed=3)
+    paths = {name: {s.path for s in part} for name, part in split.items()}
+    assert not paths["train"] & paths["val"] and not paths["train"] & paths["test"] and not paths["val"] & paths["test"]
+    assert set.union(*paths.values()) == {s.path for s in samples}
+    assert {s.defect_type for s in split["test"]} == {"good", *SYNTHETIC_DEFECTS}
+    assert {s.defect_type for s in split["train"]} == {"good", *SYNTHETIC_DEFECTS}
+    # test holds about 25 % of every group
+    for defect in SYNTHETIC_DEFECTS:
+        assert sum(s.defect_type == defect for s in split["test"]) == 4  # round(15 * 0.25)
+    assert make_split(samples, seed=3) == split
+    assert make_split(samples, seed=4) != split
+
+
+def test_every_defect_type_in_test_even_when_rare(tmp_path):
+    make_synthetic_mvtec(tmp_path, "bottle", n_train_good=5, n_test_good=1, n_per_defect=1, image_size=32)
+    split = make_split(index_category(tmp_path, "bottle"), seed=0)
+    assert {s.defect_type for s in split["test"]} == {"good", *SYNTHETIC_DEFECTS}
+
+
+def test_manifest_round_trip(synthetic_root, tmp_path):
+    split, manifest = prepare_split(synthetic_root, "bottle", seed=1)
+    path = save_manifest(tmp_path / "split.json", manifest)
+    loaded = load_manifest(path)
+    assert split_from_manifest(loaded) == split
+    assert loaded["counts"] == {k: len(v) for k, v in split.items()}
+    (tmp_path / "bad.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(UserError, match="not one written by this lab"):
+        load_manifest(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
+def test_images_of_any_mode_become_rgb_tensors(tmp_path, mode):
+    arr = (np.random.default_rng(0).random((40, 50)) * 255).astype(np.uint8)
+    img = Image.fromarray(arr).convert(mode) if mode != "I;16" else Image.fromarray(arr.astype(np.uint16) * 256)
+    path = tmp_path / f"img_{mode.replace(';', '')}.png"
+    img.save(path)
+    assert load_rgb(path).mode == "RGB"
+    tensor = image_to_tensor(path, PRE)
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+    assert -1.0 <= tensor.min() and tensor.max() <= 1.0
+
+
+def test_corrupt_image_is_named(tmp_path):
+    root = tmp_path / "data"
+    folder = make_synthetic_mvtec(root, "bottle", n_train_good=4, n_test_good=2, n_per_defect=2, image_size=32)
+    broken = folder / "test" / "crack" / "001.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    samples = index_category(root, "bottle")
+    with pytest.raises(UserError, match="001.png"):
+        MVTecDataset(folder, samples, PRE)
+
+
+def test_missing_and_broken_trees(tmp_path):
+    with pytest.raises(UserError, match="download_mvtec.py"):
+        index_category(tmp_path / "nothing", "bottle")
+    with pytest.raises(UserError, match="not an MVTec AD category"):
+        index_category(tmp_path, "bottel")
+    folder = make_synthetic_mvtec(tmp_path, "bottle", n_train_good=3, n_test_good=2, n_per_defect=2, image_size=32)
+    for defect in SYNTHETIC_DEFECTS:
+        shutil.rmtree(folder / "test" / defect)
+    with pytest.raises(UserError, match="no defect folder"):
+        index_category(tmp_path, "bottle")
+    shutil.rmtree(folder / "train" / "good")
+    with pytest.raises(UserError, match="train/good"):
+        index_category(tmp_path, "bottle")
+
+
+def test_cli_summary_and_errors(synthetic_root, tmp_path, run):
+    result = run("mvtec_dataset.py", "--data-dir", synthetic_root, "--category", "bottle",
+                 "--save-manifest", tmp_path / "split.json", "--check-images")
+    assert result.returncode == 0, result.stderr
+    assert "TOTAL" in result.stdout and "contamination" in result.stdout
+    assert load_manifest(tmp_path / "split.json")["category"] == "bottle"
+
+    result = run("mvtec_dataset.py", "--data-dir", tmp_path / "empty", "--category", "bottle")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")

@@ -1,0 +1,463 @@
+"""Shared helpers of the lab: errors and CLI wrapper, safe file output, seeding and device choice,
+the fine-tuning loop, evaluation metrics and the inference benchmark.
+
+Every script of the lab imports from here; nothing here parses command-line arguments.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+LABELS = ("good", "anomaly")  # index 0 = normal part, 1 = defective part
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors and the command-line wrapper
+# --------------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """A problem the user can fix (bad input, missing file, no GPU...): shown as one line, exit code 2."""
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run a script's main(): user errors become one clear line and a non-zero exit, never a traceback.
+
+    Set TP4_DEBUG=1 to see the full traceback of unexpected errors.
+    """
+    try:
+        code = main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted by the user (Ctrl+C); nothing was overwritten.", file=sys.stderr)
+        sys.exit(130)
+    except torch.cuda.OutOfMemoryError:
+        print("error: the GPU ran out of memory: lower --batch-size.", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, the traceback on request
+        if os.environ.get("TP4_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: unexpected {type(exc).__name__}: {msg} (set TP4_DEBUG=1 to see the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code or 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: atomic writes, never lose an earlier result
+# --------------------------------------------------------------------------------------------------
+def keep_previous(path: str | Path, overwrite: bool = False) -> Path | None:
+    """If `path` exists, rename it to `<stem>.<its mtime>.<suffix>` and say so (unless overwrite=True).
+
+    Called before writing an output, so that a result produced earlier is never silently lost.
+    Returns the backup path, or None.
+    """
+    path = Path(path)
+    if not path.exists() or overwrite:
+        return None
+    stamp = _dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+    backup = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    n = 1
+    while backup.exists():
+        backup = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+        n += 1
+    path.rename(backup)
+    print(f"note: previous {path} kept as {backup.name}")
+    return backup
+
+
+def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
+    """Call writer(tmp_path) on a temporary file next to `path`, then rename it over `path`.
+
+    A crash or Ctrl+C never leaves a half-written output behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        writer(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def save_figure(fig, path: str | Path, overwrite: bool = False) -> Path:
+    """Save a matplotlib figure atomically as PNG, keeping an earlier file of the same name."""
+    keep_previous(path, overwrite)
+    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
+
+
+def append_csv_rows(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Append result rows to a CSV (header = union of the columns seen so far); earlier rows are kept."""
+    path = Path(path)
+    rows = list(rows)
+    old_rows: list[dict] = []
+    columns: list[str] = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            old_rows = list(reader)
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(old_rows)
+            writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
+
+    return atomic_write(path, write)
+
+
+def _csv_value(value):
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else ""
+    return value
+
+
+def size_on_disk_mb(path: str | Path) -> float:
+    """Bytes on disk / 10^6 (a file, or every file of a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+    return path.stat().st_size / 1e6
+
+
+def run_id() -> str:
+    """Identifies the rows one run appends to a CSV."""
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reproducibility, device, environment
+# --------------------------------------------------------------------------------------------------
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """'auto' -> cuda, then mps, then cpu. Asking for a device that is absent is a user error."""
+    requested = (requested or "auto").lower()
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if has_mps else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available here "
+                        "(use --device cpu, or install the CUDA build of PyTorch).")
+    if requested == "mps" and not has_mps:
+        raise UserError("--device mps was asked for but Apple's MPS backend is not available here.")
+    if requested not in ("cpu", "mps") and not requested.startswith("cuda"):
+        raise UserError(f"unknown --device {requested!r}: use auto, cpu, cuda or mps.")
+    return torch.device(requested)
+
+
+def set_threads(num_threads: int | None) -> int:
+    """Set PyTorch's intra-op threads (None = leave the default) and return the number in use."""
+    if num_threads:
+        if num_threads < 1:
+            raise UserError("--num-threads must be >= 1.")
+        torch.set_num_threads(num_threads)
+    return torch.get_num_threads()
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return cpu_name()
+    return device.type
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_versions() -> dict:
+    """Versions that matter for the measurements (recorded in checkpoints, CSVs and the report)."""
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("torch", "torchvision", "transformers", "onnx", "onnxruntime", "numpy"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+def class_weights(labels: Iterable[int], num_classes: int = 2) -> torch.Tensor:
+    """Inverse-frequency weights (mean 1) so that the rarer anomaly class is not ignored."""
+    counts = np.bincount(np.asarray(list(labels), dtype=int), minlength=num_classes).astype(float)
+    counts[counts == 0] = 1.0
+    weights = counts.sum() / (num_classes * counts)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def warmup_cosine(optimizer, total_steps: int, warmup_frac: float = 0.1):
+    warmup = max(1, int(total_steps * warmup_frac))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def model_logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Logits of a Hugging Face image classifier (or of any module returning a tensor)."""
+    out = model(pixel_values=pixel_values) if _is_hf(model) else model(pixel_values)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _is_hf(model) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "model_type")
+
+
+def train_model(model, train_loader, val_loader, *, epochs: int, lr: float, device: torch.device,
+                weight_decay: float = 0.05, warmup_frac: float = 0.1, loss_weights: torch.Tensor | None = None,
+                grad_clip: float = 1.0, amp: bool = True, teacher=None, distill_alpha: float = 0.5,
+                distill_temperature: float = 2.0, desc: str = "train") -> dict:
+    """Fine-tune `model` (AdamW, warm-up + cosine, weighted cross-entropy, gradient clipping, AMP on CUDA).
+
+    The weights of the epoch with the best validation score (F1, then accuracy, then lower loss) are
+    restored at the end. With `teacher`, the loss mixes cross-entropy and the KL divergence to the
+    teacher's softened logits (knowledge distillation, Hinton et al. 2015).
+    Returns {"history": [per-epoch dict], "best_epoch": int, "train_seconds": float, "epoch_seconds": [..]}.
+    """
+    if epochs < 1:
+        raise UserError("--epochs must be >= 1.")
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = warmup_cosine(optimizer, epochs * max(1, len(train_loader)), warmup_frac)
+    use_amp = amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    weight = loss_weights.to(device) if loss_weights is not None else None
+
+    history, epoch_seconds = [], []
+    best_key, best_state, best_epoch = None, None, 0
+    for epoch in range(1, epochs + 1):
+        model.train()
+        sync(device)
+        t0 = time.perf_counter()
+        running, seen = 0.0, 0
+        bar = tqdm(train_loader, desc=f"{desc} epoch {epoch}/{epochs}", leave=False, unit="batch")
+        for pixels, labels in bar:
+            pixels, labels = pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                logits = model_logits(model, pixels)
+                loss = F.cross_entropy(logits.float(), labels, weight=weight)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = model_logits(teacher, pixels).float()
+                    t = distill_temperature
+                    kd = F.kl_div(F.log_softmax(logits.float() / t, dim=-1), F.softmax(teacher_logits / t, dim=-1),
+                                  reduction="batchmean") * t * t
+                    loss = (1 - distill_alpha) * loss + distill_alpha * kd
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            running += loss.item() * labels.size(0)
+            seen += labels.size(0)
+            bar.set_postfix(loss=f"{running / seen:.4f}")
+        sync(device)
+        epoch_seconds.append(time.perf_counter() - t0)
+
+        val_logits, val_labels = predict_logits(model, val_loader, device, desc=f"{desc} val")
+        val = classification_metrics(val_labels, val_logits)
+        val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)).item()) \
+            if len(val_labels) else float("nan")
+        row = {"epoch": epoch, "train_loss": running / max(1, seen), "val_loss": val_loss,
+               "val_accuracy": val["accuracy"], "val_f1": val["f1"], "epoch_seconds": epoch_seconds[-1]}
+        history.append(row)
+        print(f"[{desc}] epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
+              f"val acc {val['accuracy']:.3f}, val F1 {val['f1']:.3f} ({epoch_seconds[-1]:.1f} s)")
+        key = (val["f1"], val["accuracy"], -val_loss if math.isfinite(val_loss) else 0.0)
+        if best_key is None or key > best_key:
+            best_key, best_epoch = key, epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return {"history": history, "best_epoch": best_epoch, "train_seconds": float(sum(epoch_seconds)),
+            "epoch_seconds": epoch_seconds}
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def predict_logits(model, loader, device: torch.device | str = "cpu", desc: str = "predict"):
+    """Run `model` over a loader of (pixels, labels); return (logits float32 [N, 2], labels int64 [N])."""
+    device = torch.device(device)
+    model.eval()
+    all_logits, all_labels = [], []
+    for pixels, labels in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        logits = model_logits(model, pixels.to(device))
+        all_logits.append(logits.float().cpu())
+        all_labels.append(labels)
+    if not all_logits:
+        return np.zeros((0, 2), np.float32), np.zeros((0,), np.int64)
+    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy().astype(np.int64)
+
+
+def softmax_np(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def classification_metrics(labels, logits, defect_types=None) -> dict:
+    """Accuracy, precision, recall, F1 (anomaly = positive class), AUROC, confusion matrix, recall per defect.
+
+    `logits` is [N, 2] (prediction = argmax, score = softmax probability of 'anomaly').
+    """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+    labels = np.asarray(labels, dtype=np.int64)
+    logits = np.asarray(logits, dtype=np.float64)
+    if len(labels) == 0:
+        nan = float("nan")
+        return {"n": 0, "accuracy": nan, "precision": nan, "recall": nan, "f1": nan, "auroc": nan,
+                "confusion_matrix": [[0, 0], [0, 0]], "recall_per_defect": {}}
+    preds = logits.argmax(axis=1)
+    scores = softmax_np(logits)[:, 1]
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, preds, average="binary", pos_label=1,
+                                                               zero_division=0)
+    auroc = float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan")
+    result = {"n": int(len(labels)), "accuracy": float((preds == labels).mean()), "precision": float(precision),
+              "recall": float(recall), "f1": float(f1), "auroc": auroc,
+              "confusion_matrix": confusion_matrix(labels, preds, labels=[0, 1]).tolist(),
+              "recall_per_defect": {}}
+    if defect_types is not None:
+        defect_types = np.asarray(defect_types)
+        for defect in sorted(set(defect_types.tolist())):
+            mask = defect_types == defect
+            # for 'good' this is the share of good parts recognised as good (specificity)
+            result["recall_per_defect"][defect] = float((preds[mask] == labels[mask]).mean())
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference benchmark (in the spirit of timm's benchmark.py)
+# --------------------------------------------------------------------------------------------------
+def sync(device) -> None:
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def benchmark(run_batch: Callable[[], object], *, batch_size: int, device="cpu", warmup: int = 5, runs: int = 30,
+              max_seconds: float | None = 60.0, desc: str = "benchmark") -> dict:
+    """Time `run_batch()` (one forward pass on a fixed batch): warm-up, then timed runs.
+
+    The device is synchronised around every run so that asynchronous CUDA work is counted. Timed runs
+    stop early after `max_seconds` (never fewer than 5). Returns median / p95 / p99 / mean latency in ms
+    per batch, images per second (batch_size / median latency), and the settings used.
+    """
+    device = torch.device(device)
+    for _ in tqdm(range(warmup), desc=f"{desc} warm-up", leave=False):
+        run_batch()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    for i in tqdm(range(runs), desc=desc, leave=False):
+        t0 = time.perf_counter()
+        run_batch()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1000.0)
+        if max_seconds is not None and i + 1 >= 5 and time.perf_counter() - start > max_seconds:
+            break
+    ms = np.asarray(times)
+    median = float(np.median(ms))
+    return {"batch_size": batch_size, "runs": len(times), "warmup": warmup, "device": device.type,
+            "threads": torch.get_num_threads(), "latency_median_ms": median,
+            "latency_p95_ms": float(np.percentile(ms, 95)), "latency_p99_ms": float(np.percentile(ms, 99)),
+            "latency_mean_ms": float(ms.mean()), "throughput_img_s": batch_size * 1000.0 / median}
+
+
+def benchmark_torch_model(model, example: torch.Tensor, device="cpu", **kwargs) -> dict:
+    """benchmark() applied to a PyTorch model on a fixed input batch, under inference_mode."""
+    device = torch.device(device)
+    model.eval().to(device)
+    example = example.to(device)
+
+    @torch.inference_mode()
+    def run():
+        return model_logits(model, example)
+
+    return benchmark(run, batch_size=example.shape[0], device=device, **kwargs)
+
+
+def cost_per_1000_images(price_per_hour: float, latency_ms_per_batch: float, batch_size: int) -> float:
+    """Cost of classifying 1 000 images on a machine billed `price_per_hour`, at the measured latency."""
+    seconds_per_image = latency_ms_per_batch / 1000.0 / batch_size
+    return price_per_hour * seconds_per_image * 1000.0 / 3600.0
+
+
+def format_table(rows: list[dict], columns: list[str], floatfmt: str = ".4g") -> str:
+    """A plain-text table for the summaries the scripts print."""
+    def fmt(v):
+        if isinstance(v, float):
+            return "n/a" if not math.isfinite(v) else format(v, floatfmt)
+        return "n/a" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    buf = io.StringIO()
+    buf.write("  ".join(c.ljust(w) for c, w in zip(columns, widths)) + "\n")
+    buf.write("  ".join("-" * w for w in widths) + "\n")
+    for row in cells:
+        buf.write("  ".join(v.ljust(w) for v, w in zip(row, widths)) + "\n")
+    return buf.getvalue()
