@@ -24,6 +24,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 LABELS = ("good", "anomaly")  # index 0 = normal part, 1 = defective part
+PRETRAINED_DEFAULT_LR = 5e-5    # fine-tuning a pretrained ViT
+OFFLINE_DEFAULT_LR = 1e-3       # the offline presets start from random weights and need a larger step
+OFFLINE_DEFAULT_EPOCHS = 20     # ... and more epochs than the lab's 3 (used by tests and the demo)
+
+
+def default_lr(pretrained: bool) -> float:
+    return PRETRAINED_DEFAULT_LR if pretrained else OFFLINE_DEFAULT_LR
 
 
 # --------------------------------------------------------------------------------------------------
