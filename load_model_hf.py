@@ -33,12 +33,15 @@ HUB_PRESETS = {
     "deit-small": "facebook/deit-small-patch16-224",   # student, 22 M
     "deit-tiny": "facebook/deit-tiny-patch16-224",     # student, 5.7 M
 }
-# Small ViTs built from a config, random init: no download at all (tests, offline demo).
+# Small ViTs built from a config, random init: no download at all (tests, offline demo). They use the DINOv2
+# flavour of the ViT (same encoder blocks; the head reads the CLS token *and* the mean of the patch tokens) because
+# a plain CLS-token ViT trained from scratch on ~100 images barely beats chance, while this head learns the
+# synthetic defects (measured: test AUROC ~0.95 vs ~0.75 on the synthetic tree).
 OFFLINE_PRESETS = {
-    "offline-vit-small": dict(image_size=112, patch_size=16, hidden_size=192, num_hidden_layers=6,
-                              num_attention_heads=3, intermediate_size=768),
-    "offline-vit-tiny": dict(image_size=112, patch_size=16, hidden_size=96, num_hidden_layers=4,
-                             num_attention_heads=3, intermediate_size=384),
+    "offline-vit-small": dict(image_size=64, patch_size=8, hidden_size=192, num_hidden_layers=6,
+                              num_attention_heads=3, mlp_ratio=4),
+    "offline-vit-tiny": dict(image_size=64, patch_size=8, hidden_size=96, num_hidden_layers=4,
+                             num_attention_heads=3, mlp_ratio=4),
 }
 OFFLINE_HINT = ("Without network, set HF_HUB_OFFLINE=1 to use a model already in the Hugging Face cache, pass a "
                 "local folder (config.json + weights, e.g. from save_pretrained or `hf download`) to --model-name, "
@@ -79,15 +82,15 @@ def load_pretrained(model_name: str, seed: int = 0):
 
     Returns (model, preprocessing dict, info dict with source / pretrained flag)."""
     _quiet_transformers()
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, \
-        ViTForImageClassification
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, Dinov2Config, \
+        Dinov2ForImageClassification
 
     if model_name in OFFLINE_PRESETS:
         torch.manual_seed(seed)
-        config = ViTConfig(**OFFLINE_PRESETS[model_name], num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID)
-        model = ViTForImageClassification(config)
+        config = Dinov2Config(**OFFLINE_PRESETS[model_name], num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID)
+        model = Dinov2ForImageClassification(config)
         preprocessing = {"image_size": [config.image_size] * 2, "mean": [0.5] * 3, "std": [0.5] * 3}
-        print(f"model '{model_name}': ViT built from a config, RANDOM INIT (no pretrained weights, no download)")
+        print(f"model '{model_name}': small ViT (DINOv2 flavour) built from a config, RANDOM INIT (no pretrained weights, no download)")
         return model, preprocessing, {"model_name": model_name, "source": "offline-config", "pretrained": False}
 
     source_id = HUB_PRESETS.get(model_name, model_name)

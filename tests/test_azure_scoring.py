@@ -1,0 +1,376 @@
+"""score.py on Azure ML's real inference server (azmlinfsrv), and deploy_azure.py --dry-run.
+
+The model is the offline ViT-Tiny (random init) exported to ONNX with a sidecar in onnx_optimization's format;
+the server is started on a free loopback port and only ever contacted on 127.0.0.1.
+"""
+import base64
+import contextlib
+import datetime
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+from mvtec_dataset import image_to_tensor, load_rgb
+from train_utils import softmax_np
+
+SERVER_ENV = {"TP4_MAX_BODY_MB": "1", "TP4_MAX_IMAGES": "4", "TP4_MAX_PIXELS": "1000000"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers (also used by test_load_test.py)
+# --------------------------------------------------------------------------------------------------
+def make_model_pair(folder: Path, category: str = "bottle") -> dict:
+    """model_final.onnx + model_final.json (tp4-onnx-sidecar-v1) from the offline ViT-Tiny; returns the sidecar."""
+    import torch
+
+    from load_model_hf import load_pretrained
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model, pre, _ = load_pretrained("offline-vit-tiny")
+    model.eval()
+    onnx_path = folder / "model_final.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings
+        torch.onnx.export(model, torch.randn(1, 3, *pre["image_size"]), onnx_path, input_names=["pixel_values"],
+                          output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    sidecar = {"format": "tp4-onnx-sidecar-v1", "model_file": onnx_path.name, "variant": "ort-fp32-test",
+               "category": category, "labels": ["good", "anomaly"], "input_name": "pixel_values",
+               "output_name": "logits",
+               "preprocessing": {**pre, "resize": "bilinear", "crop": None, "color": "RGB", "scale": 255.0,
+                                 "layout": "NCHW", "dtype": "float32"},
+               "opset": 17, "exporter": "torch.onnx.export(dynamo=False)", "source_checkpoint": None,
+               "base_model": "offline-vit-tiny", "parity": {}, "metrics": {},
+               "created": datetime.datetime.now().isoformat(timespec="seconds"), "versions": {},
+               "sha256": hashlib.sha256(onnx_path.read_bytes()).hexdigest()}
+    (folder / "model_final.json").write_text(json.dumps(sidecar, indent=2), encoding="utf-8")
+    return sidecar
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(model_dir: Path, port: int) -> list[str]:
+    # `python -m` rather than the azmlinfsrv script: CI calls the venv's python without activating the venv
+    return [sys.executable, "-m", "azureml_inference_server_http", "--entry_script", str(ROOT / "score.py"),
+            "--model_dir", str(model_dir), "--port", str(port)]
+
+
+@contextlib.contextmanager
+def azmlinfsrv(model_dir: Path, workdir: Path, env: dict | None = None, timeout: float = 60.0):
+    """Start the real inference server on a free port, wait until GET / answers, yield its base URL, stop it."""
+    port = free_port()
+    log_path = workdir / f"azmlinfsrv-{port}.log"
+    full_env = {**os.environ, "XDG_RUNTIME_DIR": str(workdir),  # gunicorn's control socket, not in $HOME
+                "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    full_env.pop("AZUREML_MODEL_DIR", None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(server_command(model_dir, port), cwd=workdir, env=full_env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"azmlinfsrv exited with code {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(base + "/", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"azmlinfsrv not ready after {timeout} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()  # gunicorn's master stops its workers on SIGTERM
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, signal.SIGKILL)  # the process group started above (start_new_session)
+        else:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def reference(model_path: Path, images: list[Image.Image], pre: dict) -> np.ndarray:
+    """Probabilities of a direct ONNX Runtime run, preprocessed by mvtec_dataset.image_to_tensor."""
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    batch = np.stack([image_to_tensor(img, pre).numpy() for img in images])
+    return softmax_np(session.run(["logits"], {"pixel_values": batch})[0].astype(np.float64))
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def azure_model_dir(tmp_path_factory):
+    """Azure's layout: AZUREML_MODEL_DIR = .../<model name>/<version>, the uploaded folder inside it."""
+    root = tmp_path_factory.mktemp("azureml-models") / "tp4-mvtec-onnx" / "1"
+    sidecar = make_model_pair(root / "model")
+    return root, sidecar
+
+
+@pytest.fixture(scope="module")
+def server(azure_model_dir, tmp_path_factory):
+    with azmlinfsrv(azure_model_dir[0], tmp_path_factory.mktemp("server"), env=SERVER_ENV) as base:
+        yield base + "/score"
+
+
+@pytest.fixture(scope="module")
+def test_images(synthetic_root):
+    folder = synthetic_root / "bottle" / "test"
+    return [folder / sub / "000.png" for sub in ("good", "broken_large", "contamination", "crack")]
+
+
+def check_predictions(reply: dict, expected: np.ndarray, labels=("good", "anomaly")):
+    assert reply["n_images"] == len(expected) == len(reply["predictions"])
+    for i, (pred, probs) in enumerate(zip(reply["predictions"], expected)):
+        assert pred["index"] == i
+        assert pred["label"] == labels[int(probs.argmax())]
+        assert pred["anomaly_probability"] == pytest.approx(probs[1], abs=1e-4)
+        assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# The real server
+# --------------------------------------------------------------------------------------------------
+def test_raw_images_match_direct_onnxruntime(server, azure_model_dir, test_images):
+    model_dir, sidecar = azure_model_dir
+    pre = sidecar["preprocessing"]
+    onnx_path = model_dir / "model" / "model_final.onnx"
+    for path in test_images:
+        r = requests.post(server, data=path.read_bytes(), headers={"Content-Type": "image/png"}, timeout=30)
+        assert r.status_code == 200, r.text
+        reply = r.json()
+        check_predictions(reply, reference(onnx_path, [load_rgb(path)], pre))
+        assert reply["model"]["sha256"] == sidecar["sha256"] and reply["model"]["variant"] == "ort-fp32-test"
+        assert reply["model"]["created"] == sidecar["created"]
+        assert reply["inference_ms"] > 0 and reply["total_ms"] >= reply["inference_ms"]
+    # JPEG, grayscale, RGBA (composited on black like load_rgb), a non-square size
+    rgb = load_rgb(test_images[1])
+    variants = {"image/jpeg": png_bytes(rgb, "JPEG"), "image/png": png_bytes(rgb.convert("L")),
+                "image/x-png": png_bytes(rgb.convert("RGBA")), "application/octet-stream":
+                png_bytes(rgb.resize((150, 90)))}
+    for content_type, data in variants.items():
+        r = requests.post(server, data=data, headers={"Content-Type": content_type}, timeout=30)
+        assert r.status_code == 200, (content_type, r.text)
+        check_predictions(r.json(), reference(onnx_path, [load_rgb(io.BytesIO(data))], pre))
+
+
+def test_json_base64_batch(server, azure_model_dir, test_images):
+    model_dir, sidecar = azure_model_dir
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in test_images[:3]]
+    encoded[1] = "data:image/png;base64," + encoded[1]  # what a browser's FileReader produces
+    r = requests.post(server, json={"images": encoded}, timeout=30)
+    assert r.status_code == 200, r.text
+    expected = reference(model_dir / "model" / "model_final.onnx", [load_rgb(p) for p in test_images[:3]],
+                         sidecar["preprocessing"])
+    check_predictions(r.json(), expected)
+    # GET describes the served model and the limits
+    info = requests.get(server, timeout=10).json()
+    assert info["model"]["sha256"] == sidecar["sha256"] and info["limits"]["max_images"] == 4
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+BAD_REQUESTS = {  # id: (body, Content-Type, expected status, expected error code)
+    "empty_raw": (b"", "image/png", 400, "empty_body"),
+    "empty_json": (b"", "application/json", 400, "empty_body"),
+    "not_an_image": (b"hello, this is text", "image/jpeg", 400, "not_an_image"),
+    "truncated_png": ("TRUNCATED", "image/png", 400, "not_an_image"),
+    "invalid_json": (b'{"images": [', "application/json", 400, "invalid_json"),
+    "json_list": (b"[1, 2]", "application/json", 400, "missing_images"),
+    "json_wrong_key": (json.dumps({"image": "abc"}).encode(), "application/json", 400, "missing_images"),
+    "images_not_list": (json.dumps({"images": "abc"}).encode(), "application/json", 400, "invalid_images"),
+    "images_empty": (json.dumps({"images": []}).encode(), "application/json", 400, "invalid_images"),
+    "image_not_string": (json.dumps({"images": [42]}).encode(), "application/json", 400, "invalid_images"),
+    "bad_base64": (json.dumps({"images": ["@@not base64@@"]}).encode(), "application/json", 400, "invalid_base64"),
+    "base64_not_image": (json.dumps({"images": [_b64(b"hello")]}).encode(), "application/json", 400,
+                         "not_an_image"),
+    "too_many_images": ("FIVE_IMAGES", "application/json", 413, "too_many_images"),
+    "too_many_pixels": ("BIG_IMAGE", "image/png", 413, "image_too_large"),
+    "oversized_raw": (os.urandom(1_200_000), "image/png", 413, "payload_too_large"),
+    "oversized_json": (json.dumps({"images": [_b64(os.urandom(900_000))]}).encode(), "application/json", 413,
+                       "payload_too_large"),
+    "unsupported_type": (b"<html></html>", "text/html", 415, "unsupported_media_type"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_4xx_and_server_keeps_serving(server, test_images, case):
+    body, content_type, status, code = BAD_REQUESTS[case]
+    good = test_images[0].read_bytes()
+    if body == "TRUNCATED":
+        body = good[: len(good) // 2]
+    elif body == "FIVE_IMAGES":
+        body = json.dumps({"images": [_b64(good)] * 5}).encode()
+    elif body == "BIG_IMAGE":  # 1.2 Mpixel > TP4_MAX_PIXELS=1e6, yet a small file
+        body = png_bytes(Image.new("RGB", (1200, 1000), (40, 40, 40)))
+    r = requests.post(server, data=body, headers={"Content-Type": content_type}, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["status"] == status and error["code"] == code and error["message"]
+    # the server is still up and still right
+    assert requests.get(server.rsplit("/", 1)[0] + "/", timeout=10).status_code == 200
+    ok = requests.post(server, data=good, headers={"Content-Type": "image/png"}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["n_images"] == 1
+
+
+def test_server_refuses_to_start_on_a_tampered_model(azure_model_dir, tmp_path):
+    model_dir = tmp_path / "m"
+    shutil.copytree(azure_model_dir[0], model_dir)
+    onnx_path = model_dir / "model" / "model_final.onnx"
+    data = bytearray(onnx_path.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte in the weights
+    onnx_path.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="exited with code") as info:
+        with azmlinfsrv(model_dir, tmp_path, timeout=60):
+            pass
+    assert "sha256" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# score.py in-process: preprocessing parity, model discovery, init errors
+# --------------------------------------------------------------------------------------------------
+def test_numpy_preprocessing_equals_image_to_tensor(azure_model_dir, test_images):
+    import score
+
+    pre = azure_model_dir[1]["preprocessing"]
+    rgb = load_rgb(test_images[2])
+    for img in (rgb, rgb.resize((131, 77)), Image.new("RGB", (300, 200), (255, 0, 10))):
+        assert np.abs(score.preprocess(img, pre) - image_to_tensor(img, pre).numpy()).max() < 1e-6
+
+
+def _post(data: bytes, content_type: str):
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    return Request(EnvironBuilder(method="POST", data=data, content_type=content_type).get_environ())
+
+
+def test_local_fallback_to_modeles_and_discovery(azure_model_dir, test_images, tmp_path, monkeypatch):
+    import score
+
+    shutil.copytree(azure_model_dir[0] / "model", tmp_path / "modeles")
+    monkeypatch.delenv("AZUREML_MODEL_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    score.init()
+    response = score.run(_post(test_images[0].read_bytes(), "image/png"))
+    assert response.status_code == 200 and json.loads(response.get_data())["n_images"] == 1
+    # a sidecar with another name is found when it is the only one; two are ambiguous; none is an error
+    (tmp_path / "modeles" / "model_final.json").rename(tmp_path / "modeles" / "variant_a.json")
+    assert score.find_sidecar(tmp_path / "modeles").name == "variant_a.json"
+    shutil.copytree(tmp_path / "modeles", tmp_path / "modeles" / "copy")
+    with pytest.raises(ValueError, match="several ONNX sidecars"):
+        score.find_sidecar(tmp_path / "modeles")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("AZUREML_MODEL_DIR", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="model_final.json"):
+        score.init()
+
+
+def test_init_rejects_bad_sidecars(azure_model_dir, tmp_path, monkeypatch):
+    import score
+
+    folder = tmp_path / "model"
+    shutil.copytree(azure_model_dir[0] / "model", folder)
+    monkeypatch.setenv("AZUREML_MODEL_DIR", str(tmp_path))
+    sidecar = json.loads((folder / "model_final.json").read_text())
+    cases = [({"sha256": "0" * 64}, "sha256"), ({"format": "other"}, "not a tp4-onnx-sidecar-v1"),
+             ({"labels": ["ok", "ko"]}, "anomaly"), ({"model_file": "missing.onnx"}, "does not exist"),
+             ({"input_name": "images"}, "sidecar names"),
+             ({"preprocessing": {**sidecar["preprocessing"], "layout": "NHWC"}}, "layout")]
+    for change, message in cases:
+        (folder / "model_final.json").write_text(json.dumps({**sidecar, **change}))
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            score.init()
+
+
+# --------------------------------------------------------------------------------------------------
+# deploy_azure.py
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def deploy_setup(azure_model_dir, tmp_path):
+    shutil.copytree(azure_model_dir[0] / "model", tmp_path / "modeles")
+    shutil.copytree(ROOT / "azureml", tmp_path / "azureml", ignore=shutil.ignore_patterns("build"))
+    return tmp_path
+
+
+NO_AZURE_ENV = {"AZURE_SUBSCRIPTION_ID": "", "AZURE_RESOURCE_GROUP": "", "AZUREML_WORKSPACE": ""}
+
+
+def test_deploy_dry_run_builds_and_validates_the_spec(run, deploy_setup, azure_model_dir):
+    cfg = deploy_setup / "azureml"
+    res = run("deploy_azure.py", "--dry-run", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
+    assert res.returncode == 0, res.stderr
+    assert "Standard_DS3_v2" in res.stdout and "identical on" in res.stdout and "nothing sent to Azure" in res.stdout
+    staged = cfg / "build"
+    assert hashlib.sha256((staged / "model" / "model_final.onnx").read_bytes()).hexdigest() == \
+        azure_model_dir[1]["sha256"]
+    assert (staged / "code" / "score.py").read_text() == (ROOT / "score.py").read_text()
+    assert sorted(p.name for p in (staged / "code").iterdir()) == ["score.py"]  # nothing else is uploaded
+    spec = yaml.safe_load((staged / "deployment.generated.yml").read_text())
+    assert spec["request_settings"]["request_timeout_ms"] > 0 and spec["liveness_probe"]["period"] > 0
+    assert spec["code_configuration"]["scoring_script"] == "score.py"
+    # overriding the VM size is allowed and shown
+    res = run("deploy_azure.py", "--dry-run", "--config-dir", cfg, "--instance-type", "Standard_D4s_v5",
+              cwd=deploy_setup, env=NO_AZURE_ENV)
+    assert res.returncode == 0 and "Standard_D4s_v5" in res.stdout
+
+
+def test_deploy_errors(run, deploy_setup):
+    cfg = deploy_setup / "azureml"
+    # the YAML and the script must describe the same deployment
+    text = (cfg / "deployment.yml").read_text()
+    (cfg / "deployment.yml").write_text(text.replace("instance_count: 1", "instance_count: 3"))
+    res = run("deploy_azure.py", "--dry-run", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
+    assert res.returncode == 2 and "disagree" in res.stderr and "instance_count" in res.stderr
+    (cfg / "deployment.yml").write_text(text)
+    # a model changed after its sidecar was written
+    sidecar = json.loads((deploy_setup / "modeles" / "model_final.json").read_text())
+    (deploy_setup / "modeles" / "model_final.json").write_text(json.dumps({**sidecar, "sha256": "1" * 64}))
+    res = run("deploy_azure.py", "--dry-run", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
+    assert res.returncode == 2 and "sha256" in res.stderr and "Traceback" not in res.stderr
+    # no model at all; a real deployment without the workspace's coordinates
+    res = run("deploy_azure.py", "--dry-run", "--models-dir", "nowhere", "--config-dir", cfg, cwd=deploy_setup,
+              env=NO_AZURE_ENV)
+    assert res.returncode == 2 and "onnx_optimization.py" in res.stderr
+    res = run("deploy_azure.py", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
+    assert res.returncode == 2 and "--subscription-id" in res.stderr and "az login" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -1,0 +1,226 @@
+"""onnx_optimization.py: export, ORT variants, parity guard, final model + sidecar, other architectures, errors."""
+import csv
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import load_model_hf as lm
+import onnx_optimization as oo
+from mvtec_dataset import image_to_tensor, prepare_split, split_from_manifest
+from train_utils import model_logits
+
+SIDECAR_KEYS = {"format", "model_file", "variant", "category", "labels", "input_name", "output_name",
+                "preprocessing", "opset", "exporter", "source_checkpoint", "base_model", "parity", "metrics",
+                "created", "versions", "sha256"}
+FAST = ("--runs", "5", "--warmup", "1", "--bench-batch-size", "4", "--num-threads", "1")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, synthetic_root):
+    """A tmp cwd with modeles/model_cpu_bottle.pth (offline ViT-tiny, untrained) and one full run of the script."""
+    from conftest import run_script
+
+    cwd = tmp_path_factory.mktemp("onnx")
+    model, pre, _ = lm.load_pretrained("offline-vit-tiny")
+    _, manifest = prepare_split(synthetic_root, "bottle")
+    lm.save_checkpoint(cwd / "modeles" / "model_cpu_bottle.pth", model, model_name="offline-vit-tiny",
+                       preprocessing=pre, category="bottle", split_manifest=manifest)
+    result = run_script("onnx_optimization.py", "--category", "bottle", "--model-path", "model_cpu_bottle.pth",
+                        "--data-dir", synthetic_root, *FAST, cwd=cwd)
+    return cwd, result
+
+
+def test_run_writes_models_sidecar_csv_and_plot(project):
+    import onnx
+
+    cwd, result = project
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "DeprecationWarning" not in result.stderr
+    models = cwd / "modeles"
+    for name in ("model_fp32.onnx", "model_fp32_optimized.onnx", "model_int8.onnx", "model_final.onnx",
+                 "model_final.json"):
+        assert (models / name).is_file(), name
+    assert (cwd / "resultats" / "onnx_comparison.png").stat().st_size > 10_000
+    assert (models / "model_int8.onnx").stat().st_size < 0.6 * (models / "model_fp32.onnx").stat().st_size
+    onnx.checker.check_model(str(models / "model_final.onnx"))
+
+    sidecar = json.loads((models / "model_final.json").read_text(encoding="utf-8"))
+    assert set(sidecar) == SIDECAR_KEYS
+    assert sidecar["format"] == "tp4-onnx-sidecar-v1" and sidecar["model_file"] == "model_final.onnx"
+    assert sidecar["variant"] in ("ort-fp32", "ort-fp32-optimized", "ort-int8-dynamic")
+    assert sidecar["labels"] == ["good", "anomaly"] and sidecar["category"] == "bottle"
+    assert (sidecar["input_name"], sidecar["output_name"]) == ("pixel_values", "logits")
+    assert sidecar["preprocessing"] == {"image_size": [64, 64], "mean": [0.5] * 3, "std": [0.5] * 3,
+                                        "resize": "bilinear", "crop": None, "color": "RGB", "scale": 255.0,
+                                        "layout": "NCHW", "dtype": "float32"}
+    assert sidecar["opset"] == 17 and sidecar["exporter"] == "torchscript"
+    assert sidecar["base_model"] == "offline-vit-tiny" and sidecar["source_checkpoint"].endswith("model_cpu_bottle.pth")
+    assert sidecar["parity"]["passed"] and sidecar["parity"]["prediction_agreement"] >= 0.995
+    assert sidecar["metrics"]["n"] == sidecar["parity"]["n_test"] > 0
+    assert sidecar["versions"]["onnxruntime"] and sidecar["created"]
+    assert sidecar["sha256"] == hashlib.sha256((models / "model_final.onnx").read_bytes()).hexdigest()
+    assert f"saved modeles/model_final.onnx = {sidecar['variant']}" in result.stdout
+    assert "guard:" in result.stdout and "PASS" in result.stdout
+
+    with open(cwd / "resultats" / "onnx_results.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    required = {"run_id", "script", "category", "variant", "backend", "precision", "device", "device_name",
+                "batch_size", "threads", "size_mb", "latency_median_ms", "latency_p95_ms", "latency_p99_ms",
+                "throughput_img_s", "accuracy", "precision_score", "recall", "f1", "auroc", "n_test",
+                "max_abs_logit_diff", "prediction_agreement", "accuracy_diff_pt", "parity_passed",
+                "cost_per_1000_images_usd", "savings_pct", "torch_version", "onnxruntime_version"}
+    assert required <= set(rows[0])
+    assert {(r["variant"], r["batch_size"]) for r in rows} == {
+        (v, b) for v in ("pytorch-fp32", "ort-fp32", "ort-fp32-optimized", "ort-int8-dynamic") for b in ("1", "4")}
+    for r in rows:
+        assert float(r["latency_median_ms"]) > 0 and float(r["throughput_img_s"]) > 0
+        assert float(r["cost_per_1000_images_usd"]) > 0 and int(r["threads"]) >= 1
+    assert {r["precision"] for r in rows} == {"fp32", "int8"}
+    assert sum(r["selected_final"] == "True" for r in rows) == 2  # the chosen variant, at both batch sizes
+
+
+def _from_sidecar(path, pre):
+    """What the Azure scoring script will do, from the sidecar only (no torch, no repository code)."""
+    h, w = pre["image_size"]
+    img = Image.open(path).convert(pre["color"]).resize((w, h), Image.BILINEAR)
+    x = np.asarray(img, dtype=np.float32) / pre["scale"]
+    x = (x - np.array(pre["mean"], np.float32)) / np.array(pre["std"], np.float32)
+    return x.transpose(2, 0, 1).astype(pre["dtype"])
+
+
+def test_final_onnx_reproduces_pytorch_on_real_test_images(project, synthetic_root):
+    cwd, result = project
+    assert result.returncode == 0, result.stderr[-3000:]
+    sidecar = json.loads((cwd / "modeles" / "model_final.json").read_text(encoding="utf-8"))
+    model, ckpt = lm.load_checkpoint(cwd / "modeles" / "model_cpu_bottle.pth", "bottle")
+    test = split_from_manifest(ckpt["split"])["test"]
+    paths = [synthetic_root / "bottle" / s.path for s in test]
+    x = np.stack([_from_sidecar(p, sidecar["preprocessing"]) for p in paths])
+    reference = torch.stack([image_to_tensor(p, ckpt["preprocessing"]) for p in paths])
+    assert np.abs(x - reference.numpy()).max() < 1e-5  # the sidecar describes image_to_tensor exactly
+
+    session = oo.make_session(cwd / "modeles" / "model_final.onnx", threads=1)
+    logits = session.run([sidecar["output_name"]], {sidecar["input_name"]: x})[0]
+    with torch.inference_mode():
+        ref = model_logits(model, reference).numpy()
+    assert logits.shape == (len(test), 2)
+    assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.995
+    assert np.abs(logits - ref).max() < 0.1 * max(1.0, np.abs(ref).max())
+
+
+def test_second_run_keeps_previous_outputs(project, synthetic_root, run):
+    cwd, first = project
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = run("onnx_optimization.py", "--model-path", "model_cpu_bottle.pth", "--data-dir", synthetic_root,
+                 "--no-fusion", "--no-int8", "--runs", "2", "--warmup", "0", "--bench-batch-size", "2",
+                 "--num-threads", "1", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "transformer fusion skipped: --no-fusion" in result.stdout
+    assert len(list((cwd / "modeles").glob("model_final*.onnx"))) == 2
+    assert len(list((cwd / "modeles").glob("model_final*.json"))) == 2
+    assert json.loads((cwd / "modeles" / "model_final.json").read_text())["variant"] == "ort-fp32"
+    with open(cwd / "resultats" / "onnx_results.csv", newline="", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == 8 + 4  # rows of the first run kept, 2 variants x 2 batches added
+    assert len(list((cwd / "resultats").glob("onnx_comparison*.png"))) == 2
+
+
+def test_parity_guard_and_choice():
+    labels = np.array([0, 1] * 100)
+    ref = np.stack([1.0 - labels, labels.astype(float)], 1).astype(np.float32)
+    same = oo.parity(ref, ref + 0.01, labels)
+    assert same["passed"] and same["prediction_agreement"] == 1.0
+    flipped = ref.copy()
+    flipped[0] = flipped[0, ::-1]  # one of 200 predictions differs: 99.5 % agreement, -0.5 pt accuracy
+    one = oo.parity(ref, flipped, labels)
+    assert one["prediction_agreement"] == pytest.approx(0.995) and one["accuracy_diff_pt"] == pytest.approx(-0.5)
+    assert not one["passed"]  # |accuracy difference| must stay below 0.5 pt
+    variants = [{"variant": "pytorch-fp32", "backend": "pytorch", "parity": same, "b1": {"latency_median_ms": 1}},
+                {"variant": "ort-fp32", "backend": "onnxruntime", "parity": same, "b1": {"latency_median_ms": 5}},
+                {"variant": "ort-int8-dynamic", "backend": "onnxruntime", "parity": one,
+                 "b1": {"latency_median_ms": 2}}]
+    assert oo.choose_final(variants)["variant"] == "ort-fp32"  # int8 is faster but fails the guard
+    variants[1]["parity"] = one
+    assert oo.choose_final(variants) is None
+
+
+def test_fusion_is_skipped_for_non_transformers(tmp_path):
+    from types import SimpleNamespace
+
+    result = oo.optimize_onnx(tmp_path / "absent.onnx", tmp_path / "out.onnx",
+                              SimpleNamespace(model_type="resnet", hidden_sizes=[64, 128]))
+    assert not result["applied"] and "resnet" in result["reason"] and not (tmp_path / "out.onnx").exists()
+
+
+def _local_model(tmp_path, arch):
+    from transformers import AutoModelForImageClassification, DeiTConfig, Dinov2Config, ViTImageProcessor
+
+    if arch == "deit":
+        config = DeiTConfig(image_size=64, patch_size=16, hidden_size=48, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=96, architectures=["DeiTForImageClassification"])
+        processor = ViTImageProcessor(size={"height": 64, "width": 64})
+    else:  # DINOv2 interpolates its position embeddings: input 56 px with a config made for 98 px
+        config = Dinov2Config(image_size=98, patch_size=14, hidden_size=48, num_hidden_layers=2,
+                              num_attention_heads=2, architectures=["Dinov2ForImageClassification"])
+        processor = ViTImageProcessor(size={"height": 56, "width": 56}, image_mean=[0.485, 0.456, 0.406],
+                                      image_std=[0.229, 0.224, 0.225])
+    folder = tmp_path / arch
+    AutoModelForImageClassification.from_config(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    model, pre, _ = lm.load_pretrained(str(folder))
+    return model.eval(), pre
+
+
+@pytest.mark.parametrize("arch", ["deit", "dinov2"])
+def test_other_architectures_export_and_run_in_ort(tmp_path, arch):
+    model, pre = _local_model(tmp_path, arch)
+    info = oo.export_onnx(model, tmp_path / "m.onnx", pre, 17)
+    assert info["exporter"] == "torchscript" and info["opset"] == 17 and info["fallback_reason"] is None
+    fused = oo.optimize_onnx(tmp_path / "m.onnx", tmp_path / "m_opt.onnx", model.config)
+    oo.quantize_onnx_int8(tmp_path / "m.onnx", tmp_path / "m_int8.onnx")
+    x = torch.randn(5, 3, *pre["image_size"])
+    with torch.inference_mode():
+        ref = model_logits(model, x).numpy()
+    files = ["m.onnx", "m_int8.onnx"] + (["m_opt.onnx"] if fused["applied"] else [])
+    for name in files:
+        out = oo.make_session(tmp_path / name, threads=1).run(None, {"pixel_values": x.numpy()})[0]
+        assert out.shape == (5, 2) and np.isfinite(out).all()
+        tol = 0.1 if "int8" in name else 1e-4
+        assert np.abs(out - ref).max() < tol * max(1.0, np.abs(ref).max()), name
+
+
+def test_falls_back_to_the_dynamo_exporter(tmp_path, monkeypatch):
+    model, pre = _local_model(tmp_path, "deit")
+    real_export = torch.onnx.export
+
+    def legacy_broken(*args, dynamo=True, **kwargs):
+        if not dynamo:
+            raise RuntimeError("simulated TorchScript exporter failure")
+        return real_export(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", legacy_broken)
+    info = oo.export_onnx(model, tmp_path / "d.onnx", pre, 17)
+    assert info["exporter"] == "dynamo" and info["opset"] >= 18
+    assert "simulated TorchScript exporter failure" in info["fallback_reason"]
+    assert not list(tmp_path.glob("*.data"))  # weights inside the file: one file to deploy
+    x = torch.randn(3, 3, *pre["image_size"])
+    out = oo.make_session(tmp_path / "d.onnx").run(None, {"pixel_values": x.numpy()})[0]
+    with torch.inference_mode():
+        assert np.abs(out - model_logits(model, x).numpy()).max() < 1e-4
+
+
+def test_error_paths_are_one_line(project, synthetic_root, run, tmp_path):
+    cwd, _ = project
+    cases = [(("--model-path", "missing.pth", "--data-dir", synthetic_root), "not found"),
+             (("--category", "capsule", "--model-path", "model_cpu_bottle.pth", "--data-dir", synthetic_root),
+              "'bottle', not 'capsule'"),
+             (("--model-path", "model_cpu_bottle.pth", "--data-dir", tmp_path / "nothing"), "no dataset folder")]
+    for args, message in cases:
+        result = run("onnx_optimization.py", *args, cwd=cwd)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines

@@ -1,0 +1,139 @@
+"""quantization_demo.py: int8 checkpoint, comparison CSV/plot, objectives, weights_only round trip, errors."""
+import csv
+import math
+import re
+
+import pytest
+import torch
+
+import load_model_hf as lm
+import quantization_demo as qd
+from mvtec_dataset import prepare_split
+from train_utils import UserError, model_logits
+
+FAST = ("--runs", "5", "--warmup", "1", "--bench-batch-size", "4", "--num-threads", "1")
+
+
+def _checkpoint(folder, synthetic_root, name="model_cpu_bottle.pth"):
+    """An untrained offline-vit-tiny checkpoint with a real split manifest (quantization needs no training)."""
+    model, pre, _ = lm.load_pretrained("offline-vit-tiny")
+    _, manifest = prepare_split(synthetic_root, "bottle")
+    return lm.save_checkpoint(folder / name, model, model_name="offline-vit-tiny", preprocessing=pre,
+                              category="bottle", split_manifest=manifest)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, synthetic_root):
+    """One end-to-end run, as a user would type it (bare checkpoint name resolved in modeles/)."""
+    from conftest import run_script
+
+    cwd = tmp_path_factory.mktemp("quant")
+    (cwd / "modeles").mkdir()
+    _checkpoint(cwd / "modeles", synthetic_root)
+    proc = run_script("quantization_demo.py", "--category", "bottle", "--model-path", "model_cpu_bottle.pth",
+                      "--data-dir", synthetic_root, *FAST, cwd=cwd, timeout=300)
+    return cwd, proc
+
+
+def test_end_to_end_outputs(demo):
+    cwd, proc = demo
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr  # deprecation warnings silenced
+    out = proc.stdout
+    for name in ("size", "accuracy", "accuracy loss"):
+        assert re.search(rf"^\s+\[(PASS|FAIL)\] {name} [<>]", out, re.M), out
+    assert re.search(r"^\s+\[INFO\] speed-up", out, re.M)
+    # the untrained model is far from 95 %: the FAIL must say why and what to do
+    assert "[FAIL] accuracy > 95 %" in out and "RANDOM weights" in out
+    assert (cwd / "modeles" / "model_quantized.pth").is_file()
+    assert (cwd / "resultats" / "quantization_comparison.png").stat().st_size > 10_000
+
+    with open(cwd / "resultats" / "quantization_results.csv", newline="") as f:
+        rows = {r["precision"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"fp32", "int8"} and rows["int8"]["variant"] == "pytorch-int8-dynamic"
+    for col in ("run_id", "script", "category", "variant", "backend", "precision", "device", "device_name",
+                "batch_size", "threads", "size_mb", "latency_median_ms", "latency_p95_ms", "latency_p99_ms",
+                "throughput_img_s", "accuracy", "precision_score", "recall", "f1", "auroc", "n_test",
+                "torch_version", "size_ratio", "speedup_b1", "throughput_ratio", "accuracy_loss_pt",
+                "agreement_pct", "max_abs_logit_diff", "engine"):
+        assert col in rows["int8"], col
+    fp32, int8 = rows["fp32"], rows["int8"]
+    assert int8["backend"] == fp32["backend"] == "pytorch" and int8["batch_size"] == "4"
+    assert 0 < float(int8["size_mb"]) < float(fp32["size_mb"])
+    assert float(int8["size_ratio"]) == pytest.approx(float(fp32["size_mb"]) / float(int8["size_mb"]), rel=1e-3)
+    # the int8 size is the file written, in MB = 10^6 bytes
+    assert float(int8["size_mb"]) == pytest.approx((cwd / "modeles/model_quantized.pth").stat().st_size / 1e6,
+                                                   rel=1e-4)
+    for row in (fp32, int8):
+        for col in ("latency_median_ms", "latency_p95_ms", "throughput_img_s", "speedup_b1"):
+            assert math.isfinite(float(row[col])) and float(row[col]) > 0, col
+        assert float(row["latency_p95_ms"]) >= float(row["latency_median_ms"])
+    assert 0 <= float(int8["agreement_pct"]) <= 100 and float(int8["max_abs_logit_diff"]) >= 0
+    assert int(int8["n_test"]) > 0 and float(int8["roundtrip_max_abs_diff"]) == 0
+    assert {int8[f"objective_{k}"] for k in ("size", "accuracy", "accuracy_loss")} <= {"PASS", "FAIL"}
+
+
+def test_saved_int8_checkpoint_reloads_weights_only(demo, synthetic_root):
+    cwd, proc = demo
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    path = cwd / "modeles" / "model_quantized.pth"
+    with qd.quiet_quantization_warnings():
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["quantization"]["method"] == "dynamic-int8" and raw["quantization"]["dtype"] == "qint8"
+    for key in ("format", "model_type", "model_class", "config_json", "preprocessing", "category", "split"):
+        assert key in raw, key
+    assert raw["category"] == "bottle" and 0 <= raw["metrics"]["accuracy"] <= 1
+    # reloaded int8 model == quantizing the fp32 checkpoint again here (quantize_dynamic is deterministic)
+    int8, _ = qd.load_quantized_checkpoint(path, expected_category="bottle")
+    fp32, ckpt = lm.load_checkpoint(cwd / "modeles" / "model_cpu_bottle.pth")
+    again = qd.quantize_dynamic_int8(fp32, raw["quantization"]["engine"])
+    x = torch.randn(3, 3, *ckpt["preprocessing"]["image_size"])
+    with torch.inference_mode():
+        assert torch.equal(model_logits(int8, x), model_logits(again, x))
+    with pytest.raises(UserError, match="not an int8 checkpoint"):
+        qd.load_quantized_checkpoint(cwd / "modeles" / "model_cpu_bottle.pth")
+    with pytest.raises(UserError, match="not 'capsule'"):
+        qd.load_quantized_checkpoint(path, expected_category="capsule")
+
+
+def test_already_quantized_checkpoint_is_refused(demo, synthetic_root, run):
+    cwd, _ = demo
+    proc = run("quantization_demo.py", "--model-path", "model_quantized.pth", "--data-dir", synthetic_root, cwd=cwd)
+    assert proc.returncode == 2 and "already an int8 checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_round_trip_same_logits(tmp_path, synthetic_root, per_channel):
+    fp32, ckpt = lm.load_checkpoint(_checkpoint(tmp_path, synthetic_root))
+    int8 = qd.quantize_dynamic_int8(fp32, "auto", per_channel)
+    assert any("quantized" in type(m).__module__ for m in int8.modules())
+    assert not any("quantized" in type(m).__module__ for m in fp32.modules())  # the fp32 model is untouched
+    info = qd.quantization_info(torch.backends.quantized.engine, per_channel)
+    path = qd.save_quantized_checkpoint(tmp_path / "q.pth", int8, ckpt, quantization=info)
+    reloaded, saved = qd.load_quantized_checkpoint(path)
+    x = torch.randn(2, 3, *ckpt["preprocessing"]["image_size"])
+    with torch.inference_mode():
+        assert torch.equal(model_logits(int8, x), model_logits(reloaded, x))
+        assert (model_logits(int8, x) - model_logits(fp32, x)).abs().max() < 0.5
+    assert saved["quantization"]["qscheme"] == ("per_channel" if per_channel else "per_tensor")
+    assert saved["split"] == ckpt["split"]
+
+
+def test_error_paths(tmp_path, synthetic_root, run):
+    (tmp_path / "modeles").mkdir()
+    _checkpoint(tmp_path / "modeles", synthetic_root)
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "foreign.pth")
+    cases = [
+        (["--model-path", "missing.pth"], "not found"),
+        (["--category", "capsule", "--model-path", "model_cpu_bottle.pth"], "'bottle', not 'capsule'"),
+        (["--model-path", "foreign.pth"], "not a checkpoint of this lab"),
+        (["--data-dir", tmp_path / "no_data"], "no dataset folder"),
+        (["--runs", "0"], "--runs must be >= 1"),
+    ]
+    for args, message in cases:
+        proc = run("quantization_demo.py", "--data-dir", synthetic_root, *args, cwd=tmp_path)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (args, proc.stderr[-1000:])
+        assert "Traceback" not in proc.stderr and len(err) == 1 and err[0].startswith("error:"), proc.stderr
+        assert message in err[0], (message, err[0])
+    assert not (tmp_path / "modeles" / "model_quantized.pth").exists()
