@@ -1,0 +1,183 @@
+"""optimization_pipeline.py end to end on the synthetic tree: deliverables, report numbers vs CSV, archive layout,
+--resume, a second run keeping the first one's outputs, the demo mode with skipped steps, error paths."""
+import csv
+import json
+import re
+import zipfile
+from decimal import ROUND_DOWN, Decimal
+
+import pytest
+
+FAST = ("--baseline-model", "offline-vit-tiny", "--student-model", "offline-vit-tiny", "--epochs", "1",
+        "--student-epochs", "1", "--runs", "3", "--warmup", "1", "--bench-batch-size", "2", "--num-threads", "1")
+VARIANTS = ["pytorch-fp32", "pytorch-int8-dynamic", "ort-fp32-optimized", "ort-int8-dynamic", "student-pytorch-fp32",
+            "student-ort-int8-dynamic"]
+TARGETS = ["target_time_80", "target_cost_70", "target_size_30mb", "target_accuracy_95", "target_loss_1pt",
+           "target_onnx_parity"]
+REQUIRED = {"run_id", "category", "variant", "backend", "precision", "device", "device_name", "batch_size", "threads",
+            "size_mb", "latency_median_ms", "latency_p95_ms", "latency_p99_ms", "throughput_img_s", "accuracy",
+            "precision_score", "recall", "f1", "auroc", "n_test", "accuracy_delta_pt", "speedup",
+            "time_reduction_pct", "cost_per_1000_images_usd", "cost_reduction_pct", "model_name", "baseline_model",
+            "student_model", "torch_version", "onnxruntime_version", "recommended", *TARGETS}
+# Numbers the report may quote without them being measurements: the business targets and guard thresholds
+# ("-80 %", "-70 %", "< 30 Mo", "> 95 %", "< 1 point", "0,5 %", "99,5 %") and "1000 images".
+WHITELIST = {Decimal(v) for v in ("80", "70", "30", "95", "1", "0.5", "99.5", "1000")}
+PERCENT_OF_FRACTION = {"accuracy", "precision_score", "recall", "f1", "auroc", "prediction_agreement"}
+
+
+def read_rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, synthetic_root):
+    """One full run (training the baseline and the student), then a second run with --resume in the same folder."""
+    from conftest import run_script
+
+    cwd = tmp_path_factory.mktemp("pipeline")
+    first = run_script("optimization_pipeline.py", "--data-dir", synthetic_root, *FAST,
+                       "--package", "nom_prenom_tp_jour4.zip", cwd=cwd)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = cwd / "modeles" / "model_cpu_bottle.pth"
+    before = ckpt.stat().st_mtime_ns
+    snapshot = {"report": (cwd / "rapport.md").read_text(encoding="utf-8"),
+                "rows": read_rows(cwd / "resultats" / "optimization_report.csv")}
+    second = run_script("optimization_pipeline.py", "--data-dir", synthetic_root, *FAST, "--resume", cwd=cwd)
+    return {"cwd": cwd, "first": first, "second": second, "ckpt_mtime": before, **snapshot}
+
+
+def test_csv_png_report_and_final_model(project):
+    cwd, result, rows = project["cwd"], project["first"], project["rows"]
+    assert "Traceback" not in result.stderr
+    assert [r["variant"] for r in rows] == VARIANTS
+    assert REQUIRED <= set(rows[0])
+    assert len({r["run_id"] for r in rows}) == 1
+    for r in rows:
+        assert r["device"] == "cpu" and r["batch_size"] == "1" and r["threads"] == "1"
+        assert r["throughput_batch_size"] == "2" and r["category"] == "bottle"
+        for key in ("size_mb", "latency_median_ms", "latency_p95_ms", "latency_p99_ms", "throughput_img_s",
+                    "cost_per_1000_images_usd", "speedup"):
+            assert float(r[key]) > 0, (r["variant"], key)
+        assert float(r["latency_p95_ms"]) >= float(r["latency_median_ms"])
+        assert 0 <= float(r["accuracy"]) <= 1
+        for t in TARGETS[:-1]:
+            assert r[t] in ("True", "False")
+        assert r["target_onnx_parity"] in (("True", "False") if r["backend"] == "onnxruntime" else ("N/A",))
+    base = rows[0]
+    assert float(base["speedup"]) == 1 and float(base["accuracy_delta_pt"]) == 0 and base["target_time_80"] == "False"
+    assert [r["variant"] for r in rows if r["recommended"] == "True"] == [
+        min((r for r in rows if r["guards_passed"] == "True"), key=lambda r: float(r["latency_median_ms"]))["variant"]]
+    assert float(rows[1]["size_mb"]) < 0.5 * float(base["size_mb"])  # int8 checkpoint
+    # the int8 ONNX variants are checked through the fp32 graph they were quantized from
+    assert [r["onnx_graph_checked"] for r in rows if r["backend"] == "onnxruntime"] == [
+        "model_fp32_optimized.onnx", "model_fp32.onnx", "model_student_fp32.onnx"]
+
+    png = cwd / "resultats" / "optimization_complete.png"
+    assert png.stat().st_size > 30_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    deployed = [r for r in rows if r["deployed_as"] == "model_final.onnx"]
+    assert len(deployed) == 1 and deployed[0]["backend"] == "onnxruntime"
+    sidecars = sorted((cwd / "modeles").glob("model_final*.json"))  # the --resume run kept the first one
+    assert deployed[0]["variant"] in {json.loads(p.read_text(encoding="utf-8"))["variant"] for p in sidecars}
+    sidecar = json.loads(sidecars[-1].read_text(encoding="utf-8"))
+    assert sidecar["format"] == "tp4-onnx-sidecar-v1" and sidecar["parity"]["onnx_conversion"]["passed"]
+    report = project["report"]
+    assert report.startswith("# Rapport") and "## 6. Variante recommandée" in report
+    assert f"**`{[r for r in rows if r['recommended'] == 'True'][0]['variant']}`**" in report
+    for word in ("Machine", "Méthode", "Résultats", "Limites", base["cpu_name"], base["torch_version"]):
+        assert word in report
+    assert "recommended:" in result.stdout and "pipeline finished in" in result.stdout
+
+
+def report_numbers(text):
+    """Every number the report states, except in `code` (names, versions, dates) and section numbers."""
+    text = re.sub(r"`[^`]*`", " ", text)
+    text = re.sub(r"^(#+ )\d+\.", r"\1", text, flags=re.M)
+    return re.findall(r"(?<![\w.,])-?\d+(?:,\d+)?", text)
+
+
+def in_csv(token, rows):
+    value = Decimal(token.replace(",", "."))
+    if abs(value) in WHITELIST:
+        return True
+    places = Decimal(1).scaleb(-len(token.split(",")[1]) if "," in token else 0)
+    for r in rows:
+        for key, cell in r.items():
+            try:
+                d = Decimal(cell)
+            except Exception:  # noqa: BLE001 - text cells
+                continue
+            if not d.is_finite():
+                continue
+            for scale in ((1, 100) if key in PERCENT_OF_FRACTION else (1,)):
+                if (d * scale).quantize(places, rounding=ROUND_DOWN) == value:
+                    return True
+    return False
+
+
+def test_every_number_in_the_report_is_in_the_csv(project):
+    numbers = report_numbers(project["report"])
+    assert len(numbers) > 80  # the table and the text quote the measurements
+    missing = sorted({n for n in numbers if not in_csv(n, project["rows"])})
+    assert not missing, f"numbers in rapport.md that are not in the CSV: {missing}"
+    # the checker itself catches an invented number
+    assert not in_csv("12345,678", project["rows"])
+
+
+def test_archive_layout(project):
+    path = project["cwd"] / "nom_prenom_tp_jour4.zip"
+    with zipfile.ZipFile(path) as z:
+        names = set(z.namelist())
+        assert {"code/optimization_pipeline.py", "code/train_utils.py", "code/requirements.txt", "code/README.md",
+                "resultats/optimization_report.csv", "resultats/optimization_complete.png", "modeles/model_cpu.pth",
+                "modeles/model_quantized.pth", "modeles/model_final.onnx", "modeles/model_final.json",
+                "rapport.md"} <= names
+        assert all(n.split("/")[0] in ("code", "resultats", "modeles", "rapport.md") for n in names)
+        assert z.read("rapport.md").decode("utf-8") == project["report"]
+        sidecar = json.loads(z.read("modeles/model_final.json"))
+        assert sidecar["model_file"] == "model_final.onnx"
+    assert "archive written: nom_prenom_tp_jour4.zip" in project["first"].stdout
+
+
+def test_resume_reuses_the_models_and_keeps_previous_outputs(project):
+    cwd, second = project["cwd"], project["second"]
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "[1/5] baseline: reusing modeles/model_cpu_bottle.pth" in second.stdout
+    assert "student: reusing" in second.stdout and "PyTorch int8: reusing" in second.stdout
+    assert "fine-tuning" not in second.stdout and "epoch 1/1" not in second.stdout + second.stderr
+    assert (cwd / "modeles" / "model_cpu_bottle.pth").stat().st_mtime_ns == project["ckpt_mtime"]
+    rows = read_rows(cwd / "resultats" / "optimization_report.csv")
+    assert len({r["run_id"] for r in rows}) == 2 and len(rows) == 2 * len(VARIANTS)
+    assert [r["reused"] for r in rows[len(VARIANTS):] if r["variant"] == "pytorch-fp32"] == ["True"]
+    # earlier report, figure and sidecar kept with their timestamp, not overwritten
+    assert len(list(cwd.glob("rapport.*.md"))) == 1
+    assert len(list((cwd / "resultats").glob("optimization_complete.*.png"))) == 1
+    assert "note: previous rapport.md kept as" in second.stdout
+
+
+def test_demo_mode_with_skipped_steps(tmp_path, run):
+    result = run("optimization_pipeline.py", "--demo", "--data-dir", tmp_path / "syn", "--epochs", "1",
+                 "--student-epochs", "1", "--runs", "2", "--warmup", "0", "--num-threads", "1", "--skip-torch-int8",
+                 "--skip-onnx", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "syn" / "bottle" / "test" / "crack").is_dir()  # synthetic tree written
+    rows = read_rows(tmp_path / "resultats" / "optimization_report.csv")
+    assert [r["variant"] for r in rows] == ["pytorch-fp32", "student-pytorch-fp32"]
+    assert {r["mode"] for r in rows} == {"demo"}
+    assert (rows[0]["model_name"], rows[1]["model_name"]) == ("offline-vit-small", "offline-vit-tiny")
+    report = (tmp_path / "rapport.md").read_text(encoding="utf-8")
+    assert "Mode démo" in report and "aléatoirement" in report and "RANDOM INIT" in result.stdout
+    assert not (tmp_path / "modeles" / "model_final.onnx").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "no dataset folder"),
+    (("--package", "archive.tar"), "must end with .zip"),
+    (("--epochs", "0"), "--epochs must be >= 1"),
+])
+def test_errors_are_one_line(tmp_path, run, args, message):
+    result = run("optimization_pipeline.py", "--data-dir", tmp_path / "nothing", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+    assert not (tmp_path / "resultats").exists() and not (tmp_path / "rapport.md").exists()
