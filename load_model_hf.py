@@ -181,8 +181,8 @@ def read_checkpoint(path: str | Path, expected_category: str | None = None) -> d
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint"):
-    """Rebuild the Hugging Face model from the config stored in a checkpoint, offline, and load its weights."""
+def model_skeleton(ckpt: dict, path: str | Path = "checkpoint"):
+    """The architecture rebuilt offline from the config stored in a checkpoint (weights left at their init)."""
     _quiet_transformers()
     from transformers import AutoConfig, AutoModelForImageClassification
 
@@ -192,10 +192,18 @@ def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint"):
         config = AutoConfig.for_model(ckpt["model_type"], **config_dict)
         if not config.architectures and ckpt.get("model_class"):  # picks e.g. DeiT's class among several
             config.architectures = [ckpt["model_class"]]
-        model = AutoModelForImageClassification.from_config(config)
+        return AutoModelForImageClassification.from_config(config).eval()
     except Exception as exc:
         raise UserError(f"{path}: cannot rebuild model type '{ckpt.get('model_type')}' from its config "
                         f"({type(exc).__name__}: {exc}).") from None
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint"):
+    """Rebuild the Hugging Face model from the config stored in a checkpoint, offline, and load its weights."""
+    if ckpt.get("quantization"):
+        raise UserError(f"{path} holds an int8 model: load it with quantization_demo.load_quantized_checkpoint "
+                        f"(or pass the fp32 checkpoint, e.g. model_cpu_<category>.pth).")
+    model = model_skeleton(ckpt, path)
     missing, unexpected = _compare_keys(model.state_dict(), ckpt["state_dict"])
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the model ({len(missing)} missing, {len(unexpected)} "

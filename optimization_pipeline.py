@@ -775,7 +775,7 @@ def plot_summary(rows: list[dict], path: Path, title: str, overwrite: bool) -> P
     ax.set_xlim(min(lat.min(), lat_target) * 0.5, lat.max() * 2)
     lo = min(f["accuracy"].min() * 100, acc_floor) - 5
     ax.set_ylim(max(0, lo), 102)
-    ax.set_title(f"Accuracy vs latency (green zone: -80 % time; star = recommended)")
+    ax.set_title("Accuracy vs latency (green zone: -80 % time; star = recommended)")
     ax.set_xlabel("latency at batch 1, ms per image (median, log scale)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3, which="both")

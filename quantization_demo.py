@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import platform
 import tempfile
 import warnings
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from load_model_hf import (_quiet_transformers, count_parameters, model_from_checkpoint, read_checkpoint,
+from load_model_hf import (count_parameters, model_from_checkpoint, model_skeleton, read_checkpoint,
                            resolve_model_path)
 from mvtec_dataset import make_loaders, split_from_manifest
 from train_utils import (UserError, append_csv_rows, atomic_write, benchmark_torch_model, classification_metrics,
@@ -132,23 +131,6 @@ def checkpoint_size_mb(source_ckpt: dict, state_dict: dict, **entries) -> float:
         return size_on_disk_mb(path)
 
 
-def _model_skeleton(ckpt: dict, path):
-    """The fp32 architecture rebuilt offline from the checkpoint's config (weights left at their init)."""
-    _quiet_transformers()
-    from transformers import AutoConfig, AutoModelForImageClassification
-
-    try:
-        config_dict = json.loads(ckpt["config_json"])
-        config_dict.pop("model_type", None)
-        config = AutoConfig.for_model(ckpt["model_type"], **config_dict)
-        if not config.architectures and ckpt.get("model_class"):
-            config.architectures = [ckpt["model_class"]]
-        return AutoModelForImageClassification.from_config(config).eval()
-    except Exception as exc:
-        raise UserError(f"{path}: cannot rebuild model type '{ckpt.get('model_type')}' from its config "
-                        f"({type(exc).__name__}: {exc}).") from None
-
-
 def load_quantized_checkpoint(path: str | Path, expected_category: str | None = None,
                               models_dir: str | Path = "modeles", engine: str | None = None):
     """Reload model_quantized.pth safely: weights_only=True, architecture rebuilt from the config, the same
@@ -164,7 +146,7 @@ def load_quantized_checkpoint(path: str | Path, expected_category: str | None = 
                         f"quantize it first with `python quantization_demo.py --model-path {path.name}`.")
     if engine is None:
         engine = quant.get("engine") if quant.get("engine") in torch.backends.quantized.supported_engines else "auto"
-    qmodel = quantize_dynamic_int8(_model_skeleton(ckpt, path), engine, quant.get("qscheme") == "per_channel")
+    qmodel = quantize_dynamic_int8(model_skeleton(ckpt, path), engine, quant.get("qscheme") == "per_channel")
     expected, state = qmodel.state_dict(), ckpt["state_dict"]
     if getattr(state, "_metadata", None) is None:  # module versions lost (e.g. re-saved as a plain dict)
         state = OrderedDict(state)
