@@ -29,8 +29,8 @@ CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leath
               "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 SPLIT_FORMAT = "tp4-mvtec-split-v1"
-GET_DATA_HINT = ("get it with `python download_mvtec.py --category {category} --output {data_dir}` "
-                 "or make a synthetic tree with `python mvtec_dataset.py --make-synthetic DIR`")
+GET_DATA_HINT = ("to get the data: `python download_mvtec.py --category {category} --output {data_dir}`, "
+                 "or a synthetic tree: `python mvtec_dataset.py --make-synthetic DIR` (then --data-dir DIR)")
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,10 @@ def category_dir(data_dir: str | Path, category: str) -> Path:
     if not folder.is_dir():
         found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         known = f" (found there: {', '.join(found)})" if found else ""
-        unknown = "" if category in CATEGORIES or (folder / "train").exists() else \
-            f" '{category}' is not an MVTec AD category ({', '.join(CATEGORIES)})."
-        raise UserError(f"no dataset folder {folder}{known}.{unknown} To get the data, "
+        if category not in CATEGORIES:
+            raise UserError(f"no dataset folder {folder}{known}: '{category}' is not an MVTec AD category "
+                            f"({', '.join(CATEGORIES)}).")
+        raise UserError(f"no dataset folder {folder}{known}; "
                         + GET_DATA_HINT.format(category=category, data_dir=data_dir))
     return folder
 
