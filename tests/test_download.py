@@ -15,12 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import download_mvtec as dm  # noqa: E402
-from train_utils import UserError  # noqa: E402
+import download_mvtec as dm
+from conftest import ROOT
+from train_utils import UserError
 
 LAYOUT = {"train/good": 3, "test/good": 2, "test/broken_large": 2, "ground_truth/broken_large": 2}
 
