@@ -364,7 +364,8 @@ def main(argv=None) -> int:
     parser.add_argument("--val-frac", type=float, default=0.15, help="share of each defect type in val (0.15)")
     parser.add_argument("--test-frac", type=float, default=0.25, help="share of each defect type in test (0.25)")
     parser.add_argument("--save-manifest", metavar="JSON", help="also write the split manifest to this file")
-    parser.add_argument("--check-images", action="store_true", help="decode every image (finds corrupt files)")
+    parser.add_argument("--skip-image-check", action="store_true",
+                        help="do not decode every image (by default each one is opened, so a corrupt file is named)")
     parser.add_argument("--make-synthetic", metavar="DIR", help="write a synthetic tree DIR/CATEGORY and exit")
     parser.add_argument("--image-size", type=int, default=128, help="side of synthetic images in pixels (128)")
     args = parser.parse_args(argv)
@@ -376,7 +377,7 @@ def main(argv=None) -> int:
         args.data_dir = args.make_synthetic
     split, manifest = prepare_split(args.data_dir, args.category, args.seed, args.val_frac, args.test_frac)
     root = category_dir(args.data_dir, args.category)
-    if args.check_images:
+    if not args.skip_image_check:
         for s in tqdm([s for part in split.values() for s in part], desc="checking images", unit="img"):
             load_rgb(root / s.path)
     all_samples = [s for part in split.values() for s in part]
