@@ -11,7 +11,6 @@ MVTec AD is distributed under the CC BY-NC-SA 4.0 licence (non-commercial use): 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import lzma
 import os
 import re
@@ -26,7 +25,7 @@ from pathlib import Path
 import requests
 from tqdm.auto import tqdm
 
-from train_utils import UserError, format_table, run_cli
+from train_utils import UserError, format_table, run_cli, sha256_file
 
 MVTEC_PAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 _SHARE = "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download"
@@ -96,7 +95,7 @@ def download(url: str, dest: str | Path, sha256: str | None = None, retries: int
         kept = f" ({got} bytes kept in {part}: run again to resume)" if got else ""
         raise DownloadError(f"download of {url} failed: {error}{kept}.")
     if sha256:
-        digest = sha256sum(part)
+        digest = sha256_file(part)
         if digest != sha256.lower():
             part.unlink()
             raise DownloadError(f"checksum mismatch for {url}: expected sha256 {sha256.lower()}, got {digest}; "
@@ -153,11 +152,6 @@ def _describe(exc: Exception) -> str:
         if needle in text:
             return reason
     return (text.strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
-def sha256sum(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,13 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         archive = Path(args.archive).expanduser()
         if not archive.is_file():
             raise UserError(f"--archive {archive} not found. {manual_hint(category, output)}")
-        if sha and sha256sum(archive) != sha:
+        if sha and sha256_file(archive) != sha:
             raise UserError(f"checksum mismatch: {archive} does not have sha256 {sha}.")
         counts = safe_extract(archive, output, category, replace=args.force)
     else:
         url = args.url or MVTEC_URLS[category]
         archive = output / f"{category}{_suffix(url)}"
-        if archive.exists() and not args.force and (not sha or sha256sum(archive) == sha):
+        if archive.exists() and not args.force and (not sha or sha256_file(archive) == sha):
             print(f"reusing {archive} (use --force to download it again)")
         else:
             print(f"downloading {category} from {url}")

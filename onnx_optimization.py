@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from train_utils import (LABELS, UserError, append_csv_rows, atomic_write, atomi
                          benchmark_torch_model,
                          classification_metrics, cost_per_1000_images, cpu_name, format_table, keep_previous,
                          library_versions, model_logits, predict_logits, run_cli, run_id, save_figure,
-                         set_threads, size_on_disk_mb)
+                         set_threads, sha256_file, size_on_disk_mb)
 
 SIDECAR_FORMAT = "tp4-onnx-sidecar-v1"
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
@@ -317,14 +316,6 @@ def parity(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray)
 # --------------------------------------------------------------------------------------------------
 # Final model + sidecar
 # --------------------------------------------------------------------------------------------------
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sidecar_preprocessing(preprocessing: dict) -> dict:
     """What mvtec_dataset.image_to_tensor does, spelled out for a scoring script without this repository:
     RGB, whole image resized (bilinear) to image_size, no crop, /255, (x - mean) / std, NCHW float32."""

@@ -159,6 +159,17 @@ def size_on_disk_mb(path: str | Path) -> float:
     return path.stat().st_size / 1e6
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read by 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def run_id() -> str:
     """Identifies the rows one run appends to a CSV."""
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
