@@ -168,6 +168,8 @@ def read_checkpoint(path: str | Path, expected_category: str | None = None) -> d
         raise UserError(f"checkpoint {path} not found.") from None
     except Exception as exc:  # truncated file, not a torch file, pickled object refused by weights_only...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if "Weights only load failed" in first:  # torch's long explanation helps nobody here
+            first = "not a torch.save file, or it holds pickled objects that safe loading refuses"
         raise UserError(f"{path} is not a readable checkpoint of this lab ({first}).") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a checkpoint of this lab (no '{CHECKPOINT_FORMAT}' format field): "

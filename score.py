@@ -77,6 +77,7 @@ def limits() -> dict:
 # Model: sidecar, integrity check, preprocessing, inference
 # --------------------------------------------------------------------------------------------------
 def sha256_file(path: str | Path) -> str:
+    # Same as train_utils.sha256_file, kept here because only score.py is shipped to Azure (no torch there).
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
