@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lab_targets import format_accuracy
 from load_model_hf import HUB_PRESETS, OFFLINE_PRESETS, load_pretrained, save_checkpoint
 from mvtec_dataset import make_loaders, prepare_split, save_manifest
 from train_utils import (OFFLINE_DEFAULT_EPOCHS, UserError, append_csv_rows, benchmark_torch_model, class_weights,
                          classification_metrics, cost_per_1000_images, default_lr, device_name, format_table,
-                         keep_previous, library_versions, pick_device, predict_logits, run_cli, run_id,
-                         save_figure, set_seed, set_threads, size_on_disk_mb, train_model)
+                         keep_previous, library_versions, linear_probe_init, pick_device, predict_logits, run_cli,
+                         run_id, save_figure, set_seed, set_threads, size_on_disk_mb, train_model, training_recipe)
 
 # Azure pay-as-you-go Linux VMs, region East US, list prices as of 2024.
 PRICE_URL = "https://azure.microsoft.com/pricing/details/virtual-machines/linux/"
@@ -56,7 +57,12 @@ def parse_args(argv=None):
                         "for the random-init offline presets)")
     p.add_argument("--batch-size", type=int, default=16, help="training / evaluation batch size (default: 16)")
     p.add_argument("--lr", type=float, default=None,
-                   help="AdamW learning rate (default: 5e-5 for a pretrained model, 1e-3 for offline presets)")
+                   help="AdamW learning rate of the top block (default: 1e-5 for a pretrained model, with layer-wise "
+                        "decay 0.75 below it; 1e-3 for offline presets)")
+    p.add_argument("--depth", default="auto",
+                   help="pretrained models: transformer blocks to keep, 'auto' = chosen with the linear probe by the "
+                        "validation log-loss among the upper half of the blocks, 'full' = all, or a number "
+                        "(default: auto)")
     p.add_argument("--seed", type=int, default=42, help="seed of the split, the initial head and the shuffling "
                    "(default: 42)")
     p.add_argument("--num-threads", type=int, default=None, help="PyTorch CPU threads (default: torch's default)")
@@ -79,6 +85,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1.")
+    if args.depth not in ("auto", "full") and not (args.depth.isdigit() and int(args.depth) >= 1):
+        raise UserError(f"--depth takes auto, full or a number of blocks >= 1, not {args.depth!r}.")
     if args.warmup < 0 or args.max_bench_seconds <= 0 or (args.lr is not None and args.lr <= 0):
         raise UserError("--warmup must be >= 0, --max-bench-seconds and --lr must be > 0.")
     if args.cpu_price_per_hour < 0 or args.gpu_price_per_hour < 0:
@@ -138,10 +146,16 @@ def run_device(role, device, model, initial_state, loaders, args, common, rid) -
     set_seed(args.seed)
     loaders["train"].generator.manual_seed(args.seed)
     model.to("cpu").load_state_dict(initial_state)
+    recipe = common["recipe"]
     train = train_model(model, loaders["train"], loaders["val"], epochs=args.epochs, lr=args.lr, device=device,
-                        loss_weights=common["loss_weights"], desc=role)
+                        loss_weights=common["loss_weights"], layer_decay=recipe["layer_decay"],
+                        head_lr_mult=recipe["head_lr_mult"], keep_initial=recipe["keep_initial"], desc=role)
+    threshold = train["threshold"]
     logits, labels = predict_logits(model, loaders["test"], device, desc=f"{role} test")
-    metrics = classification_metrics(labels, logits, loaders["test"].dataset.defect_types)
+    metrics = classification_metrics(labels, logits, loaders["test"].dataset.defect_types, threshold=threshold)
+    print(f"[{role}] test accuracy {format_accuracy(metrics)}, AUROC {metrics['auroc']:.3f}, threshold {threshold:.3f} "
+          f"(chosen on val), kept epoch {train['best_epoch']}" + (" (= the linear probe)" if train["best_epoch"] == 0
+                                                                   else ""))
     bench = {}
     for key, batch in (("b1", common["inputs"][:1]), ("bn", common["inputs"])):
         bench[key] = benchmark_torch_model(model, batch, device, warmup=args.warmup, runs=args.runs,
@@ -153,11 +167,12 @@ def run_device(role, device, model, initial_state, loaders, args, common, rid) -
                   "model_name": args.model_name, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                   "seed": args.seed, "threads": torch.get_num_threads(), "train_precision": amp,
                   "data_dir": str(args.data_dir), "history": train["history"], "epoch_seconds": train["epoch_seconds"],
-                  "train_seconds": train["train_seconds"], "best_epoch": train["best_epoch"]}
+                  "train_seconds": train["train_seconds"], "best_epoch": train["best_epoch"],
+                  "recipe": recipe, "linear_probe": common["probe"], "probe_seconds": common["probe"].get("seconds", 0.0)}
     path = Path(args.models_dir) / f"model_{role}_{args.category}.pth"
     save_checkpoint(path, model, model_name=args.model_name, preprocessing=common["preprocessing"],
                     category=args.category, split_manifest=common["manifest"], metrics=metrics,
-                    train_args=train_args, extra={"benchmark": bench}, overwrite=args.overwrite)
+                    train_args=train_args, extra={"benchmark": bench}, threshold=threshold, overwrite=args.overwrite)
     print(f"[{role}] checkpoint written to {path}")
     price = args.cpu_price_per_hour if role == "cpu" else args.gpu_price_per_hour
     return {**common["row"], "run_id": rid, "variant": f"fine-tuned on {role}", "device": role,
@@ -168,7 +183,11 @@ def run_device(role, device, model, initial_state, loaders, args, common, rid) -
             "throughput_batch_size": bench["bn"]["batch_size"],
             "batch_latency_median_ms": bench["bn"]["latency_median_ms"],
             "throughput_b1_img_s": bench["b1"]["throughput_img_s"], "bench_runs": bench["b1"]["runs"],
-            "accuracy": metrics["accuracy"], "precision_score": metrics["precision"], "recall": metrics["recall"],
+            "accuracy": metrics["accuracy"], "accuracy_ci_low": metrics["accuracy_ci_low"],
+            "accuracy_ci_high": metrics["accuracy_ci_high"], "threshold": threshold,
+            "one_image_pt": 100.0 / max(1, metrics["n"]), "depth": model.config.num_hidden_layers,
+            "probe_seconds": common["probe"].get("seconds", 0.0),
+            "precision_score": metrics["precision"], "recall": metrics["recall"],
             "f1": metrics["f1"], "auroc": metrics["auroc"], "n_test": metrics["n"],
             "train_precision": amp, "best_epoch": train["best_epoch"], "train_seconds": train["train_seconds"],
             "epoch_seconds_mean": float(np.mean(train["epoch_seconds"])),
@@ -289,10 +308,17 @@ def main(argv=None) -> int:
     model, preprocessing, info = load_pretrained(args.model_name, seed=args.seed)
     args.epochs = args.epochs or (LAB_EPOCHS if info["pretrained"] else OFFLINE_DEFAULT_EPOCHS)
     args.lr = args.lr or default_lr(info["pretrained"])
-    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    recipe = training_recipe(info["pretrained"])
     write_manifest(Path(args.models_dir) / f"split_{args.category}.json", manifest, args.overwrite)
     loaders = make_loaders(args.data_dir, args.category, split, preprocessing, batch_size=args.batch_size,
-                           seed=args.seed)
+                           seed=args.seed, augment=recipe["augment"])
+    # LP of LP-FT, once, before the per-device runs: every device fine-tunes from the same probed weights
+    probe = {"applied": False, "reason": "random-init model: trained from scratch"}
+    if recipe["probe"]:
+        probe = linear_probe_init(model, loaders["train"], loaders["val"], next(iter(devices.values())),
+                                  depth=args.depth, desc="probe")
+        model.cpu()
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     print(f"category '{args.category}': train {len(split['train'])}, val {len(split['val'])}, test "
           f"{len(split['test'])} images; {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}, "
           f"{threads} CPU threads; devices: {', '.join(f'{k}={v}' for k, v in devices.items())}")
@@ -300,7 +326,7 @@ def main(argv=None) -> int:
         print(gpu_note)
 
     versions = library_versions()
-    common = {"preprocessing": preprocessing, "manifest": manifest,
+    common = {"preprocessing": preprocessing, "manifest": manifest, "recipe": recipe, "probe": probe,
               "loss_weights": class_weights([s.label for s in split["train"]]),
               "inputs": bench_inputs(loaders["test"].dataset, args.bench_batch_size),
               "row": {"script": "benchmark_gpu.py", "category": args.category, "model_name": args.model_name,
@@ -324,7 +350,10 @@ def main(argv=None) -> int:
           f" images; inference fp32; empty = not measured):")
     shown = [{**r, "device_name": r["device_name"] or "not measured"} for r in ordered]
     print(format_table(shown, ["device", "device_name", "train_seconds", "epoch_seconds_mean", "latency_median_ms",
-                                 "latency_p95_ms", "latency_p99_ms", "throughput_img_s", "accuracy", "f1", "auroc"]))
+                                 "latency_p95_ms", "latency_p99_ms", "throughput_img_s", "accuracy",
+                                 "accuracy_ci_low", "accuracy_ci_high", "f1", "auroc", "threshold"]))
+    print(f"accuracy with its 95 % Wilson interval; one test image = {ordered[0].get('one_image_pt') or 0:.2f} pt; "
+          f"threshold on P(anomaly) chosen on the validation split (best balanced accuracy)")
     print(format_table(shown, ["device", "price_per_hour", "training_cost_usd", "cost_per_1000_images_usd",
                                  "cost_per_1000_images_batch_usd"], floatfmt=".3g"))
     gpu = rows["gpu"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lab_targets import THRESHOLD_RULE
 from train_utils import (LABELS, UserError, atomic_write, keep_previous, library_versions, model_logits,
                          run_cli, size_on_disk_mb)
 
@@ -144,8 +145,11 @@ def resolve_model_path(path: str | Path, models_dir: str | Path = "modeles") -> 
 
 def save_checkpoint(path: str | Path, model, *, model_name: str, preprocessing: dict, category: str,
                     split_manifest: dict, metrics: dict | None = None, train_args: dict | None = None,
-                    extra: dict | None = None, overwrite: bool = False) -> Path:
-    """Write the lab's checkpoint atomically; an earlier file of the same name is kept (see keep_previous)."""
+                    extra: dict | None = None, threshold: float | None = None, overwrite: bool = False) -> Path:
+    """Write the lab's checkpoint atomically; an earlier file of the same name is kept (see keep_previous).
+
+    `threshold`: the decision threshold on P(anomaly) chosen on the validation split (lab_targets.THRESHOLD_RULE),
+    used by every script that reads the checkpoint and copied into the ONNX sidecar."""
     ckpt = {
         "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
         "model_name": model_name, "model_type": model.config.model_type, "model_class": type(model).__name__,
@@ -153,10 +157,20 @@ def save_checkpoint(path: str | Path, model, *, model_name: str, preprocessing: 
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "preprocessing": preprocessing, "id2label": {str(k): v for k, v in ID2LABEL.items()},
         "category": category, "split": split_manifest, "metrics": metrics or {}, "train_args": train_args or {},
+        "threshold": float(threshold if threshold is not None else 0.5),
+        "threshold_rule": THRESHOLD_RULE if threshold is not None else "argmax (0.5), no threshold chosen",
         "versions": library_versions(), **(extra or {}),
     }
     keep_previous(path, overwrite)
     return atomic_write(path, lambda p: torch.save(ckpt, p))
+
+
+def checkpoint_threshold(ckpt: dict) -> float:
+    """The decision threshold stored in a checkpoint (0.5 = argmax for checkpoints written before it existed)."""
+    value = ckpt.get("threshold", 0.5)
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise UserError(f"the checkpoint's decision threshold {value!r} is not a probability in [0, 1].")
+    return float(value)
 
 
 def read_checkpoint(path: str | Path, expected_category: str | None = None) -> dict:

@@ -212,10 +212,18 @@ def image_to_tensor(path_or_image, preprocessing: dict) -> torch.Tensor:
     return normalize(preprocess_image(img.convert("RGB"), preprocessing), preprocessing)
 
 
-def train_augmentation():
-    """Light augmentations that keep defects visible: flips, small rotation, small colour changes."""
+AUGMENTATIONS = ("light", "flips", "none")
+
+
+def train_augmentation(kind: str = "light"):
+    """'light': augmentations that keep defects visible (flips, small rotation, small colour changes; for models
+    trained from scratch); 'flips': flips only (fine-tuning from a linear probe); 'none'."""
     from torchvision.transforms import v2
 
+    if kind == "none":
+        return None
+    if kind == "flips":
+        return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
     return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
                        v2.RandomApply([v2.RandomRotation(10)], p=0.3),
                        v2.ColorJitter(brightness=0.1, contrast=0.1)])
@@ -226,11 +234,11 @@ class MVTecDataset(Dataset):
     and kept in memory as uint8, so an epoch does not decode 900x900 PNGs again."""
 
     def __init__(self, category_root: str | Path, samples: list[Sample], preprocessing: dict,
-                 train: bool = False, desc: str = "decoding images"):
+                 train: bool = False, desc: str = "decoding images", augment: str = "light"):
         self.root = Path(category_root)
         self.samples = list(samples)
         self.preprocessing = preprocessing
-        self.augment = train_augmentation() if train else None
+        self.augment = train_augmentation(augment) if train else None
         self.images = [preprocess_image(load_rgb(self.root / s.path), preprocessing)
                        for s in tqdm(self.samples, desc=desc, unit="img", leave=False)]
         self.labels = torch.tensor([s.label for s in self.samples], dtype=torch.long)
@@ -250,7 +258,8 @@ class MVTecDataset(Dataset):
 
 
 def make_loaders(data_dir, category: str, split: dict[str, list[Sample]], preprocessing: dict,
-                 batch_size: int = 16, names=("train", "val", "test"), seed: int = 42) -> dict:
+                 batch_size: int = 16, names=("train", "val", "test"), seed: int = 42,
+                 augment: str = "light") -> dict:
     """DataLoaders for the requested splits (train shuffled and augmented). Checks that every image of the
     manifest exists before decoding anything."""
     root = category_dir(data_dir, category)
@@ -261,7 +270,7 @@ def make_loaders(data_dir, category: str, split: dict[str, list[Sample]], prepro
     loaders = {}
     for name in names:
         dataset = MVTecDataset(root, split[name], preprocessing, train=(name == "train"),
-                               desc=f"decoding {name} images")
+                               desc=f"decoding {name} images", augment=augment)
         generator = torch.Generator().manual_seed(seed)
         loaders[name] = DataLoader(dataset, batch_size=batch_size, shuffle=(name == "train"), generator=generator,
                                    drop_last=False, num_workers=0)

@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from load_model_hf import load_checkpoint, resolve_model_path, state_dict_size_mb
+from lab_targets import (CONVERSION, PARITY_MAX_ACCURACY_DIFF_PT, PARITY_MIN_AGREEMENT, QUANTIZATION, TARGET_MAX_LOSS_PT,
+                         describe_flips, format_accuracy, judge_variant, predict_labels)
+from load_model_hf import checkpoint_threshold, load_checkpoint, resolve_model_path, state_dict_size_mb
 from mvtec_dataset import make_loaders, split_from_manifest
 from train_utils import (LABELS, UserError, append_csv_rows, atomic_write, atomic_write_text, benchmark,
                          benchmark_torch_model,
@@ -41,8 +43,8 @@ INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
 DEFAULT_OPSET = 17
 # Azure Standard_D4s_v5 (4 vCPU, 16 GiB), pay-as-you-go Linux, East US, list price 2024.
 DEFAULT_PRICE_PER_HOUR = 0.192
-MIN_AGREEMENT = 0.995          # share of test images whose prediction equals PyTorch fp32's
-MAX_ACCURACY_DIFF_PT = 0.5     # |accuracy(variant) - accuracy(PyTorch fp32)| in percentage points
+MIN_AGREEMENT = PARITY_MIN_AGREEMENT          # defined in lab_targets.py
+MAX_ACCURACY_DIFF_PT = PARITY_MAX_ACCURACY_DIFF_PT
 FILES = {"ort-fp32": "model_fp32.onnx", "ort-fp32-optimized": "model_fp32_optimized.onnx",
          "ort-int8-dynamic": "model_int8.onnx"}
 FINAL_ONNX, FINAL_SIDECAR = "model_final.onnx", "model_final.json"
@@ -300,17 +302,21 @@ def benchmark_session(session, inputs: np.ndarray, *, threads: int | None, warmu
     return result
 
 
-def parity(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict:
-    """Agreement of a variant with PyTorch fp32 on the same images, and the guard's verdict."""
-    ref_pred, pred = reference_logits.argmax(1), logits.argmax(1)
-    agreement = float((ref_pred == pred).mean()) if len(labels) else float("nan")
-    acc_diff_pt = 100.0 * float((pred == labels).mean() - (ref_pred == labels).mean()) if len(labels) else \
-        float("nan")
-    return {"reference": "pytorch-fp32", "n_test": int(len(labels)),
+def parity(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5,
+           kind: str = CONVERSION, reference: str = "pytorch-fp32") -> dict:
+    """A variant next to its PyTorch reference on the same images and threshold, judged by lab_targets'
+    one guard: CONVERSION (fp32 graph: same predictions) or QUANTIZATION (int8: accuracy loss < 1 pt)."""
+    labels = np.asarray(labels)
+    judged = judge_variant(kind, predict_labels(reference_logits, threshold), predict_labels(logits, threshold),
+                           labels)
+    return {"reference": reference, "n_test": int(len(labels)), "threshold": float(threshold),
             "max_abs_logit_diff": float(np.abs(logits - reference_logits).max()) if len(labels) else float("nan"),
-            "prediction_agreement": agreement, "accuracy_diff_pt": acc_diff_pt,
-            "passed": bool(agreement >= MIN_AGREEMENT and abs(acc_diff_pt) < MAX_ACCURACY_DIFF_PT),
-            "guard": {"min_prediction_agreement": MIN_AGREEMENT, "max_abs_accuracy_diff_pt": MAX_ACCURACY_DIFF_PT}}
+            "prediction_agreement": judged["agreement"], **judged}
+
+
+def guard_kind(variant: str) -> str:
+    """int8 variants are judged as quantizations, every fp32 graph as a conversion."""
+    return QUANTIZATION if "int8" in variant else CONVERSION
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,12 +333,14 @@ def sidecar_preprocessing(preprocessing: dict) -> dict:
 
 def write_sidecar(onnx_path: str | Path, *, variant: str, category: str, preprocessing: dict, exporter: str,
                   source_checkpoint: str | Path, base_model: str, parity_result: dict, metrics: dict,
-                  sidecar_path: str | Path | None = None, overwrite: bool = False) -> dict:
+                  threshold: float = 0.5, sidecar_path: str | Path | None = None, overwrite: bool = False) -> dict:
     """Write `<onnx stem>.json` next to the model (format tp4-onnx-sidecar-v1), atomically. Returns it."""
     onnx_path = Path(onnx_path)
     sidecar_path = Path(sidecar_path) if sidecar_path else onnx_path.with_suffix(".json")
     sidecar = {"format": SIDECAR_FORMAT, "model_file": onnx_path.name, "variant": variant, "category": category,
                "labels": list(LABELS), "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
+               "threshold": float(threshold), "threshold_rule": "P(anomaly) = softmax(logits)[1] >= threshold; "
+                                                                 "threshold chosen on the validation split",
                "preprocessing": sidecar_preprocessing(preprocessing), "opset": onnx_opset(onnx_path),
                "exporter": exporter, "source_checkpoint": str(source_checkpoint), "base_model": base_model,
                "parity": _json_safe(parity_result), "metrics": _json_safe(metrics),
@@ -367,7 +375,7 @@ def save_final(src: str | Path, models_dir: Path, overwrite: bool) -> Path:
 
 
 def choose_final(variants: list[dict]) -> dict | None:
-    """The fastest ORT variant at batch 1 (median) among those that pass the parity guard."""
+    """The fastest ORT variant at batch 1 (median) among those that pass their guard (lab_targets.judge_variant)."""
     passing = [v for v in variants if v["backend"] == "onnxruntime" and v["parity"]["passed"]]
     return min(passing, key=lambda v: v["b1"]["latency_median_ms"]) if passing else None
 
@@ -443,9 +451,13 @@ def _csv_rows(variants, *, args, rid, ckpt, ckpt_path, export_info, threads_torc
                 "latency_p99_ms": b["latency_p99_ms"], "throughput_img_s": b["throughput_img_s"],
                 "runs": b["runs"], "warmup": b["warmup"], "cpu_load_1min": load,
                 "accuracy": m["accuracy"], "precision_score": m["precision"], "recall": m["recall"], "f1": m["f1"],
-                "auroc": m["auroc"], "n_test": m["n"],
+                "auroc": m["auroc"], "n_test": m["n"], "accuracy_ci_low": m["accuracy_ci_low"],
+                "accuracy_ci_high": m["accuracy_ci_high"], "threshold": m["threshold"],
+                "one_image_pt": p["one_image_pt"],
                 "max_abs_logit_diff": p["max_abs_logit_diff"], "prediction_agreement": p["prediction_agreement"],
-                "accuracy_diff_pt": p["accuracy_diff_pt"], "parity_passed": p["passed"],
+                "accuracy_diff_pt": p["accuracy_diff_pt"], "parity_passed": p["passed"], "guard": p["rule"],
+                "flips": p["flips"], "flips_good_to_anomaly": p["good_to_anomaly"],
+                "flips_anomaly_to_good": p["anomaly_to_good"], "mcnemar_p": p["mcnemar_p"],
                 "cost_per_1000_images_usd": b["cost_per_1000_images_usd"], "savings_pct": b["savings_pct"],
                 "price_per_hour_usd": args.price_per_hour, "selected_final": v["variant"] == selected,
                 "file": v["file"], "exporter": export_info["exporter"] if v["backend"] == "onnxruntime" else "",
@@ -537,21 +549,25 @@ def main(argv=None) -> int:
         print(f"dynamic int8 (QInt8 weights) -> {files['ort-int8-dynamic']}")
 
     # 2. Predictions on the whole test split, PyTorch fp32 as the reference
+    threshold = checkpoint_threshold(ckpt)
+    print(f"decision threshold on P(anomaly): {threshold:.3f} ({ckpt.get('threshold_rule', 'argmax')}), the same "
+          f"for every variant")
     ref_logits, labels = predict_logits(model, loader, "cpu", desc="PyTorch fp32 test")
     variants = [{"variant": "pytorch-fp32", "backend": "pytorch", "precision": "fp32", "file": str(ckpt_path),
                  "size_mb": state_dict_size_mb(model), "logits": ref_logits,
-                 "parity": parity(ref_logits, ref_logits, labels)}]
+                 "parity": parity(ref_logits, ref_logits, labels, threshold=threshold)}]
     sessions = {}
     for name, path in files.items():
         sessions[name] = make_session(path, threads_ort)
         logits, _ = ort_predict_logits(sessions[name], loader, desc=f"{name} test")
         variants.append({"variant": name, "backend": "onnxruntime", "precision": "int8" if "int8" in name else "fp32",
                          "file": str(path), "size_mb": size_on_disk_mb(path), "logits": logits,
-                         "opset": onnx_opset(path), "parity": parity(ref_logits, logits, labels),
+                         "opset": onnx_opset(path),
+                         "parity": parity(ref_logits, logits, labels, threshold=threshold, kind=guard_kind(name)),
                          "fused": ";".join(f"{k}={n}" for k, n in fusion["fused"].items())
                          if name == "ort-fp32-optimized" else ""})
     for v in variants:
-        v["metrics"] = classification_metrics(labels, v["logits"], dataset.defect_types)
+        v["metrics"] = classification_metrics(labels, v["logits"], dataset.defect_types, threshold=threshold)
 
     # 3. Latency, same run, same input images (numpy prepared once)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -604,16 +620,19 @@ def main(argv=None) -> int:
                       "savings b1 %": v["b1"]["savings_pct"]})
     print()
     print(format_table(table, list(table[0])))
-    print(f"guard: prediction agreement with PyTorch fp32 >= {100 * MIN_AGREEMENT:.1f} % and |accuracy difference| "
-          f"< {MAX_ACCURACY_DIFF_PT} pt, on the {len(labels)} test images")
+    print(f"accuracy of PyTorch fp32 on the {len(labels)} test images: {format_accuracy(variants[0]['metrics'])} "
+          f"(threshold {threshold:.3f}); one image = {100 / max(1, len(labels)):.2f} pt")
+    print(f"guard: one rule for every variant vs PyTorch fp32 (lab_targets.judge_variant): fp32 graphs = conversion parity (agreement >= "
+          f"{100 * MIN_AGREEMENT:g} %, |accuracy difference| < {MAX_ACCURACY_DIFF_PT:g} pt); int8 = quantization loss "
+          f"< {TARGET_MAX_LOSS_PT:g} pt")
     for v in variants[1:]:
         p = v["parity"]
-        print(f"  {v['variant']:<20} {'PASS' if p['passed'] else 'FAIL'}: agreement "
-              f"{100 * p['prediction_agreement']:.2f} %, accuracy difference {p['accuracy_diff_pt']:+.2f} pt, "
+        print(f"  {v['variant']:<20} {'PASS' if p['passed'] else 'FAIL'} ({p['kind']}): accuracy "
+              f"{format_accuracy(v['metrics'])}, difference {p['accuracy_diff_pt']:+.2f} pt; {describe_flips(p)}; "
               f"max |logit diff| {p['max_abs_logit_diff']:.3g}")
     print(f"cost: {args.price_per_hour} USD/h; results appended to {csv_path} (run_id {rid}), plot {png}")
     if final is None:
-        print(f"error: no ONNX variant passed the parity guard: {FINAL_ONNX} was not written "
+        print(f"error: no ONNX variant passed its guard: {FINAL_ONNX} was not written "
               f"(see the guard lines above and {csv_path}).")
         return 1
 
@@ -621,7 +640,7 @@ def main(argv=None) -> int:
     sidecar = write_sidecar(final_path, variant=selected, category=args.category, preprocessing=preprocessing,
                             exporter=export_info["exporter"], source_checkpoint=ckpt_path,
                             base_model=ckpt["model_name"], parity_result=final["parity"], metrics=final["metrics"],
-                            overwrite=args.overwrite)
+                            threshold=threshold, overwrite=args.overwrite)
     print(f"saved {final_path} = {selected}: the fastest variant at batch 1 "
           f"({final['b1']['latency_median_ms']:.1f} ms vs {variants[0]['b1']['latency_median_ms']:.1f} ms for "
           f"PyTorch fp32) among those passing the guard; sidecar {final_path.with_suffix('.json')} "

@@ -150,7 +150,10 @@ def read_sidecar(path: str | Path, verify_sha256: bool = True) -> dict:
             raise ValueError(f"sha256 of {onnx_path} ({actual[:12]}...) differs from its sidecar's "
                              f"({str(meta['sha256'])[:12]}...): the ONNX file was changed or the sidecar is stale; "
                              "re-run onnx_optimization.py")
-    return {**meta, "onnx_path": str(onnx_path)}
+    threshold = meta.get("threshold", 0.5)  # sidecars written before the threshold existed: argmax
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"sidecar {path}: threshold must be a probability in [0, 1], got {threshold!r}")
+    return {**meta, "threshold": float(threshold), "onnx_path": str(onnx_path)}
 
 
 def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
@@ -204,8 +207,9 @@ class OnnxClassifier:
         self.max_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None  # None = dynamic
         self.labels = list(self.meta["labels"])
         self.anomaly_index = self.labels.index("anomaly")
+        self.threshold = self.meta["threshold"]
         self.info = {k: self.meta.get(k) for k in ("variant", "sha256", "created", "category", "model_file",
-                                                  "base_model", "opset")}
+                                                  "base_model", "opset", "threshold")}
         self.info["labels"] = self.labels
         self.info["input_size"] = self.meta["preprocessing"]["image_size"]
 
@@ -355,7 +359,10 @@ def run(request):
         t2 = time.perf_counter()
         predictions = []
         for i, p in enumerate(probs):
-            predictions.append({"index": i, "label": _model.labels[int(p.argmax())],
+            # the decision threshold chosen on the validation split, stored in the sidecar (not argmax)
+            is_anomaly = p[_model.anomaly_index] >= _model.threshold
+            label = "anomaly" if is_anomaly else next(n for n in _model.labels if n != "anomaly")
+            predictions.append({"index": i, "label": label, "threshold": _model.threshold,
                                 "anomaly_probability": float(p[_model.anomaly_index]),
                                 "probabilities": {name: float(v) for name, v in zip(_model.labels, p)}})
         return _reply(200, {"predictions": predictions, "n_images": len(predictions), "model": _model.info,

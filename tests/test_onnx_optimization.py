@@ -15,7 +15,7 @@ from train_utils import model_logits
 
 SIDECAR_KEYS = {"format", "model_file", "variant", "category", "labels", "input_name", "output_name",
                 "preprocessing", "opset", "exporter", "source_checkpoint", "base_model", "parity", "metrics",
-                "created", "versions", "sha256"}
+                "created", "versions", "sha256", "threshold", "threshold_rule"}
 FAST = ("--runs", "5", "--warmup", "1", "--bench-batch-size", "4", "--num-threads", "1")
 
 

@@ -22,7 +22,8 @@ REQUIRED = {"run_id", "category", "variant", "backend", "precision", "device", "
 # Numbers the report may quote without them being measurements: the business targets and guard thresholds
 # ("-80 %", "-70 %", "< 30 Mo", "> 95 %", "< 1 point", "0,5 %", "99,5 %") and "1000 images".
 WHITELIST = {Decimal(v) for v in ("80", "70", "30", "95", "1", "0.5", "99.5", "1000")}
-PERCENT_OF_FRACTION = {"accuracy", "precision_score", "recall", "f1", "auroc", "prediction_agreement"}
+PERCENT_OF_FRACTION = {"accuracy", "precision_score", "recall", "f1", "auroc", "prediction_agreement",
+                       "accuracy_ci_low", "accuracy_ci_high"}
 
 
 def read_rows(path):

@@ -1,0 +1,123 @@
+"""lab_targets.py (threshold, intervals, flips, McNemar, the one guard) and the LP-FT recipe end to end on a
+'pretrained' local folder: depth chosen on val, threshold in the checkpoint, the ONNX sidecar and score.py."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import lab_targets as lt
+import train_utils as tu
+from load_model_hf import checkpoint_threshold, load_checkpoint
+
+
+def test_wilson_interval_known_values():
+    low, high = lt.wilson_interval(108, 120)  # 90 %: the textbook Wilson interval is 83.3-94.2 %
+    assert low == pytest.approx(0.8333, abs=5e-4) and high == pytest.approx(0.9421, abs=5e-4)
+    low, high = lt.wilson_interval(73, 73)    # 100 % is not a certainty with 73 images
+    assert high == pytest.approx(1.0) and low == pytest.approx(0.950, abs=1e-3)
+    assert all(math.isnan(v) for v in lt.wilson_interval(0, 0))
+
+
+def test_mcnemar_exact():
+    assert lt.mcnemar_exact_p(0, 0) == 1.0
+    assert lt.mcnemar_exact_p(1, 1) == 1.0
+    assert lt.mcnemar_exact_p(2, 0) == pytest.approx(0.5)       # 2 * (1/2)^2
+    assert lt.mcnemar_exact_p(10, 0) == pytest.approx(2 / 1024)
+    assert lt.mcnemar_exact_p(3, 7) == lt.mcnemar_exact_p(7, 3)
+
+
+def test_threshold_maximises_balanced_accuracy_on_val():
+    scores = np.array([0.01, 0.02, 0.03, 0.2, 0.25, 0.3, 0.9])
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    t = lt.choose_threshold(scores, labels)
+    assert 0.03 < t <= 0.2  # argmax (0.5) would miss three anomalies
+    assert (lt.predict_labels(np.stack([np.zeros(7), np.log(scores / (1 - scores))], 1), t) == labels).all()
+    assert lt.choose_threshold([0.1, 0.9], [0, 0]) == 0.5       # one class: the usual 0.5
+    # perfectly separated: the tie is broken towards 0.5, not an extreme
+    assert lt.choose_threshold([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 0.5
+
+
+def test_one_guard_for_conversions_and_quantizations():
+    labels = np.array([0] * 60 + [1] * 60)
+    ref = labels.copy()
+    ref[:3] = 1  # the reference is wrong on 3 images
+    one_fixed = ref.copy()
+    one_fixed[0] = 0  # a variant that fixes one of them
+    conv = lt.judge_variant(lt.CONVERSION, ref, one_fixed, labels)
+    quant = lt.judge_variant(lt.QUANTIZATION, ref, one_fixed, labels)
+    assert conv["flips"] == quant["flips"] == 1 and conv["anomaly_to_good"] == 1 and conv["flips_to_right"] == 1
+    assert not conv["passed"]   # a conversion must not change predictions
+    assert quant["passed"]      # a quantization may, when accuracy does not drop by 1 pt or more
+    two_broken = labels.copy()
+    two_broken[-2:] = 0
+    worse = lt.judge_variant(lt.QUANTIZATION, labels, two_broken, labels)
+    assert worse["accuracy_diff_pt"] == pytest.approx(-200 / 120) and not worse["passed"]
+    assert worse["mcnemar_p"] == pytest.approx(0.5)
+    assert "2 of 120 predictions flipped" in lt.describe_flips(worse)
+    with pytest.raises(ValueError):
+        lt.judge_variant("other", ref, ref, labels)
+
+
+def test_metrics_use_the_threshold_and_give_an_interval():
+    labels = [0, 0, 1, 1]
+    logits = np.stack([np.zeros(4), np.array([-3.0, -2.0, -1.0, 2.0])], 1)  # P(anomaly) 0.05 0.12 0.27 0.88
+    assert tu.classification_metrics(labels, logits)["accuracy"] == 0.75
+    m = tu.classification_metrics(labels, logits, threshold=0.2)
+    assert m["accuracy"] == 1.0 and m["threshold"] == 0.2 and m["predictions"] == [0, 0, 1, 1]
+    assert m["accuracy_ci_low"] < 1.0 == m["accuracy_ci_high"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_folder(tmp_path_factory):
+    """A small DINOv2 saved as a local Hugging Face folder: the lab treats it as a pretrained model (LP-FT)."""
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("pretrained") / "tiny-dinov2"
+    config = Dinov2Config(image_size=64, patch_size=8, hidden_size=48, num_hidden_layers=4, num_attention_heads=3,
+                          mlp_ratio=2, num_labels=2)
+    Dinov2ForImageClassification(config).save_pretrained(folder)
+    return folder
+
+
+def test_lp_ft_recipe_threshold_flows_to_sidecar_and_score(run, synthetic_root, pretrained_folder, tmp_path,
+                                                          monkeypatch):
+    res = run("benchmark_gpu.py", "--data-dir", synthetic_root, "--model-name", pretrained_folder, "--epochs", "1",
+              "--devices", "cpu", "--runs", "2", "--warmup", "0", "--num-threads", "1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "linear probe on frozen features: kept" in res.stdout
+    assert "95 % CI" in res.stdout and "threshold" in res.stdout
+    model, ckpt = load_checkpoint(tmp_path / "modeles" / "model_cpu_bottle.pth")
+    probe = ckpt["train_args"]["linear_probe"]
+    assert probe["applied"] and probe["depths_tried"] == [2, 3, 4]
+    assert model.config.num_hidden_layers == probe["depth"] == len(model.dinov2.encoder.layer)
+    threshold = checkpoint_threshold(ckpt)
+    assert 0.0 < threshold < 1.0 and "validation" in ckpt["threshold_rule"]
+    assert ckpt["metrics"]["threshold"] == threshold
+
+    res = run("onnx_optimization.py", "--data-dir", synthetic_root, "--no-fusion", "--runs", "2", "--warmup", "0",
+              "--num-threads", "1", cwd=tmp_path)
+    assert res.returncode in (0, 1), res.stderr[-2000:]
+    assert "predictions flipped" in res.stdout and "conversion" in res.stdout
+    sidecar_path = tmp_path / "modeles" / "model_final.json"
+    if res.returncode == 1:  # no variant passed its guard: said, and nothing deployed
+        assert "no ONNX variant passed its guard" in res.stdout and not sidecar_path.exists()
+        return
+    sidecar = json.loads(sidecar_path.read_text())
+    assert sidecar["threshold"] == pytest.approx(threshold)
+
+    # score.py decides with the sidecar's threshold, not argmax
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    import score
+
+    monkeypatch.setenv("AZUREML_MODEL_DIR", str(tmp_path / "modeles"))
+    score.init()
+    data = next((synthetic_root / "bottle" / "test" / "crack").glob("*.png")).read_bytes()
+    reply = score.run(Request(EnvironBuilder(method="POST", data=data, content_type="image/png").get_environ()))
+    pred = json.loads(reply.get_data())["predictions"][0]
+    assert pred["threshold"] == pytest.approx(threshold)
+    assert pred["label"] == ("anomaly" if pred["anomaly_probability"] >= threshold else "good")
