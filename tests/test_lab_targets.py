@@ -121,3 +121,8 @@ def test_lp_ft_recipe_threshold_flows_to_sidecar_and_score(run, synthetic_root, 
     pred = json.loads(reply.get_data())["predictions"][0]
     assert pred["threshold"] == pytest.approx(threshold)
     assert pred["label"] == ("anomaly" if pred["anomaly_probability"] >= threshold else "good")
+    # a sidecar whose threshold is not a probability is refused at init, with a clear reason
+    bad = dict(json.loads(sidecar_path.read_text()), threshold=2.0)
+    sidecar_path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="threshold must be a probability"):
+        score.read_sidecar(sidecar_path)
