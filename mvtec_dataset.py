@@ -212,9 +212,6 @@ def image_to_tensor(path_or_image, preprocessing: dict) -> torch.Tensor:
     return normalize(preprocess_image(img.convert("RGB"), preprocessing), preprocessing)
 
 
-AUGMENTATIONS = ("light", "flips", "none")
-
-
 def train_augmentation(kind: str = "light"):
     """'light': augmentations that keep defects visible (flips, small rotation, small colour changes; for models
     trained from scratch); 'flips': flips only (fine-tuning from a linear probe); 'none'."""
