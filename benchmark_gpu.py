@@ -12,7 +12,6 @@ resultats/benchmark_cpu_gpu.csv (one row per device, appended) and resultats/ben
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import textwrap
 from pathlib import Path
@@ -20,21 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab_targets import format_accuracy
+from lab_targets import CPU_PRICE, CPU_VM, GPU_PRICE, GPU_VM, LAB_EPOCHS, PRICE_NOTE, format_accuracy
 from load_model_hf import HUB_PRESETS, OFFLINE_PRESETS, load_pretrained, save_checkpoint
-from mvtec_dataset import make_loaders, prepare_split, save_manifest
+from mvtec_dataset import make_loaders, prepare_split, write_manifest
 from train_utils import (OFFLINE_DEFAULT_EPOCHS, UserError, append_csv_rows, benchmark_torch_model, class_weights,
                          classification_metrics, cost_per_1000_images, default_lr, device_name, format_table,
-                         keep_previous, library_versions, linear_probe_init, pick_device, predict_logits, run_cli,
+                         library_versions, linear_probe_init, pick_device, predict_logits, run_cli,
                          run_id, save_figure, set_seed, set_threads, size_on_disk_mb, train_model, training_recipe)
 
-# Azure pay-as-you-go Linux VMs, region East US, list prices as of 2024.
-PRICE_URL = "https://azure.microsoft.com/pricing/details/virtual-machines/linux/"
-CPU_VM, CPU_PRICE = "Azure Standard_D4s_v5 (4 vCPU, 16 GiB), East US", 0.192
-GPU_VM, GPU_PRICE = "Azure Standard_NC4as_T4_v3 (1x NVIDIA T4), East US", 0.526
-PRICE_NOTE = f"pay-as-you-go Linux list prices as of 2024, check {PRICE_URL}"
 NO_GPU = "no CUDA/MPS GPU found: GPU part not measured"
-LAB_EPOCHS = 3
 
 
 def parse_args(argv=None):
@@ -118,18 +111,6 @@ def resolve_devices(spec: str) -> tuple[dict[str, torch.device], str | None]:
     if "gpu" in devices:
         gpu_note = None
     return devices, gpu_note
-
-
-def write_manifest(path: Path, manifest: dict, overwrite: bool) -> None:
-    """Save the split; an earlier, different split is kept with its timestamp."""
-    if path.exists():
-        try:
-            if json.loads(path.read_text(encoding="utf-8")) == manifest:
-                return
-        except (OSError, ValueError):
-            pass
-        keep_previous(path, overwrite)
-    save_manifest(path, manifest)
 
 
 def bench_inputs(dataset, n: int) -> torch.Tensor:

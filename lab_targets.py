@@ -28,6 +28,14 @@ TARGET_MAX_LOSS_PT = 1.0           # accuracy loss of a quantized model vs its f
 PARITY_MIN_AGREEMENT = 0.995       # a converted fp32 graph agrees with PyTorch on >= 99.5 % of the test images
 PARITY_MAX_ACCURACY_DIFF_PT = 0.5  # ... and its accuracy differs by < 0.5 point
 
+LAB_EPOCHS = 3                     # the lab's command: benchmark_gpu.py --epochs 3 (pretrained models)
+
+# Prices: Azure pay-as-you-go Linux VMs, region East US, list prices as of 2024.
+PRICE_URL = "https://azure.microsoft.com/pricing/details/virtual-machines/linux/"
+CPU_VM, CPU_PRICE = "Azure Standard_D4s_v5 (4 vCPU, 16 GiB), East US", 0.192
+GPU_VM, GPU_PRICE = "Azure Standard_NC4as_T4_v3 (1x NVIDIA T4), East US", 0.526
+PRICE_NOTE = f"pay-as-you-go Linux list prices as of 2024, check {PRICE_URL}"
+
 CONVERSION, QUANTIZATION = "conversion", "quantization"
 THRESHOLD_RULE = "best balanced accuracy on the validation split (midpoint between neighbouring scores)"
 

@@ -152,6 +152,21 @@ def save_manifest(path: str | Path, manifest: dict) -> Path:
     return atomic_write_text(path, json.dumps(manifest, indent=1))
 
 
+def write_manifest(path: str | Path, manifest: dict, overwrite: bool = False) -> None:
+    """Save the split next to the models; an earlier, different split is kept with its timestamp."""
+    from train_utils import keep_previous
+
+    path = Path(path)
+    if path.exists():
+        try:
+            if json.loads(path.read_text(encoding="utf-8")) == manifest:
+                return
+        except (OSError, ValueError):
+            pass
+        keep_previous(path, overwrite)
+    save_manifest(path, manifest)
+
+
 def load_manifest(path: str | Path) -> dict:
     try:
         manifest = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab_targets import (CONVERSION, PARITY_MAX_ACCURACY_DIFF_PT, PARITY_MIN_AGREEMENT, QUANTIZATION, TARGET_MAX_LOSS_PT,
+from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, PARITY_MAX_ACCURACY_DIFF_PT, PARITY_MIN_AGREEMENT, QUANTIZATION, TARGET_MAX_LOSS_PT,
                          describe_flips, format_accuracy, judge_variant, predict_labels)
 from load_model_hf import checkpoint_threshold, load_checkpoint, resolve_model_path, state_dict_size_mb
 from mvtec_dataset import make_loaders, split_from_manifest
@@ -41,8 +41,7 @@ from train_utils import (LABELS, UserError, append_csv_rows, atomic_write, atomi
 SIDECAR_FORMAT = "tp4-onnx-sidecar-v1"
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
 DEFAULT_OPSET = 17
-# Azure Standard_D4s_v5 (4 vCPU, 16 GiB), pay-as-you-go Linux, East US, list price 2024.
-DEFAULT_PRICE_PER_HOUR = 0.192
+DEFAULT_PRICE_PER_HOUR = CPU_PRICE  # defined in lab_targets.py
 MIN_AGREEMENT = PARITY_MIN_AGREEMENT          # defined in lab_targets.py
 MAX_ACCURACY_DIFF_PT = PARITY_MAX_ACCURACY_DIFF_PT
 FILES = {"ort-fp32": "model_fp32.onnx", "ort-fp32-optimized": "model_fp32_optimized.onnx",
@@ -496,8 +495,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-seconds", type=float, default=60.0,
                         help="stop a measurement's timed runs after this many seconds, >= 5 runs (default: 60)")
     parser.add_argument("--price-per-hour", type=float, default=DEFAULT_PRICE_PER_HOUR,
-                        help="price of the serving machine in USD/h for the cost per 1000 images (default: 0.192 = "
-                             "Azure Standard_D4s_v5 pay-as-you-go Linux East US, list price 2024)")
+                        help=f"price of the serving machine in USD/h for the cost per 1000 images (default: {CPU_PRICE} "
+                             f"= {CPU_VM}, pay-as-you-go Linux list price 2024)")
     parser.add_argument("--no-fusion", action="store_true", help="skip ORT's transformer fusion variant")
     parser.add_argument("--no-int8", action="store_true", help="skip the dynamic int8 variant")
     parser.add_argument("--overwrite", action="store_true",

@@ -36,23 +36,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import benchmark_gpu
 import onnx_optimization as oo
 import quantization_demo as qd
-from lab_targets import (CONVERSION, QUANTIZATION, TARGET_COST_REDUCTION_PCT, TARGET_MAX_LOSS_PT, TARGET_MAX_SIZE_MB,
-                         TARGET_MIN_ACCURACY, TARGET_TIME_REDUCTION_PCT, describe_flips, format_accuracy)
-from load_model_hf import (HUB_PRESETS, checkpoint_threshold, OFFLINE_PRESETS, count_parameters, load_pretrained, model_from_checkpoint,
-                           read_checkpoint, save_checkpoint)
-from mvtec_dataset import make_loaders, make_synthetic_mvtec, prepare_split, split_from_manifest
+from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, GPU_PRICE, GPU_VM, LAB_EPOCHS, PRICE_NOTE, QUANTIZATION,
+                         TARGET_COST_REDUCTION_PCT, TARGET_MAX_LOSS_PT, TARGET_MAX_SIZE_MB, TARGET_MIN_ACCURACY,
+                         TARGET_TIME_REDUCTION_PCT, format_accuracy)
+from load_model_hf import (HUB_PRESETS, OFFLINE_PRESETS, checkpoint_threshold, count_parameters, load_pretrained,
+                           model_from_checkpoint, read_checkpoint, save_checkpoint)
+from mvtec_dataset import make_loaders, make_synthetic_mvtec, prepare_split, split_from_manifest, write_manifest
 from train_utils import (OFFLINE_DEFAULT_EPOCHS, UserError, append_csv_rows, atomic_write, atomic_write_text,
                          benchmark_torch_model, class_weights, classification_metrics, cost_per_1000_images,
                          cpu_name, default_lr, device_name, format_table, keep_previous, library_versions,
                          model_logits, pick_device, predict_logits, run_cli, run_id, save_figure, set_seed,
-                         set_threads, size_on_disk_mb, train_model, training_recipe, linear_probe_init)
+                         linear_probe_init, set_threads, size_on_disk_mb, train_model, training_recipe)
 
 HERE = Path(__file__).resolve().parent
-CPU_PRICE, GPU_PRICE = benchmark_gpu.CPU_PRICE, benchmark_gpu.GPU_PRICE
-LAB_EPOCHS = benchmark_gpu.LAB_EPOCHS
 TARGETS = ("target_time_80", "target_cost_70", "target_size_30mb", "target_accuracy_95", "target_loss_1pt",
            "target_onnx_parity")
 # The offline demo: synthetic tree size, models, epochs and learning rates measured on a 2-core CPU so that the whole
@@ -74,8 +72,8 @@ def parse_args(argv=None):
         description="Run the lab's whole optimisation chain (PyTorch fp32 baseline, PyTorch int8, ONNX Runtime fp32 "
                     "and int8, distilled student + its ONNX int8) in one measured run; write "
                     f"resultats/{REPORT_CSV}, resultats/{REPORT_PNG} and the French report rapport.md.",
-        epilog=f"Default prices: CPU {benchmark_gpu.CPU_VM} {CPU_PRICE} USD/h, GPU {benchmark_gpu.GPU_VM} "
-               f"{GPU_PRICE} USD/h ({benchmark_gpu.PRICE_NOTE}).")
+        epilog=f"Default prices: CPU {CPU_VM} {CPU_PRICE} USD/h, GPU {GPU_VM} "
+               f"{GPU_PRICE} USD/h ({PRICE_NOTE}).")
     p.add_argument("--demo", action="store_true",
                    help="offline demo: synthetic MVTec tree (written to data/synthetic if absent), baseline "
                         f"{DEMO['baseline_model']} and student {DEMO['student_model']} built from configs with RANDOM "
@@ -119,10 +117,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="training device: auto (GPU when present), cpu, cuda, mps "
                    "(default: auto); every CPU variant is timed on the CPU anyway")
     p.add_argument("--price-per-hour", type=float, default=CPU_PRICE,
-                   help=f"USD per hour of the CPU machine (default: {CPU_PRICE} = {benchmark_gpu.CPU_VM})")
+                   help=f"USD per hour of the CPU machine (default: {CPU_PRICE} = {CPU_VM})")
     p.add_argument("--gpu-price-per-hour", type=float, default=GPU_PRICE,
                    help=f"USD per hour of the GPU machine, for the GPU row (default: {GPU_PRICE} = "
-                        f"{benchmark_gpu.GPU_VM})")
+                        f"{GPU_VM})")
     p.add_argument("--resume", action="store_true",
                    help="reuse earlier artefacts of the same category/model: modeles/model_cpu_<category>.pth "
                         "(e.g. from benchmark_gpu.py), the student checkpoint, model_quantized.pth and the ONNX "
@@ -264,7 +262,7 @@ def baseline_step(args, device):
             return model_from_checkpoint(ckpt, path), ckpt, path, data, True
         print(f"note: {path} holds '{ckpt.get('model_name')}', not '{args.baseline_model}': training a new baseline")
     split, manifest = prepare_split(args.data_dir, args.category, args.seed)
-    benchmark_gpu.write_manifest(Path(args.models_dir) / f"split_{args.category}.json", manifest, args.overwrite)
+    write_manifest(Path(args.models_dir) / f"split_{args.category}.json", manifest, args.overwrite)
     data = Data(args, manifest)
     print(f"[1/5] baseline: fine-tuning '{args.baseline_model}' on {device_name(device)} (train {len(split['train'])}, "
           f"val {len(split['val'])}, test {len(split['test'])} images)")

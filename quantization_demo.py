@@ -217,7 +217,6 @@ def check_objectives(result: dict, sizes: dict, *, n_params: int, linear_pct: fl
                      per_channel: bool, bench_batch_size: int) -> list[dict]:
     """The lab's business objectives on the int8 model: [{"name", "status" PASS/FAIL/INFO, "text", "advice"}]."""
     fp32, int8 = result["fp32"], result["int8"]
-    n = result["n_test"]
     checks = []
 
     ok = sizes["int8"] < MAX_SIZE_MB
