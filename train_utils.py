@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lab_targets import accuracy_with_interval, anomaly_scores, choose_threshold, predict_labels
+
 LABELS = ("good", "anomaly")  # index 0 = normal part, 1 = defective part
 PRETRAINED_DEFAULT_LR = 1e-5    # fine-tuning a pretrained ViT after the linear probe (LP-FT), top block
 PRETRAINED_LAYER_DECAY = 0.75   # block i of L fine-tunes at lr * 0.75^(L - i): the early, generic blocks move least
@@ -444,8 +446,6 @@ def train_model(model, train_loader, val_loader, *, epochs: int, lr: float, devi
     distillation, Hinton et al. 2015). Returns {"history", "best_epoch", "train_seconds", "epoch_seconds",
     "threshold" (chosen on val for the kept weights)}.
     """
-    from lab_targets import anomaly_scores, choose_threshold
-
     if epochs < 1:
         raise UserError("--epochs must be >= 1.")
     model.to(device)
@@ -552,8 +552,6 @@ def classification_metrics(labels, logits, defect_types=None, threshold: float =
     threshold chosen on the validation split and stored with the model; 0.5 = argmax)."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-    from lab_targets import accuracy_with_interval, anomaly_scores
-
     labels = np.asarray(labels, dtype=np.int64)
     logits = np.asarray(logits, dtype=np.float64)
     if len(labels) == 0:
@@ -562,7 +560,7 @@ def classification_metrics(labels, logits, defect_types=None, threshold: float =
                 "precision": nan, "recall": nan, "f1": nan, "auroc": nan, "threshold": threshold,
                 "confusion_matrix": [[0, 0], [0, 0]], "recall_per_defect": {}, "predictions": []}
     scores = anomaly_scores(logits)
-    preds = (scores >= threshold).astype(np.int64)
+    preds = predict_labels(logits, threshold)
     precision, recall, f1, _ = precision_recall_fscore_support(labels, preds, average="binary", pos_label=1,
                                                                zero_division=0)
     two_classes = len(np.unique(labels)) == 2
