@@ -19,13 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab_targets import CPU_PRICE, CPU_VM, GPU_PRICE, GPU_VM, LAB_EPOCHS, PRICE_NOTE, format_accuracy
+from lab_io import (UserError, append_csv_rows, environment_columns, format_table, run_cli, run_id, save_figure,
+                    size_on_disk_mb)
+from lab_targets import (CPU_PRICE, CPU_VM, GPU_PRICE, GPU_VM, LAB_EPOCHS, PRICE_NOTE, cost_per_1000_images,
+                         format_accuracy)
 from load_model_hf import HUB_PRESETS, OFFLINE_PRESETS, load_pretrained, save_checkpoint
 from mvtec_dataset import make_loaders, prepare_split, write_manifest
-from train_utils import (OFFLINE_DEFAULT_EPOCHS, UserError, append_csv_rows, benchmark_torch_model, class_weights,
-                         classification_metrics, cost_per_1000_images, default_lr, device_name, format_table,
-                         library_versions, linear_probe_init, pick_device, predict_logits, run_cli,
-                         run_id, save_figure, set_seed, set_threads, size_on_disk_mb, train_model, training_recipe)
+from train_utils import (OFFLINE_DEFAULT_EPOCHS, benchmark_torch_model, class_weights, classification_metrics,
+                         default_lr, device_name, linear_probe_init, pick_device, predict_logits, set_seed,
+                         set_threads, train_model, training_recipe)
 
 NO_GPU = "no CUDA/MPS GPU found: GPU part not measured"
 
@@ -163,7 +165,8 @@ def run_device(role, device, model, initial_state, loaders, args, common, rid) -
             "throughput_img_s": bench["bn"]["throughput_img_s"],
             "throughput_batch_size": bench["bn"]["batch_size"],
             "batch_latency_median_ms": bench["bn"]["latency_median_ms"],
-            "throughput_b1_img_s": bench["b1"]["throughput_img_s"], "bench_runs": bench["b1"]["runs"],
+            "throughput_b1_img_s": bench["b1"]["throughput_img_s"], "runs": bench["b1"]["runs"],
+            "runs_throughput": bench["bn"]["runs"], "warmup": args.warmup,
             "accuracy": metrics["accuracy"], "accuracy_ci_low": metrics["accuracy_ci_low"],
             "accuracy_ci_high": metrics["accuracy_ci_high"], "threshold": threshold,
             "one_image_pt": 100.0 / max(1, metrics["n"]), "depth": model.config.num_hidden_layers,
@@ -306,15 +309,13 @@ def main(argv=None) -> int:
     if gpu_note:
         print(gpu_note)
 
-    versions = library_versions()
     common = {"preprocessing": preprocessing, "manifest": manifest, "recipe": recipe, "probe": probe,
               "loss_weights": class_weights([s.label for s in split["train"]]),
               "inputs": bench_inputs(loaders["test"].dataset, args.bench_batch_size),
               "row": {"script": "benchmark_gpu.py", "category": args.category, "model_name": args.model_name,
                       "backend": "pytorch", "precision": "fp32", "epochs": args.epochs,
                       "train_batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                      "torch_version": versions["torch"], "transformers_version": versions["transformers"],
-                      "cuda_version": torch.version.cuda or ""}}
+                      **environment_columns(), "cuda_version": torch.version.cuda or ""}}
     rid = run_id()
     rows = {role: run_device(role, device, model, initial_state, loaders, args, common, rid)
             for role, device in devices.items()}

@@ -5,9 +5,9 @@
     python deploy_azure.py --subscription-id SUB --resource-group RG --workspace WS
 
 Steps: check the sidecar (format, ONNX file, sha256, via score.read_sidecar: what the server will accept), copy
-the model pair and score.py into azureml/build/{model,code} (only those files are uploaded), build the endpoint
-and deployment with the SDK (ManagedOnlineEndpoint, ManagedOnlineDeployment, Model, Environment,
-CodeConfiguration, OnlineRequestSettings, ProbeSettings), load azureml/endpoint.yml and deployment.yml with the
+the model pair and the scoring code (score.py + the torch-free modules it imports) into azureml/build/{model,code}
+(only those files are uploaded), build the endpoint and deployment with the SDK (ManagedOnlineEndpoint,
+ManagedOnlineDeployment, Model, Environment, CodeConfiguration, OnlineRequestSettings, ProbeSettings), load azureml/endpoint.yml and deployment.yml with the
 SDK and check they describe the same deployment (so `az ml online-deployment create -f azureml/deployment.yml`
 deploys the same thing), print the specification. Without --dry-run, create or update the endpoint, the
 deployment, and route the traffic to it.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from train_utils import UserError, format_table, run_cli
+from lab_io import UserError, format_table, run_cli, sha256_file
 
 HERE = Path(__file__).resolve().parent
 # The deployment this script builds; azureml/deployment.yml must say the same (checked on every run).
@@ -36,6 +36,8 @@ ENVIRONMENT_VARIABLES = {"WORKER_COUNT": "2", "TP4_ORT_THREADS": "2", "TP4_MAX_B
 REQUEST_SETTINGS = {"request_timeout_ms": 10000, "max_concurrent_requests_per_instance": 2}
 LIVENESS = {"initial_delay": 30, "period": 10, "timeout": 2, "failure_threshold": 30, "success_threshold": 1}
 READINESS = {"initial_delay": 10, "period": 10, "timeout": 2, "failure_threshold": 3, "success_threshold": 1}
+# score.py and the torch-free modules it imports: the only code uploaded (tests check the list is complete)
+SCORING_CODE = ("score.py", "inference.py", "lab_io.py", "lab_targets.py")
 CONDA_PACKAGES = ("onnxruntime", "numpy", "pillow", "azureml-inference-server-http")  # what score.py imports
 STAGE_MARKER = ".staged_by_deploy_azure"
 SDK_HINT = "pip install azure-ai-ml azure-identity (listed in requirements.txt)"
@@ -100,7 +102,7 @@ def import_score():
 
 
 def stage(meta: dict, sidecar_path: Path, stage_dir: Path) -> dict:
-    """Copy the model pair to STAGE/model and score.py to STAGE/code (earlier copies replaced)."""
+    """Copy the model pair to STAGE/model and SCORING_CODE to STAGE/code (earlier copies replaced)."""
     score = import_score()
     out = {"model": stage_dir / "model", "code": stage_dir / "code"}
     marker = stage_dir / STAGE_MARKER
@@ -114,8 +116,9 @@ def stage(meta: dict, sidecar_path: Path, stage_dir: Path) -> dict:
     marker.write_text("model/ and code/ here are copies made by deploy_azure.py, replaced on every run\n")
     onnx_copy = shutil.copy2(meta["onnx_path"], out["model"] / Path(meta["onnx_path"]).name)
     shutil.copy2(sidecar_path, out["model"] / sidecar_path.name)
-    shutil.copy2(HERE / "score.py", out["code"] / "score.py")
-    if score.sha256_file(onnx_copy) != meta["sha256"]:
+    for name in SCORING_CODE:
+        shutil.copy2(HERE / name, out["code"] / name)
+    if sha256_file(onnx_copy) != meta["sha256"]:
         raise UserError(f"the copy {onnx_copy} does not match the sidecar's sha256 (disk full?).")
     return out
 
@@ -284,7 +287,8 @@ def main(argv=None) -> int:
     docs = check_yaml(config_dir)
     staged = stage(meta, sidecar_path, stage_dir)
     print(f"model {meta['onnx_path']} (variant {meta['variant']}, category {meta['category']}, sha256 "
-          f"{meta['sha256'][:12]}... verified) and score.py staged in {stage_dir}")
+          f"{meta['sha256'][:12]}... verified) and the scoring code ({', '.join(SCORING_CODE)}) staged in "
+          f"{stage_dir}")
 
     if not import_sdk():
         if not args.dry_run:

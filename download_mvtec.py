@@ -25,7 +25,7 @@ from pathlib import Path
 import requests
 from tqdm.auto import tqdm
 
-from train_utils import UserError, format_table, run_cli, sha256_file
+from lab_io import UserError, format_table, run_cli, sha256_file
 
 MVTEC_PAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 _SHARE = "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download"

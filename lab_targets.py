@@ -20,6 +20,7 @@ import numpy as np
 # --------------------------------------------------------------------------------------------------
 # Targets
 # --------------------------------------------------------------------------------------------------
+LABELS = ("good", "anomaly")       # class index 0 = normal part, 1 = defective part (the positive class)
 TARGET_TIME_REDUCTION_PCT = 80.0   # -80 % inference time vs the baseline (batch 1, median)
 TARGET_COST_REDUCTION_PCT = 70.0   # -70 % cost per 1000 images
 TARGET_MAX_SIZE_MB = 30.0          # model file < 30 MB (10^6 bytes)
@@ -36,7 +37,27 @@ CPU_VM, CPU_PRICE = "Azure Standard_D4s_v5 (4 vCPU, 16 GiB), East US", 0.192
 GPU_VM, GPU_PRICE = "Azure Standard_NC4as_T4_v3 (1x NVIDIA T4), East US", 0.526
 PRICE_NOTE = f"pay-as-you-go Linux list prices as of 2024, check {PRICE_URL}"
 
+# What the lab asks students to hand in (the archive of optimization_pipeline.py --package), and what makes each
+LAB_DELIVERABLES = {
+    "resultats/benchmark_cpu_gpu.csv": "part 1: python benchmark_gpu.py",
+    "resultats/benchmark_cpu_gpu.png": "part 1: python benchmark_gpu.py",
+    "resultats/quantization_results.csv": "part 2: python quantization_demo.py",
+    "resultats/quantization_comparison.png": "part 2: python quantization_demo.py",
+    "resultats/onnx_results.csv": "part 3: python onnx_optimization.py",
+    "resultats/onnx_comparison.png": "part 3: python onnx_optimization.py",
+    "resultats/load_test.csv": "part 5: python load_test.py against azmlinfsrv or the endpoint",
+    "resultats/load_test.png": "part 5: python load_test.py",
+    "resultats/optimization_report.csv": "python optimization_pipeline.py",
+    "resultats/optimization_complete.png": "python optimization_pipeline.py",
+    "modeles/model_cpu.pth": "part 1 or the pipeline (fp32 baseline)",
+    "modeles/model_quantized.pth": "part 2 or the pipeline without --skip-torch-int8",
+    "modeles/model_final.onnx": "part 3 or the pipeline without --skip-onnx",
+    "modeles/model_final.json": "part 3 or the pipeline without --skip-onnx",
+    "rapport.md": "python optimization_pipeline.py (or python rapport.py)",
+}
+
 CONVERSION, QUANTIZATION = "conversion", "quantization"
+DEPLOYABLE_BACKENDS = ("onnxruntime",)  # what score.py can serve (model_final + its sidecar)
 THRESHOLD_RULE = "best balanced accuracy on the validation split (midpoint between neighbouring scores)"
 
 
@@ -168,3 +189,286 @@ def judge_variant(kind: str, reference_preds, preds, labels) -> dict:
     if not cmp["n"]:
         passed = False
     return {**cmp, "kind": kind, "rule": rule, "passed": bool(passed)}
+
+
+def guard_kind(variant: str) -> str:
+    """int8 variants are judged as quantizations, every fp32 graph as a conversion."""
+    return QUANTIZATION if "int8" in variant else CONVERSION
+
+
+def judge_logits(kind: str, reference_logits, logits, labels, *, threshold: float = 0.5,
+                 reference: str = "pytorch-fp32") -> dict:
+    """judge_variant on the logits of a variant and of its reference (same images, same threshold), plus the
+    largest |logit difference| and the names used in the result rows."""
+    reference_logits, logits, labels = np.asarray(reference_logits), np.asarray(logits), np.asarray(labels)
+    judged = judge_variant(kind, predict_labels(reference_logits, threshold), predict_labels(logits, threshold),
+                           labels)
+    diff = float(np.abs(logits - reference_logits).max()) if len(labels) else float("nan")
+    return {**judged, "reference": reference, "threshold": float(threshold), "max_abs_logit_diff": diff}
+
+
+def guard_columns(judged: dict | None) -> dict:
+    """A judgement as result-row columns (RESULT_COLUMNS), empty for the reference itself."""
+    if judged is None:
+        return dict.fromkeys(("guard_reference", "guard", "guard_passed", "agreement", "guard_accuracy_delta_pt",
+                              "flips", "flips_good_to_anomaly", "flips_anomaly_to_good", "mcnemar_p",
+                              "max_abs_logit_diff"), "")
+    return {"guard_reference": judged.get("reference", ""), "guard": judged["rule"], "guard_passed": judged["passed"],
+            "agreement": judged["agreement"], "guard_accuracy_delta_pt": judged["accuracy_diff_pt"],
+            "flips": judged["flips"], "flips_good_to_anomaly": judged["good_to_anomaly"],
+            "flips_anomaly_to_good": judged["anomaly_to_good"], "mcnemar_p": judged["mcnemar_p"],
+            "max_abs_logit_diff": judged.get("max_abs_logit_diff", "")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost, the guards of a variant, the recommendation and the deployable model
+# --------------------------------------------------------------------------------------------------
+def cost_per_1000_images(price_per_hour: float, latency_ms_per_batch: float, batch_size: int) -> float:
+    """USD to classify 1 000 images on a machine billed `price_per_hour`, at the measured latency of one batch."""
+    seconds_per_image = latency_ms_per_batch / 1000.0 / batch_size
+    return price_per_hour * seconds_per_image * 1000.0 / 3600.0
+
+
+def variant_passes(accuracy_delta_pt: float, guard_passed: bool | None = None,
+                   conversion_passed: bool | None = None) -> bool:
+    """A variant is acceptable when it loses < 1 pt of accuracy vs the baseline (a distilled student too), passes
+    its own guard vs the model it was made from (judge_variant; None = it has none: the baseline) and, when it runs
+    an exported graph, the conversion of that graph was faithful (None = no exported graph)."""
+    return bool(-accuracy_delta_pt < TARGET_MAX_LOSS_PT and guard_passed in (True, None)
+                and conversion_passed in (True, None))
+
+
+def recommend(rows: list[dict]) -> dict | None:
+    """THE recommendation rule: the fastest CPU variant at batch 1 (median latency) among those whose
+    `guards_passed` is true. Rows need "device", "guards_passed", "latency_median_ms"."""
+    passing = [r for r in rows if r["device"] == "cpu" and r["guards_passed"]]
+    return min(passing, key=lambda r: r["latency_median_ms"]) if passing else None
+
+
+def choose_deployable(rows: list[dict]) -> dict | None:
+    """What becomes model_final: the recommended variant when score.py can serve it (DEPLOYABLE_BACKENDS), else the
+    fastest servable variant that passes its guards; None when there is none."""
+    best = recommend(rows)
+    if best is not None and best["backend"] in DEPLOYABLE_BACKENDS:
+        return best
+    return recommend([r for r in rows if r["backend"] in DEPLOYABLE_BACKENDS])
+
+
+def targets_met(row: dict) -> dict:
+    """The lab's business targets for one result row (None = does not apply)."""
+    return {"target_time_80": row["time_reduction_pct"] >= TARGET_TIME_REDUCTION_PCT,
+            "target_cost_70": row["cost_reduction_pct"] >= TARGET_COST_REDUCTION_PCT,
+            "target_size_30mb": row["size_mb"] < TARGET_MAX_SIZE_MB,
+            "target_accuracy_95": row["accuracy"] > TARGET_MIN_ACCURACY,
+            "target_loss_1pt": -row["accuracy_delta_pt"] < TARGET_MAX_LOSS_PT,
+            "target_onnx_parity": row.get("onnx_graph_passed")}
+
+
+TARGETS = ("target_time_80", "target_cost_70", "target_size_30mb", "target_accuracy_95", "target_loss_1pt",
+           "target_onnx_parity")
+
+
+# --------------------------------------------------------------------------------------------------
+# The results schema: every CSV the lab writes uses these names, units and signs
+# --------------------------------------------------------------------------------------------------
+# Direction = which way is better; it decides how the report rounds a value (never in its favour):
+# HIGHER is rounded down (accuracy, speed-up, reductions, throughput), LOWER is rounded up (latency, size, cost),
+# NEUTRAL half-even. A lower confidence bound rounds down and an upper one up: the interval only widens.
+HIGHER, LOWER, NEUTRAL = "higher", "lower", "neutral"
+_ID, _MODEL, _TIME, _ACC, _GUARD, _COST, _TRAIN, _ENV, _LOAD = (
+    "identification", "model", "timing", "accuracy", "guard", "cost", "training", "environment", "load test")
+RESULT_COLUMNS = {
+    # name: (unit, better, group, meaning)
+    "run_id": ("", NEUTRAL, _ID, "one run of a script (its rows share it)"),
+    "script": ("", NEUTRAL, _ID, "the script that measured the row"),
+    "mode": ("", NEUTRAL, _ID, "lab or demo (synthetic data, random-init models)"),
+    "category": ("", NEUTRAL, _ID, "MVTec AD category"),
+    "step": ("", NEUTRAL, _ID, "step of the pipeline (1-5)"),
+    "variant": ("", NEUTRAL, _ID, "name of the variant, e.g. ort-int8-dynamic"),
+    "role": ("", NEUTRAL, _ID, "baseline or student"),
+    "backend": ("", NEUTRAL, _MODEL, "pytorch or onnxruntime"),
+    "precision": ("", NEUTRAL, _MODEL, "numeric format of the weights: fp32, int8"),
+    "method": ("", NEUTRAL, _MODEL, "how the variant was made"),
+    "engine": ("", NEUTRAL, _MODEL, "torch quantized engine (x86, fbgemm, onednn, qnnpack)"),
+    "qscheme": ("", NEUTRAL, _MODEL, "int8 weight scheme"),
+    "exporter": ("", NEUTRAL, _MODEL, "ONNX exporter used (torchscript or dynamo)"),
+    "opset": ("", NEUTRAL, _MODEL, "ONNX opset"),
+    "fused_ops": ("", NEUTRAL, _MODEL, "ORT transformer fusion: op=count;..."),
+    "file": ("", NEUTRAL, _MODEL, "model file measured"),
+    "model_name": ("", NEUTRAL, _MODEL, "Hugging Face model (hub id, folder or preset)"),
+    "source_checkpoint": ("", NEUTRAL, _MODEL, "fp32 checkpoint the variant was made from"),
+    "baseline_model": ("", NEUTRAL, _MODEL, "the pipeline's baseline model"),
+    "student_model": ("", NEUTRAL, _MODEL, "the pipeline's student model"),
+    "params_m": ("millions", NEUTRAL, _MODEL, "parameters"),
+    "depth": ("blocks", NEUTRAL, _MODEL, "transformer blocks kept"),
+    "size_mb": ("MB (10^6 bytes)", LOWER, _MODEL, "size of the model file on disk"),
+    "size_ratio": ("x", HIGHER, _MODEL, "reference size / variant size (> 1 = smaller)"),
+    "device": ("", NEUTRAL, _TIME, "cpu or gpu (benchmark_gpu.py: the training device)"),
+    "torch_device": ("", NEUTRAL, _TIME, "PyTorch device type"),
+    "device_name": ("", NEUTRAL, _TIME, "CPU or GPU model"),
+    "measured": ("", NEUTRAL, _TIME, "yes, or no when the device is absent (row kept, values empty)"),
+    "note": ("", NEUTRAL, _TIME, "why a row is not measured"),
+    "batch_size": ("images", NEUTRAL, _TIME, "images per call of the latency columns: 1 for model rows; images "
+                                              "per request for load_test.csv"),
+    "threads": ("", NEUTRAL, _TIME, "intra-op threads of the engine"),
+    "torch_threads": ("", NEUTRAL, _TIME, "PyTorch threads (when the engine is another)"),
+    "warmup": ("runs", NEUTRAL, _TIME, "untimed warm-up runs"),
+    "runs": ("runs", NEUTRAL, _TIME, "timed runs of the latency columns"),
+    "runs_throughput": ("runs", NEUTRAL, _TIME, "timed runs of the throughput columns"),
+    "latency_median_ms": ("ms per call", LOWER, _TIME, "median latency at batch_size"),
+    "latency_p95_ms": ("ms per call", LOWER, _TIME, "95th percentile latency at batch_size"),
+    "latency_p99_ms": ("ms per call", LOWER, _TIME, "99th percentile latency at batch_size"),
+    "latency_mean_ms": ("ms per call", LOWER, _TIME, "mean latency"),
+    "latency_max_ms": ("ms per call", LOWER, _TIME, "slowest call"),
+    "throughput_batch_size": ("images", NEUTRAL, _TIME, "batch of the throughput columns"),
+    "batch_latency_median_ms": ("ms per batch", LOWER, _TIME, "median latency at throughput_batch_size"),
+    "throughput_img_s": ("images / s", HIGHER, _TIME, "throughput at throughput_batch_size (load test: overall)"),
+    "throughput_b1_img_s": ("images / s", HIGHER, _TIME, "1000 / median latency at batch 1"),
+    "speedup": ("x", HIGHER, _TIME, "reference latency / variant latency at batch 1 (> 1 = faster)"),
+    "time_reduction_pct": ("%", HIGHER, _TIME, "1 - variant latency / reference latency (negative = slower)"),
+    "throughput_ratio": ("x", HIGHER, _TIME, "variant throughput / reference throughput"),
+    "gpu_speedup_train": ("x", HIGHER, _TIME, "CPU training time / GPU training time"),
+    "gpu_speedup_latency_b1": ("x", HIGHER, _TIME, "CPU latency / GPU latency at batch 1"),
+    "gpu_speedup_throughput": ("x", HIGHER, _TIME, "GPU throughput / CPU throughput"),
+    "accuracy": ("fraction 0-1", HIGHER, _ACC, "test accuracy at the model's threshold"),
+    "accuracy_ci_low": ("fraction 0-1", HIGHER, _ACC, "95 % Wilson interval, low end"),
+    "accuracy_ci_high": ("fraction 0-1", LOWER, _ACC, "95 % Wilson interval, high end (rounded up: the interval "
+                                                      "only widens)"),
+    "threshold": ("probability", NEUTRAL, _ACC, "decision threshold on P(anomaly), chosen on val"),
+    "one_image_pt": ("points", NEUTRAL, _ACC, "what one test image weighs in accuracy"),
+    "precision_score": ("fraction 0-1", HIGHER, _ACC, "precision of the anomaly class"),
+    "recall": ("fraction 0-1", HIGHER, _ACC, "recall of the anomaly class"),
+    "f1": ("fraction 0-1", HIGHER, _ACC, "F1 of the anomaly class"),
+    "auroc": ("fraction 0-1", HIGHER, _ACC, "area under the ROC curve of P(anomaly)"),
+    "n_test": ("images", NEUTRAL, _ACC, "test images"),
+    "n_train": ("images", NEUTRAL, _ACC, "training images"),
+    "n_val": ("images", NEUTRAL, _ACC, "validation images"),
+    "accuracy_delta_pt": ("points", HIGHER, _ACC, "variant - reference accuracy (negative = loss)"),
+    "f1_delta_pt": ("points", HIGHER, _ACC, "variant - reference F1 x 100 (negative = loss)"),
+    "auroc_delta_pt": ("points", HIGHER, _ACC, "variant - reference AUROC x 100 (negative = loss)"),
+    "guard_reference": ("", NEUTRAL, _GUARD, "the variant the guard compares with (the model it was made from)"),
+    "guard": ("", NEUTRAL, _GUARD, "the rule applied (lab_targets.judge_variant)"),
+    "guard_passed": ("", NEUTRAL, _GUARD, "True / False; empty for the reference itself"),
+    "agreement": ("fraction 0-1", HIGHER, _GUARD, "share of test predictions identical to the guard reference"),
+    "guard_accuracy_delta_pt": ("points", HIGHER, _GUARD, "variant - guard reference accuracy (negative = loss)"),
+    "flips": ("images", LOWER, _GUARD, "test predictions changed vs the guard reference"),
+    "flips_good_to_anomaly": ("images", LOWER, _GUARD, "of which good -> anomaly"),
+    "flips_anomaly_to_good": ("images", LOWER, _GUARD, "of which anomaly -> good"),
+    "mcnemar_p": ("probability", NEUTRAL, _GUARD, "exact McNemar p-value of the flips"),
+    "max_abs_logit_diff": ("logit", LOWER, _GUARD, "largest |logit difference| vs the guard reference"),
+    "roundtrip_max_abs_diff": ("logit", LOWER, _GUARD, "saved and reloaded int8 model vs in memory"),
+    "onnx_graph_checked": ("", NEUTRAL, _GUARD, "the fp32 ONNX graph whose conversion was checked"),
+    "onnx_graph_agreement": ("fraction 0-1", HIGHER, _GUARD, "that graph vs its PyTorch model"),
+    "onnx_graph_accuracy_delta_pt": ("points", HIGHER, _GUARD, "that graph - its PyTorch model (accuracy)"),
+    "onnx_graph_passed": ("", NEUTRAL, _GUARD, "conversion parity of that graph"),
+    "guards_passed": ("", NEUTRAL, _GUARD, "lab_targets.variant_passes: loss < 1 pt, own guard, conversion"),
+    "recommended": ("", NEUTRAL, _GUARD, "lab_targets.recommend: fastest CPU variant passing its guards"),
+    "deployed_as": ("", NEUTRAL, _GUARD, "model_final file written from this variant (lab_targets.choose_deployable)"),
+    "target_time_80": ("", NEUTRAL, _GUARD, "time_reduction_pct >= 80"),
+    "target_cost_70": ("", NEUTRAL, _GUARD, "cost_reduction_pct >= 70"),
+    "target_size_30mb": ("", NEUTRAL, _GUARD, "size_mb < 30"),
+    "target_accuracy_95": ("", NEUTRAL, _GUARD, "accuracy > 0.95"),
+    "target_loss_1pt": ("", NEUTRAL, _GUARD, "-accuracy_delta_pt < 1"),
+    "target_onnx_parity": ("", NEUTRAL, _GUARD, "onnx_graph_passed (empty: no ONNX graph)"),
+    "price_per_hour": ("USD / h", NEUTRAL, _COST, "price of the machine the row is costed on"),
+    "price_source": ("", NEUTRAL, _COST, "where the price comes from"),
+    "cost_per_1000_images_usd": ("USD", LOWER, _COST, "median latency at batch 1 x price (the -70 % target)"),
+    "cost_per_1000_images_batch_usd": ("USD", LOWER, _COST, "the same at throughput_batch_size"),
+    "cost_reduction_pct": ("%", HIGHER, _COST, "1 - variant cost / reference cost at batch 1 (negative = costlier)"),
+    "training_cost_usd": ("USD", LOWER, _COST, "training time x price"),
+    "epochs": ("", NEUTRAL, _TRAIN, "fine-tuning epochs"),
+    "lr": ("", NEUTRAL, _TRAIN, "learning rate (top block)"),
+    "train_batch_size": ("images", NEUTRAL, _TRAIN, "training batch size"),
+    "seed": ("", NEUTRAL, _TRAIN, "seed of the split, weights and shuffling"),
+    "train_seconds": ("s", LOWER, _TRAIN, "fine-tuning time (epochs, without the probe)"),
+    "epoch_seconds_mean": ("s", LOWER, _TRAIN, "mean time of one epoch"),
+    "probe_seconds": ("s", LOWER, _TRAIN, "linear probe time"),
+    "train_precision": ("", NEUTRAL, _TRAIN, "fp32, amp-bf16 or amp-fp16"),
+    "best_epoch": ("", NEUTRAL, _TRAIN, "epoch kept (0 = the linear probe)"),
+    "trained_by": ("", NEUTRAL, _TRAIN, "script that trained the checkpoint"),
+    "teacher_model": ("", NEUTRAL, _TRAIN, "distillation teacher"),
+    "distill_alpha": ("", NEUTRAL, _TRAIN, "weight of the distillation term"),
+    "distill_temperature": ("", NEUTRAL, _TRAIN, "distillation temperature"),
+    "checkpoint": ("", NEUTRAL, _TRAIN, "checkpoint written"),
+    "reused": ("", NEUTRAL, _TRAIN, "True when --resume reused an earlier file"),
+    "cpu_name": ("", NEUTRAL, _ENV, "CPU model"),
+    "cpu_flags": ("", NEUTRAL, _ENV, "instruction sets: avx2, avx512f, avx512_vnni, avx512_bf16, amx..."),
+    "cpu_cores": ("", NEUTRAL, _ENV, "physical cores"),
+    "cpu_logical": ("", NEUTRAL, _ENV, "logical processors"),
+    "cpu_load_1min": ("", NEUTRAL, _ENV, "load average when the timing started"),
+    "gpu_name": ("", NEUTRAL, _ENV, "GPU model, if any"),
+    "cuda_version": ("", NEUTRAL, _ENV, "CUDA version of PyTorch"),
+    "torch_version": ("", NEUTRAL, _ENV, ""), "transformers_version": ("", NEUTRAL, _ENV, ""),
+    "onnx_version": ("", NEUTRAL, _ENV, ""), "onnxruntime_version": ("", NEUTRAL, _ENV, ""),
+    "python_version": ("", NEUTRAL, _ENV, ""),
+    "url": ("", NEUTRAL, _LOAD, "scoring URL"),
+    "request_mode": ("", NEUTRAL, _LOAD, "raw image bytes or json base64"),
+    "n_images": ("images", NEUTRAL, _LOAD, "distinct images sent"),
+    "timeout_s": ("s", NEUTRAL, _LOAD, "timeout of one request"),
+    "requests_per_level": ("", NEUTRAL, _LOAD, "requests planned per concurrency level"),
+    "max_seconds_per_level": ("s", NEUTRAL, _LOAD, "time limit of a level"),
+    "concurrency": ("clients", NEUTRAL, _LOAD, "concurrent clients"),
+    "requests": ("", NEUTRAL, _LOAD, "requests sent"),
+    "ok": ("", HIGHER, _LOAD, "successful requests"),
+    "errors": ("", LOWER, _LOAD, "failed requests"),
+    "error_rate": ("fraction 0-1", LOWER, _LOAD, "errors / requests"),
+    "error_kinds": ("", NEUTRAL, _LOAD, "kind=count;..."),
+    "throughput_req_s": ("requests / s", HIGHER, _LOAD, "successful requests per second"),
+    "duration_s": ("s", NEUTRAL, _LOAD, "length of the level"),
+    "model_sha256": ("", NEUTRAL, _LOAD, "sha256 of the served model, as the server reports it"),
+    "stopped_by": ("", NEUTRAL, _LOAD, "requests or time limit"),
+}
+# Columns renamed when the four CSV writers were unified (README, "Colonnes des CSV"): old -> new
+RENAMED_COLUMNS = {"accuracy_loss_pt": "accuracy_delta_pt (sign reversed: negative = loss)",
+                   "f1_loss_pt": "f1_delta_pt (sign reversed)", "auroc_loss_pt": "auroc_delta_pt (sign reversed)",
+                   "agreement_pct": "agreement (fraction 0-1)", "prediction_agreement": "agreement",
+                   "accuracy_diff_pt": "guard_accuracy_delta_pt", "parity_accuracy_diff_pt": "guard_accuracy_delta_pt",
+                   "parity_reference": "guard_reference", "parity_passed": "guard_passed",
+                   "onnx_graph_accuracy_diff_pt": "onnx_graph_accuracy_delta_pt", "speedup_b1": "speedup",
+                   "savings_pct": "cost_reduction_pct", "price_per_hour_usd": "price_per_hour",
+                   "selected_final": "deployed_as", "latency_batch_size": "batch_size (now always the latency batch)",
+                   "runs_b1": "runs", "runs_bn": "runs_throughput", "bench_runs": "runs",
+                   "model_path": "file", "base_model": "model_name", "objective_size": "target_size_30mb",
+                   "objective_accuracy": "target_accuracy_95", "objective_accuracy_loss": "target_loss_1pt",
+                   "mode (load_test.csv)": "request_mode"}
+
+
+def check_result_columns(row: dict) -> None:
+    """Every column a script writes is in RESULT_COLUMNS (one name, one unit, one sign for every CSV)."""
+    unknown = [k for k in row if k not in RESULT_COLUMNS]
+    if unknown:
+        raise ValueError(f"result columns not in lab_targets.RESULT_COLUMNS: {', '.join(unknown)}")
+
+
+def better_direction(column: str) -> str:
+    return RESULT_COLUMNS[column][1] if column in RESULT_COLUMNS else NEUTRAL
+
+
+def measured_columns(metrics: dict, b1: dict, bn: dict, *, reference: dict | None, price_per_hour: float) -> dict:
+    """The accuracy, timing and cost columns of one variant (RESULT_COLUMNS names, units and signs), compared with
+    `reference` = the same columns of the reference variant (None: the row IS the reference).
+
+    metrics: classification metrics (accuracy, CI, f1...); b1: benchmark at batch 1 (the speed and cost targets);
+    bn: benchmark at the throughput batch."""
+    cost = cost_per_1000_images(price_per_hour, b1["latency_median_ms"], 1)
+    row = {"batch_size": 1, "threads": b1.get("threads"), "warmup": b1.get("warmup"), "runs": b1.get("runs"),
+           "latency_median_ms": b1["latency_median_ms"], "latency_p95_ms": b1["latency_p95_ms"],
+           "latency_p99_ms": b1["latency_p99_ms"], "throughput_b1_img_s": b1["throughput_img_s"],
+           "throughput_batch_size": bn["batch_size"], "runs_throughput": bn.get("runs"),
+           "batch_latency_median_ms": bn["latency_median_ms"], "throughput_img_s": bn["throughput_img_s"],
+           "accuracy": metrics["accuracy"], "accuracy_ci_low": metrics["accuracy_ci_low"],
+           "accuracy_ci_high": metrics["accuracy_ci_high"], "threshold": metrics["threshold"],
+           "one_image_pt": 100.0 / metrics["n"] if metrics["n"] else float("nan"),
+           "precision_score": metrics["precision"], "recall": metrics["recall"], "f1": metrics["f1"],
+           "auroc": metrics["auroc"], "n_test": metrics["n"], "price_per_hour": price_per_hour,
+           "cost_per_1000_images_usd": cost,
+           "cost_per_1000_images_batch_usd": cost_per_1000_images(price_per_hour, bn["latency_median_ms"],
+                                                                  bn["batch_size"])}
+    ref = reference or row
+    row.update(accuracy_delta_pt=100.0 * (row["accuracy"] - ref["accuracy"]),
+               f1_delta_pt=100.0 * (row["f1"] - ref["f1"]), auroc_delta_pt=100.0 * (row["auroc"] - ref["auroc"]),
+               speedup=ref["latency_median_ms"] / row["latency_median_ms"],
+               time_reduction_pct=100.0 * (1.0 - row["latency_median_ms"] / ref["latency_median_ms"]),
+               throughput_ratio=row["throughput_img_s"] / ref["throughput_img_s"],
+               cost_reduction_pct=100.0 * (1.0 - cost / ref["cost_per_1000_images_usd"]))
+    return row

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from lab_targets import THRESHOLD_RULE
-from train_utils import (LABELS, UserError, atomic_write, keep_previous, library_versions, model_logits,
-                         run_cli, size_on_disk_mb)
+from lab_io import UserError, atomic_write, keep_previous, library_versions, run_cli, size_on_disk_mb
+from lab_targets import LABELS, THRESHOLD_RULE
+from train_utils import model_logits
 
 CHECKPOINT_FORMAT = "tp4-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -31,9 +31,9 @@ import numpy as np
 import requests
 from tqdm.auto import tqdm
 
-from train_utils import UserError, append_csv_rows, format_table, run_cli, run_id, save_figure
+from inference import IMAGE_EXTENSIONS
+from lab_io import UserError, append_csv_rows, format_table, run_cli, run_id, save_figure
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -94,7 +94,8 @@ def find_images(folder: Path, limit: int) -> list[Path]:
     if not folder.is_dir():
         raise UserError(f"image folder {folder} not found: pass --images DIR, or --synthetic.")
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and "ground_truth" not in p.parts)  # MVTec masks are not test images
+                   and "ground_truth" not in p.parts  # MVTec masks are not test images
+                   and not p.name.startswith("."))  # macOS '._name.png' resource forks are not images
     if not paths:
         raise UserError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) in {folder}.")
     # spread the choice over every subfolder (good and each defect type), deterministically
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
             break
 
     out_dir = Path(args.results_dir)
-    csv_rows = [{"run_id": rid, "script": "load_test", "url": args.url, "mode": args.mode,
+    csv_rows = [{"run_id": rid, "script": "load_test", "url": args.url, "request_mode": args.mode,
                  "batch_size": args.images_per_request, "n_images": len(paths), "timeout_s": args.timeout,
                  "requests_per_level": args.requests_per_level, "max_seconds_per_level": args.max_seconds_per_level,
                  **{k: v for k, v in r.items() if k != "unreachable"}} for r in rows]

@@ -19,15 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from train_utils import UserError, atomic_write_text, format_table, run_cli
+import inference
+from inference import IMAGE_EXTENSIONS
+from lab_io import UserError, atomic_write_text, format_table, keep_previous, run_cli
 
 CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
               "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 SPLIT_FORMAT = "tp4-mvtec-split-v1"
 GET_DATA_HINT = ("to get the data: `python download_mvtec.py --category {category} --output {data_dir}`, "
                  "or a synthetic tree: `python mvtec_dataset.py --make-synthetic DIR` (then --data-dir DIR)")
@@ -45,7 +46,9 @@ class Sample:
 # Indexing
 # --------------------------------------------------------------------------------------------------
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files of a folder; hidden files are skipped (macOS writes '._name.png' resource forks beside images)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
 def category_dir(data_dir: str | Path, category: str) -> Path:
@@ -74,7 +77,8 @@ def index_category(data_dir: str | Path, category: str) -> list[Sample]:
                             f"category; {hint}")
     samples = [Sample(p.relative_to(folder).as_posix(), 0, "good") for p in _images(folder / "train/good")]
     samples += [Sample(p.relative_to(folder).as_posix(), 0, "good") for p in _images(folder / "test/good")]
-    defects = sorted(d.name for d in (folder / "test").iterdir() if d.is_dir() and d.name != "good")
+    defects = sorted(d.name for d in (folder / "test").iterdir()
+                     if d.is_dir() and d.name != "good" and not d.name.startswith("."))
     if not defects:
         raise UserError(f"{folder / 'test'} has no defect folder (e.g. test/broken_large): "
                         f"an anomaly classifier needs defective examples; {hint}")
@@ -154,8 +158,6 @@ def save_manifest(path: str | Path, manifest: dict) -> Path:
 
 def write_manifest(path: str | Path, manifest: dict, overwrite: bool = False) -> None:
     """Save the split next to the models; an earlier, different split is kept with its timestamp."""
-    from train_utils import keep_previous
-
     path = Path(path)
     if path.exists():
         try:
@@ -189,42 +191,30 @@ def prepare_split(data_dir, category: str, seed: int = 42, val_frac: float = 0.1
 # Images and preprocessing
 # --------------------------------------------------------------------------------------------------
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open any image as 3-channel RGB (grayscale MVTec categories, RGBA, palette); a broken file is a
+    """Open any image as 3-channel RGB (inference.load_rgb: grayscale, palette, RGBA, 16-bit); a broken file is a
     UserError naming it."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
-                background = Image.new("RGB", img.size, (0, 0, 0))
-                img = img.convert("RGBA")
-                background.paste(img, mask=img.getchannel("A"))
-                return background
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"image {path} not found (the dataset changed since the split was made?).") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}. Replace or delete this file.") from None
+        return inference.load_rgb(path)
+    except inference.ImageError as exc:
+        if not Path(path).exists():
+            raise UserError(f"image {path} not found (the dataset changed since the split was made?).") from None
+        raise UserError(f"cannot read image: {exc}. Replace or delete this file.") from None
 
 
 def preprocess_image(img: Image.Image, preprocessing: dict) -> torch.Tensor:
-    """PIL RGB -> uint8 tensor [3, H, W] at the model's input size. The whole image is resized, not
-    cropped: a defect near the border must stay visible."""
-    height, width = preprocessing["image_size"]
-    img = img.resize((width, height), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    """PIL RGB -> uint8 tensor [3, H, W] at the model's input size (inference.resize_uint8)."""
+    return torch.from_numpy(inference.resize_uint8(img, preprocessing))
 
 
 def normalize(pixels_uint8: torch.Tensor, preprocessing: dict) -> torch.Tensor:
-    """uint8 [.., 3, H, W] -> float32 normalised with the model's mean/std."""
-    mean = torch.tensor(preprocessing["mean"], dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(-1, 1, 1)
-    return (pixels_uint8.float() / 255.0 - mean) / std
+    """uint8 [.., 3, H, W] -> float32 normalised with the model's mean/std (inference.normalize)."""
+    return torch.from_numpy(inference.normalize(pixels_uint8.numpy(), preprocessing))
 
 
 def image_to_tensor(path_or_image, preprocessing: dict) -> torch.Tensor:
-    """One image file (or PIL image) -> normalised float tensor [3, H, W], exactly as in evaluation."""
+    """One image file (or PIL image) -> normalised float tensor [3, H, W], exactly as in evaluation and serving."""
     img = path_or_image if isinstance(path_or_image, Image.Image) else load_rgb(path_or_image)
-    return normalize(preprocess_image(img.convert("RGB"), preprocessing), preprocessing)
+    return torch.from_numpy(inference.preprocess(img, preprocessing))
 
 
 def train_augmentation(kind: str = "light"):

@@ -15,11 +15,8 @@ Outputs: resultats/onnx_results.csv (one row per variant and batch size), result
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import logging
 import os
-import shutil
 import time
 import warnings
 from contextlib import contextmanager
@@ -28,25 +25,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, PARITY_MAX_ACCURACY_DIFF_PT, PARITY_MIN_AGREEMENT, QUANTIZATION, TARGET_MAX_LOSS_PT,
-                         describe_flips, format_accuracy, judge_variant, predict_labels)
+from inference import (FINAL_ONNX, INPUT_NAME, OUTPUT_NAME, benchmark_session, make_session, onnx_opset,
+                       ort_predict_logits, ort_threads, save_final, write_sidecar)
+from lab_io import (UserError, append_csv_rows, atomic_write, cpu_flags, cpu_name, environment_columns, format_table,
+                    keep_previous, run_cli, run_id, save_figure, size_on_disk_mb)
+from lab_targets import (CPU_PRICE, CPU_VM, PARITY_MAX_ACCURACY_DIFF_PT, PARITY_MIN_AGREEMENT, TARGET_MAX_LOSS_PT,
+                         choose_deployable, describe_flips, format_accuracy, guard_columns, guard_kind, judge_logits,
+                         measured_columns, recommend, variant_passes)
 from load_model_hf import checkpoint_threshold, load_checkpoint, resolve_model_path, state_dict_size_mb
 from mvtec_dataset import make_loaders, split_from_manifest
-from train_utils import (LABELS, UserError, append_csv_rows, atomic_write, atomic_write_text, benchmark,
-                         benchmark_torch_model,
-                         classification_metrics, cost_per_1000_images, cpu_name, format_table, keep_previous,
-                         library_versions, model_logits, predict_logits, run_cli, run_id, save_figure,
-                         set_threads, sha256_file, size_on_disk_mb)
+from train_utils import benchmark_torch_model, classification_metrics, model_logits, predict_logits, set_threads
 
-SIDECAR_FORMAT = "tp4-onnx-sidecar-v1"
-INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
 DEFAULT_OPSET = 17
-DEFAULT_PRICE_PER_HOUR = CPU_PRICE  # defined in lab_targets.py
-MIN_AGREEMENT = PARITY_MIN_AGREEMENT          # defined in lab_targets.py
-MAX_ACCURACY_DIFF_PT = PARITY_MAX_ACCURACY_DIFF_PT
 FILES = {"ort-fp32": "model_fp32.onnx", "ort-fp32-optimized": "model_fp32_optimized.onnx",
          "ort-int8-dynamic": "model_int8.onnx"}
-FINAL_ONNX, FINAL_SIDECAR = "model_final.onnx", "model_final.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,13 +70,6 @@ def _quiet_export():
                                 module=r"torch\.onnx")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"transformers\.")
         yield
-
-
-def onnx_opset(path: str | Path) -> int:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _check_against_torch(model, path: Path, image_size, threads: int | None = None) -> float:
@@ -225,161 +210,6 @@ def _quiet_logs():
 
 
 # --------------------------------------------------------------------------------------------------
-# ONNX Runtime sessions, prediction, benchmark
-# --------------------------------------------------------------------------------------------------
-def physical_cores() -> int | None:
-    """Physical cores (what ORT uses by default for intra-op threads); None when it cannot be read."""
-    try:
-        cores = set()
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            phys = "0"
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "physical id":
-                    phys = value.strip()
-                elif key.strip() == "core id":
-                    cores.add((phys, value.strip()))
-        if cores:
-            return len(cores)
-    except OSError:
-        pass
-    try:
-        import psutil  # not a requirement: used when present (Windows, macOS)
-
-        return psutil.cpu_count(logical=False)
-    except ImportError:
-        return None
-
-
-def ort_threads(requested: int | None) -> int | None:
-    """Intra-op threads for ORT: the requested number, else the physical cores (ORT's own default, made explicit
-    so it can be recorded), else None (ORT decides)."""
-    if requested is not None and requested < 1:
-        raise UserError("--num-threads must be >= 1.")
-    return requested or physical_cores()
-
-
-def make_session(path: str | Path, threads: int | None = None):
-    """CPU InferenceSession: all graph optimisations, `threads` intra-op threads (None = ORT's default),
-    one inter-op thread, sequential execution (one image stream, as in the scoring service)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = int(threads or 0)
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3  # errors only
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for unreadable models
-        raise UserError(f"ONNX Runtime cannot load {path} ({type(exc).__name__}: "
-                        f"{(str(exc).splitlines() or [''])[0][:200]}).") from None
-
-
-def ort_predict_logits(session, loader, desc: str = "onnxruntime"):
-    """ORT counterpart of train_utils.predict_logits: (logits float32 [N, 2], labels int64 [N])."""
-    from tqdm.auto import tqdm
-
-    input_name = session.get_inputs()[0].name
-    logits, labels = [], []
-    for pixels, y in tqdm(loader, desc=desc, leave=False, unit="batch"):
-        logits.append(session.run(None, {input_name: pixels.numpy().astype(np.float32, copy=False)})[0])
-        labels.append(y.numpy())
-    if not logits:
-        return np.zeros((0, 2), np.float32), np.zeros((0,), np.int64)
-    return np.concatenate(logits).astype(np.float32), np.concatenate(labels).astype(np.int64)
-
-
-def benchmark_session(session, inputs: np.ndarray, *, threads: int | None, warmup: int = 5, runs: int = 30,
-                      max_seconds: float | None = 60.0, desc: str = "onnxruntime") -> dict:
-    """train_utils.benchmark on session.run with a fixed numpy batch (prepared once, outside the timing)."""
-    feed = {session.get_inputs()[0].name: np.ascontiguousarray(inputs, dtype=np.float32)}
-    result = benchmark(lambda: session.run(None, feed), batch_size=int(inputs.shape[0]), device="cpu",
-                       warmup=warmup, runs=runs, max_seconds=max_seconds, desc=desc)
-    result["threads"] = threads  # benchmark() records torch's threads; ORT has its own pool
-    return result
-
-
-def parity(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5,
-           kind: str = CONVERSION, reference: str = "pytorch-fp32") -> dict:
-    """A variant next to its PyTorch reference on the same images and threshold, judged by lab_targets'
-    one guard: CONVERSION (fp32 graph: same predictions) or QUANTIZATION (int8: accuracy loss < 1 pt)."""
-    labels = np.asarray(labels)
-    judged = judge_variant(kind, predict_labels(reference_logits, threshold), predict_labels(logits, threshold),
-                           labels)
-    return {"reference": reference, "n_test": int(len(labels)), "threshold": float(threshold),
-            "max_abs_logit_diff": float(np.abs(logits - reference_logits).max()) if len(labels) else float("nan"),
-            "prediction_agreement": judged["agreement"], **judged}
-
-
-def guard_kind(variant: str) -> str:
-    """int8 variants are judged as quantizations, every fp32 graph as a conversion."""
-    return QUANTIZATION if "int8" in variant else CONVERSION
-
-
-# --------------------------------------------------------------------------------------------------
-# Final model + sidecar
-# --------------------------------------------------------------------------------------------------
-def sidecar_preprocessing(preprocessing: dict) -> dict:
-    """What mvtec_dataset.image_to_tensor does, spelled out for a scoring script without this repository:
-    RGB, whole image resized (bilinear) to image_size, no crop, /255, (x - mean) / std, NCHW float32."""
-    return {"image_size": [int(v) for v in preprocessing["image_size"]],
-            "mean": [float(v) for v in preprocessing["mean"]], "std": [float(v) for v in preprocessing["std"]],
-            "resize": "bilinear", "crop": None, "color": "RGB", "scale": 255.0, "layout": "NCHW",
-            "dtype": "float32"}
-
-
-def write_sidecar(onnx_path: str | Path, *, variant: str, category: str, preprocessing: dict, exporter: str,
-                  source_checkpoint: str | Path, base_model: str, parity_result: dict, metrics: dict,
-                  threshold: float = 0.5, sidecar_path: str | Path | None = None, overwrite: bool = False) -> dict:
-    """Write `<onnx stem>.json` next to the model (format tp4-onnx-sidecar-v1), atomically. Returns it."""
-    onnx_path = Path(onnx_path)
-    sidecar_path = Path(sidecar_path) if sidecar_path else onnx_path.with_suffix(".json")
-    sidecar = {"format": SIDECAR_FORMAT, "model_file": onnx_path.name, "variant": variant, "category": category,
-               "labels": list(LABELS), "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
-               "threshold": float(threshold), "threshold_rule": "P(anomaly) = softmax(logits)[1] >= threshold; "
-                                                                 "threshold chosen on the validation split",
-               "preprocessing": sidecar_preprocessing(preprocessing), "opset": onnx_opset(onnx_path),
-               "exporter": exporter, "source_checkpoint": str(source_checkpoint), "base_model": base_model,
-               "parity": _json_safe(parity_result), "metrics": _json_safe(metrics),
-               "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "versions": library_versions(), "sha256": sha256_file(onnx_path)}
-    keep_previous(sidecar_path, overwrite)
-    atomic_write_text(sidecar_path, json.dumps(sidecar, indent=1, allow_nan=False) + "\n")
-    return sidecar
-
-
-def _json_safe(value):
-    """NaN (e.g. AUROC with one class) is not valid JSON: write null."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def save_final(src: str | Path, models_dir: Path, overwrite: bool) -> Path:
-    final = models_dir / FINAL_ONNX
-
-    def write(tmp: Path) -> None:
-        shutil.copyfile(src, tmp)
-        keep_previous(final, overwrite)
-
-    return atomic_write(final, write)
-
-
-def choose_final(variants: list[dict]) -> dict | None:
-    """The fastest ORT variant at batch 1 (median) among those that pass their guard (lab_targets.judge_variant)."""
-    passing = [v for v in variants if v["backend"] == "onnxruntime" and v["parity"]["passed"]]
-    return min(passing, key=lambda v: v["b1"]["latency_median_ms"]) if passing else None
-
-
-# --------------------------------------------------------------------------------------------------
 # Plot
 # --------------------------------------------------------------------------------------------------
 def plot_comparison(variants: list[dict], path: Path, *, title: str, bench_batch: int, selected: str | None,
@@ -432,39 +262,28 @@ def plot_comparison(variants: list[dict], path: Path, *, title: str, bench_batch
 # --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
-def _csv_rows(variants, *, args, rid, ckpt, ckpt_path, export_info, threads_torch, selected, load):
-    import onnx
-    import onnxruntime as ort
-
-    versions = library_versions()
-    rows = []
+def result_rows(variants, *, args, rid, ckpt, ckpt_path, export_info, threads_torch, load) -> list[dict]:
+    """One row per variant (lab_targets.RESULT_COLUMNS); the recommendation and model_final use lab_targets' rules."""
+    reference, rows = None, []
     for v in variants:
-        for key in ("b1", "bn"):
-            b = v[key]
-            m, p = v["metrics"], v["parity"]
-            rows.append({
-                "run_id": rid, "script": "onnx_optimization.py", "category": args.category, "variant": v["variant"],
-                "backend": v["backend"], "precision": v["precision"], "device": "cpu", "device_name": cpu_name(),
-                "batch_size": b["batch_size"], "threads": b["threads"], "size_mb": v["size_mb"],
-                "latency_median_ms": b["latency_median_ms"], "latency_p95_ms": b["latency_p95_ms"],
-                "latency_p99_ms": b["latency_p99_ms"], "throughput_img_s": b["throughput_img_s"],
-                "runs": b["runs"], "warmup": b["warmup"], "cpu_load_1min": load,
-                "accuracy": m["accuracy"], "precision_score": m["precision"], "recall": m["recall"], "f1": m["f1"],
-                "auroc": m["auroc"], "n_test": m["n"], "accuracy_ci_low": m["accuracy_ci_low"],
-                "accuracy_ci_high": m["accuracy_ci_high"], "threshold": m["threshold"],
-                "one_image_pt": p["one_image_pt"],
-                "max_abs_logit_diff": p["max_abs_logit_diff"], "prediction_agreement": p["prediction_agreement"],
-                "accuracy_diff_pt": p["accuracy_diff_pt"], "parity_passed": p["passed"], "guard": p["rule"],
-                "flips": p["flips"], "flips_good_to_anomaly": p["good_to_anomaly"],
-                "flips_anomaly_to_good": p["anomaly_to_good"], "mcnemar_p": p["mcnemar_p"],
-                "cost_per_1000_images_usd": b["cost_per_1000_images_usd"], "savings_pct": b["savings_pct"],
-                "price_per_hour_usd": args.price_per_hour, "selected_final": v["variant"] == selected,
-                "file": v["file"], "exporter": export_info["exporter"] if v["backend"] == "onnxruntime" else "",
-                "opset": v.get("opset", ""), "fused_ops": v.get("fused", ""), "base_model": ckpt["model_name"],
-                "source_checkpoint": str(ckpt_path), "torch_threads": threads_torch,
-                "torch_version": versions["torch"], "onnx_version": onnx.__version__,
-                "onnxruntime_version": ort.__version__, "transformers_version": versions["transformers"],
-            })
+        judged = v.get("judged")
+        row = {"run_id": rid, "script": "onnx_optimization.py", "category": args.category, "variant": v["variant"],
+               "backend": v["backend"], "precision": v["precision"], "device": "cpu", "device_name": cpu_name(),
+               "size_mb": v["size_mb"],
+               **measured_columns(v["metrics"], v["b1"], v["bn"], reference=reference,
+                                  price_per_hour=args.price_per_hour),
+               "cpu_load_1min": load, **guard_columns(judged),
+               "file": v["file"], "exporter": export_info["exporter"] if v["backend"] == "onnxruntime" else "",
+               "opset": v.get("opset", ""), "fused_ops": v.get("fused", ""), "model_name": ckpt["model_name"],
+               "source_checkpoint": str(ckpt_path), "torch_threads": threads_torch, **environment_columns()}
+        reference = reference or row
+        row["size_ratio"] = reference["size_mb"] / row["size_mb"]
+        row["guards_passed"] = variant_passes(row["accuracy_delta_pt"], judged["passed"] if judged else None)
+        rows.append(row)
+    best, final = recommend(rows), choose_deployable(rows)
+    for row in rows:
+        row["recommended"] = row is best
+        row["deployed_as"] = FINAL_ONNX if row is final else ""
     return rows
 
 
@@ -494,7 +313,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=30, help="timed runs per measurement (default: 30)")
     parser.add_argument("--max-seconds", type=float, default=60.0,
                         help="stop a measurement's timed runs after this many seconds, >= 5 runs (default: 60)")
-    parser.add_argument("--price-per-hour", type=float, default=DEFAULT_PRICE_PER_HOUR,
+    parser.add_argument("--price-per-hour", type=float, default=CPU_PRICE,
                         help=f"price of the serving machine in USD/h for the cost per 1000 images (default: {CPU_PRICE} "
                              f"= {CPU_VM}, pay-as-you-go Linux list price 2024)")
     parser.add_argument("--no-fusion", action="store_true", help="skip ORT's transformer fusion variant")
@@ -553,8 +372,7 @@ def main(argv=None) -> int:
           f"for every variant")
     ref_logits, labels = predict_logits(model, loader, "cpu", desc="PyTorch fp32 test")
     variants = [{"variant": "pytorch-fp32", "backend": "pytorch", "precision": "fp32", "file": str(ckpt_path),
-                 "size_mb": state_dict_size_mb(model), "logits": ref_logits,
-                 "parity": parity(ref_logits, ref_logits, labels, threshold=threshold)}]
+                 "size_mb": state_dict_size_mb(model), "logits": ref_logits, "judged": None}]
     sessions = {}
     for name, path in files.items():
         sessions[name] = make_session(path, threads_ort)
@@ -562,7 +380,7 @@ def main(argv=None) -> int:
         variants.append({"variant": name, "backend": "onnxruntime", "precision": "int8" if "int8" in name else "fp32",
                          "file": str(path), "size_mb": size_on_disk_mb(path), "logits": logits,
                          "opset": onnx_opset(path),
-                         "parity": parity(ref_logits, logits, labels, threshold=threshold, kind=guard_kind(name)),
+                         "judged": judge_logits(guard_kind(name), ref_logits, logits, labels, threshold=threshold),
                          "fused": ";".join(f"{k}={n}" for k, n in fusion["fused"].items())
                          if name == "ort-fp32-optimized" else ""})
     for v in variants:
@@ -586,50 +404,37 @@ def main(argv=None) -> int:
                 v[key] = benchmark_torch_model(model, torch.from_numpy(x), "cpu", desc=desc, **bench)
             else:
                 v[key] = benchmark_session(sessions[v["variant"]], x, threads=threads_ort, desc=desc, **bench)
-            v[key]["cost_per_1000_images_usd"] = cost_per_1000_images(args.price_per_hour,
-                                                                      v[key]["latency_median_ms"], n)
-        ref_cost = variants[0][key]["cost_per_1000_images_usd"]
-        for v in variants:
-            v[key]["savings_pct"] = 100.0 * (1.0 - v[key]["cost_per_1000_images_usd"] / ref_cost)
 
-    # 4. Choose, save, report
-    final = choose_final(variants)
-    selected = final["variant"] if final else None
+    # 4. Rows, the rules of lab_targets (recommend, choose_deployable), save, report
     rid = run_id()
+    rows = result_rows(variants, args=args, rid=rid, ckpt=ckpt, ckpt_path=ckpt_path, export_info=export_info,
+                       threads_torch=threads_torch, load=load)
+    final = next((v for v, r in zip(variants, rows) if r["deployed_as"]), None)
+    selected = final["variant"] if final else None
     results_dir = Path(args.results_dir)
-    csv_path = append_csv_rows(results_dir / "onnx_results.csv",
-                               _csv_rows(variants, args=args, rid=rid, ckpt=ckpt, ckpt_path=ckpt_path,
-                                         export_info=export_info, threads_torch=threads_torch, selected=selected,
-                                         load=load))
+    csv_path = append_csv_rows(results_dir / "onnx_results.csv", rows)
     png = plot_comparison(variants, results_dir / "onnx_comparison.png", bench_batch=args.bench_batch_size,
                           selected=selected, overwrite=args.overwrite,
                           title=f"PyTorch vs ONNX Runtime on CPU - {args.category}, {ckpt['model_name']} "
                                 f"({cpu_name()}, ORT threads {threads_ort or 'default'})")
 
-    table = []
-    for v in variants:
-        p = v["parity"]
-        table.append({"variant": v["variant"], "size MB": v["size_mb"], "b1 median ms": v["b1"]["latency_median_ms"],
-                      "b1 p95 ms": v["b1"]["latency_p95_ms"],
-                      f"b{args.bench_batch_size} img/s": v["bn"]["throughput_img_s"],
-                      "accuracy": v["metrics"]["accuracy"], "agreement": p["prediction_agreement"],
-                      "max|dlogit|": p["max_abs_logit_diff"], "dacc pt": p["accuracy_diff_pt"],
-                      "guard": "reference" if v["backend"] == "pytorch" else "PASS" if p["passed"] else "FAIL",
-                      "USD/1000 img b1": v["b1"]["cost_per_1000_images_usd"],
-                      "savings b1 %": v["b1"]["savings_pct"]})
     print()
-    print(format_table(table, list(table[0])))
+    print(format_table(rows, ["variant", "size_mb", "latency_median_ms", "latency_p95_ms", "throughput_img_s",
+                              "accuracy", "agreement", "max_abs_logit_diff", "guard_accuracy_delta_pt",
+                              "guard_passed", "cost_per_1000_images_usd", "cost_reduction_pct", "recommended"]))
+    print(f"latency: batch 1, ms; throughput: batch {args.bench_batch_size}, images/s; cost: USD per 1000 images at "
+          f"batch 1 ({args.price_per_hour} USD/h); CPU {cpu_name()} [{cpu_flags() or 'flags unknown'}]")
     print(f"accuracy of PyTorch fp32 on the {len(labels)} test images: {format_accuracy(variants[0]['metrics'])} "
           f"(threshold {threshold:.3f}); one image = {100 / max(1, len(labels)):.2f} pt")
-    print(f"guard: one rule for every variant vs PyTorch fp32 (lab_targets.judge_variant): fp32 graphs = conversion parity (agreement >= "
-          f"{100 * MIN_AGREEMENT:g} %, |accuracy difference| < {MAX_ACCURACY_DIFF_PT:g} pt); int8 = quantization loss "
-          f"< {TARGET_MAX_LOSS_PT:g} pt")
+    print(f"guard: one rule for every variant vs PyTorch fp32 (lab_targets.judge_variant): fp32 graphs = conversion "
+          f"parity (agreement >= {100 * PARITY_MIN_AGREEMENT:g} %, |accuracy difference| < "
+          f"{PARITY_MAX_ACCURACY_DIFF_PT:g} pt); int8 = quantization loss < {TARGET_MAX_LOSS_PT:g} pt")
     for v in variants[1:]:
-        p = v["parity"]
+        p = v["judged"]
         print(f"  {v['variant']:<20} {'PASS' if p['passed'] else 'FAIL'} ({p['kind']}): accuracy "
               f"{format_accuracy(v['metrics'])}, difference {p['accuracy_diff_pt']:+.2f} pt; {describe_flips(p)}; "
               f"max |logit diff| {p['max_abs_logit_diff']:.3g}")
-    print(f"cost: {args.price_per_hour} USD/h; results appended to {csv_path} (run_id {rid}), plot {png}")
+    print(f"results appended to {csv_path} (run_id {rid}), plot {png}")
     if final is None:
         print(f"error: no ONNX variant passed its guard: {FINAL_ONNX} was not written "
               f"(see the guard lines above and {csv_path}).")
@@ -638,12 +443,12 @@ def main(argv=None) -> int:
     final_path = save_final(final["file"], models_dir, args.overwrite)
     sidecar = write_sidecar(final_path, variant=selected, category=args.category, preprocessing=preprocessing,
                             exporter=export_info["exporter"], source_checkpoint=ckpt_path,
-                            base_model=ckpt["model_name"], parity_result=final["parity"], metrics=final["metrics"],
+                            base_model=ckpt["model_name"], parity_result=final["judged"], metrics=final["metrics"],
                             threshold=threshold, overwrite=args.overwrite)
-    print(f"saved {final_path} = {selected}: the fastest variant at batch 1 "
-          f"({final['b1']['latency_median_ms']:.1f} ms vs {variants[0]['b1']['latency_median_ms']:.1f} ms for "
-          f"PyTorch fp32) among those passing the guard; sidecar {final_path.with_suffix('.json')} "
-          f"(sha256 {sidecar['sha256'][:12]}...)")
+    print(f"saved {final_path} = {selected} (lab_targets.choose_deployable: the recommended variant, or the fastest "
+          f"ONNX one passing its guards; {final['b1']['latency_median_ms']:.1f} ms vs "
+          f"{variants[0]['b1']['latency_median_ms']:.1f} ms for PyTorch fp32); sidecar "
+          f"{final_path.with_suffix('.json')} (sha256 {sidecar['sha256'][:12]}...)")
     return 0
 
 

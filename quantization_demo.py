@@ -24,21 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab_targets import (QUANTIZATION, TARGET_MAX_LOSS_PT, TARGET_MAX_SIZE_MB, TARGET_MIN_ACCURACY, describe_flips,
-                         format_accuracy, judge_variant)
+from lab_io import (UserError, append_csv_rows, atomic_write, cpu_name, environment_columns, format_table,
+                    keep_previous, library_versions, run_cli, run_id, save_figure, size_on_disk_mb)
+from lab_targets import (CPU_PRICE, QUANTIZATION, TARGET_MAX_LOSS_PT, TARGET_MAX_SIZE_MB, TARGET_MIN_ACCURACY,
+                         describe_flips, format_accuracy, guard_columns, judge_variant, measured_columns,
+                         variant_passes)
 from load_model_hf import (checkpoint_threshold, count_parameters, model_from_checkpoint, model_skeleton,
                            read_checkpoint, resolve_model_path)
 from mvtec_dataset import make_loaders, split_from_manifest
-from train_utils import (UserError, append_csv_rows, atomic_write, benchmark_torch_model, classification_metrics,
-                         cpu_name, format_table, keep_previous, library_versions, model_logits, predict_logits,
-                         run_cli, run_id, save_figure, set_seed, set_threads, size_on_disk_mb)
+from train_utils import (benchmark_torch_model, classification_metrics, model_logits, predict_logits, set_seed,
+                         set_threads)
 
 QUANT_METHOD = "dynamic-int8"
 ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
-# Business objectives of the lab (defined in lab_targets.py)
-MAX_SIZE_MB = TARGET_MAX_SIZE_MB
-MIN_ACCURACY = TARGET_MIN_ACCURACY
-MAX_ACCURACY_LOSS_PT = TARGET_MAX_LOSS_PT
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,7 +180,8 @@ def compare_models(fp32_model, int8_model, test_loader, *, bench_batch_size: int
     inputs (batch 1 and bench_batch_size, measured alternately so that drift of the machine hits both alike).
 
     Returns {"fp32": {...}, "int8": {...}, "guard" (lab_targets.judge_variant: flips, McNemar, pass/fail),
-    "agreement_pct", "max_abs_logit_diff", "n_test", ratios...}; each variant dict holds its metrics
+    "agreement" (fraction), "max_abs_logit_diff", "n_test", "accuracy_delta_pt" (int8 - fp32, negative = loss)...};
+    each variant dict holds its metrics
     ("accuracy", "f1", ...), "b1" and "bn" benchmark dicts."""
     dataset = test_loader.dataset
     models = {"fp32": fp32_model.eval(), "int8": int8_model.eval()}
@@ -201,11 +200,11 @@ def compare_models(fp32_model, int8_model, test_loader, *, bench_batch_size: int
     n = len(labels)
     result.update(
         n_test=n, guard=guard, threshold=threshold,
-        agreement_pct=guard["agreement"] * 100 if n else float("nan"),
+        agreement=guard["agreement"],
         max_abs_logit_diff=float(np.abs(logits["fp32"] - logits["int8"]).max()) if n else float("nan"),
-        speedup_b1=fp32["b1"]["latency_median_ms"] / int8["b1"]["latency_median_ms"],
+        speedup=fp32["b1"]["latency_median_ms"] / int8["b1"]["latency_median_ms"],
         throughput_ratio=int8["bn"]["throughput_img_s"] / fp32["bn"]["throughput_img_s"],
-        **{f"{m}_loss_pt": (fp32[m] - int8[m]) * 100 for m in ("accuracy", "f1", "auroc")})
+        **{f"{m}_delta_pt": (int8[m] - fp32[m]) * 100 for m in ("accuracy", "f1", "auroc")})
     return result
 
 
@@ -219,9 +218,10 @@ def check_objectives(result: dict, sizes: dict, *, n_params: int, linear_pct: fl
     fp32, int8 = result["fp32"], result["int8"]
     checks = []
 
-    ok = sizes["int8"] < MAX_SIZE_MB
-    checks.append({"name": "size", "status": "PASS" if ok else "FAIL",
-                   "text": f"size < {MAX_SIZE_MB:g} MB: int8 {sizes['int8']:.2f} MB (fp32 {sizes['fp32']:.2f} MB, "
+    ok = sizes["int8"] < TARGET_MAX_SIZE_MB
+    checks.append({"name": "target_size_30mb", "status": "PASS" if ok else "FAIL",
+                   "text": f"size < {TARGET_MAX_SIZE_MB:g} MB: int8 {sizes['int8']:.2f} MB "
+                           f"(fp32 {sizes['fp32']:.2f} MB, "
                            f"{sizes['fp32'] / sizes['int8']:.2f}x smaller)",
                    "advice": "" if ok else
                    f"the model has {n_params / 1e6:.1f} M parameters; {linear_pct:.0f} % of them (nn.Linear) are now "
@@ -229,10 +229,10 @@ def check_objectives(result: dict, sizes: dict, *, n_params: int, linear_pct: fl
                    f"Fix: distil it into a smaller student (DeiT-Small ~22 M or DeiT-Tiny ~5.7 M parameters, "
                    f"the lab's distillation part), then quantize the student."})
 
-    acc_ok = int8["accuracy"] > MIN_ACCURACY
+    acc_ok = int8["accuracy"] > TARGET_MIN_ACCURACY
     if acc_ok:
         advice = ""
-    elif fp32["accuracy"] <= MIN_ACCURACY:
+    elif fp32["accuracy"] <= TARGET_MIN_ACCURACY:
         advice = (f"the fp32 model itself only reaches {fp32['accuracy'] * 100:.1f} %: quantization is not the cause. "
                   f"Fix: fine-tune longer (more epochs)"
                   + (f"; '{model_name}' starts from RANDOM weights: fine-tune a real pretrained model "
@@ -240,15 +240,16 @@ def check_objectives(result: dict, sizes: dict, *, n_params: int, linear_pct: fl
                      ", with class weights / more anomaly examples"))
     else:
         advice = "int8 lost the accuracy the fp32 model had: see the accuracy-loss criterion."
-    checks.append({"name": "accuracy", "status": "PASS" if acc_ok else "FAIL",
-                   "text": f"accuracy > {MIN_ACCURACY * 100:g} %: int8 {format_accuracy(int8)}, fp32 "
+    checks.append({"name": "target_accuracy_95", "status": "PASS" if acc_ok else "FAIL",
+                   "text": f"accuracy > {TARGET_MIN_ACCURACY * 100:g} %: int8 {format_accuracy(int8)}, fp32 "
                            f"{format_accuracy(fp32)}", "advice": advice})
 
-    loss = result["accuracy_loss_pt"]
+    loss = -result["accuracy_delta_pt"]
     guard = result["guard"]
     loss_ok = guard["passed"]
-    checks.append({"name": "accuracy_loss", "status": "PASS" if loss_ok else "FAIL",
-                   "text": f"accuracy loss < {MAX_ACCURACY_LOSS_PT:g} pt: {loss + 0.0:.2f} pt; {describe_flips(guard)}; "
+    checks.append({"name": "target_loss_1pt", "status": "PASS" if loss_ok else "FAIL",
+                   "text": f"accuracy loss < {TARGET_MAX_LOSS_PT:g} pt: {loss + 0.0:.2f} pt; "
+                           f"{describe_flips(guard)}; "
                            f"max |dlogit| {result['max_abs_logit_diff']:.3g}",
                    "advice": "" if loss_ok else
                    "Fix: " + ("quantize the weights per output channel (--per-channel), " if not per_channel else "")
@@ -257,11 +258,11 @@ def check_objectives(result: dict, sizes: dict, *, n_params: int, linear_pct: fl
 
     b1, bn = (fp32["b1"], int8["b1"]), (fp32["bn"], int8["bn"])
     checks.append({"name": "speed-up", "status": "INFO",
-                   "text": f"speed-up (for information): batch 1 x{result['speedup_b1']:.2f} (median "
+                   "text": f"speed-up (for information): batch 1 x{result['speedup']:.2f} (median "
                            f"{_num(b1[0]['latency_median_ms'])} -> {_num(b1[1]['latency_median_ms'])} ms), batch "
                            f"{bench_batch_size} throughput x{result['throughput_ratio']:.2f} "
                            f"({_num(bn[0]['throughput_img_s'])} -> {_num(bn[1]['throughput_img_s'])} img/s)",
-                   "advice": "" if result["speedup_b1"] > 1 else
+                   "advice": "" if result["speedup"] > 1 else
                    "int8 is not faster here: with small layers the on-the-fly activation quantization costs as "
                    "much as it saves; ONNX Runtime's int8 kernels are usually faster on CPU."})
     return checks
@@ -277,13 +278,14 @@ def plot_comparison(result: dict, sizes: dict, title: str, bench_batch_size: int
 
     names, colors = ("fp32", "int8"), ("tab:blue", "tab:orange")
     panels = [
-        ("Size on disk", "MB (10^6 bytes)", [sizes[n] for n in names], MAX_SIZE_MB, f"objective < {MAX_SIZE_MB:g} MB"),
+        ("Size on disk", "MB (10^6 bytes)", [sizes[n] for n in names], TARGET_MAX_SIZE_MB,
+         f"objective < {TARGET_MAX_SIZE_MB:g} MB"),
         ("Latency, batch 1 (median, whisker = p95)", "ms per image",
          [result[n]["b1"]["latency_median_ms"] for n in names], None, None),
         (f"Throughput, batch {bench_batch_size}", "images / s",
          [result[n]["bn"]["throughput_img_s"] for n in names], None, None),
-        ("Accuracy (test split)", "%", [result[n]["accuracy"] * 100 for n in names], MIN_ACCURACY * 100,
-         f"objective > {MIN_ACCURACY * 100:g} %"),
+        ("Accuracy (test split)", "%", [result[n]["accuracy"] * 100 for n in names], TARGET_MIN_ACCURACY * 100,
+         f"objective > {TARGET_MIN_ACCURACY * 100:g} %"),
     ]
     fig, axes = plt.subplots(1, 4, figsize=(15, 4))
     for ax, (panel_title, unit, values, target, target_label) in zip(axes, panels):
@@ -318,9 +320,9 @@ def plot_comparison(result: dict, sizes: dict, title: str, bench_batch_size: int
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
-def _delta(loss_pt: float) -> str:
-    """A loss in points shown as the change int8 - fp32 (no '-0.00')."""
-    return f"{0.0 - loss_pt + 0.0:+.2f}"
+def _delta(delta_pt: float) -> str:
+    """A change int8 - fp32 in points, signed (no '-0.00')."""
+    return f"{delta_pt + 0.0:+.2f}"
 
 
 def parse_args(argv=None):
@@ -408,45 +410,26 @@ def main(argv=None) -> int:
     # 4. report
     checks = check_objectives(result, sizes, n_params=n_params, linear_pct=linear_pct, model_name=ckpt["model_name"],
                               per_channel=args.per_channel, bench_batch_size=args.bench_batch_size)
-    rid, versions = run_id(), library_versions()
-    rows = []
+    rid, rows = run_id(), []
     for name in ("fp32", "int8"):
-        r, b1, bn = result[name], result[name]["b1"], result[name]["bn"]
+        r = result[name]
         is_int8 = name == "int8"
-        rows.append({
-            "run_id": rid, "script": "quantization_demo.py", "category": args.category,
-            "variant": "pytorch-int8-dynamic" if is_int8 else "pytorch-fp32", "backend": "pytorch",
-            "method": "torch.ao quantize_dynamic (nn.Linear)" if is_int8 else "eager",
-            "precision": name, "model_name": ckpt["model_name"], "model_path": str(output if is_int8 else src_path),
-            "engine": engine if is_int8 else "",
-            "qscheme": quant["qscheme"] if is_int8 else "", "device": "cpu", "device_name": cpu_name(),
-            "batch_size": args.bench_batch_size, "latency_batch_size": 1, "threads": b1["threads"],
-            "warmup": args.warmup, "runs_b1": b1["runs"], "runs_bn": bn["runs"], "size_mb": sizes[name],
-            "latency_median_ms": b1["latency_median_ms"], "latency_p95_ms": b1["latency_p95_ms"],
-            "latency_p99_ms": b1["latency_p99_ms"], "throughput_b1_img_s": b1["throughput_img_s"],
-            "throughput_img_s": bn["throughput_img_s"], "accuracy": r["accuracy"],
-            "accuracy_ci_low": r["accuracy_ci_low"], "accuracy_ci_high": r["accuracy_ci_high"],
-            "threshold": threshold, "one_image_pt": 100.0 / max(1, result["n_test"]),
-            "flips": result["guard"]["flips"] if is_int8 else 0,
-            "flips_good_to_anomaly": result["guard"]["good_to_anomaly"] if is_int8 else 0,
-            "flips_anomaly_to_good": result["guard"]["anomaly_to_good"] if is_int8 else 0,
-            "mcnemar_p": result["guard"]["mcnemar_p"] if is_int8 else "",
-            "guard": result["guard"]["rule"] if is_int8 else "reference",
-            "guard_passed": result["guard"]["passed"] if is_int8 else "",
-            "precision_score": r["precision"], "recall": r["recall"], "f1": r["f1"], "auroc": r["auroc"],
-            "n_test": result["n_test"],
-            "size_ratio": sizes["fp32"] / sizes[name],
-            "speedup_b1": result["fp32"]["b1"]["latency_median_ms"] / b1["latency_median_ms"],
-            "throughput_ratio": bn["throughput_img_s"] / result["fp32"]["bn"]["throughput_img_s"],
-            "accuracy_loss_pt": result["accuracy_loss_pt"] if is_int8 else 0.0,
-            "f1_loss_pt": result["f1_loss_pt"] if is_int8 else 0.0,
-            "auroc_loss_pt": result["auroc_loss_pt"] if is_int8 else 0.0,
-            "agreement_pct": result["agreement_pct"] if is_int8 else 100.0,
-            "max_abs_logit_diff": result["max_abs_logit_diff"] if is_int8 else 0.0,
-            "roundtrip_max_abs_diff": roundtrip_diff if is_int8 else "",
-            **({f"objective_{c['name']}": c["status"] for c in checks if c["status"] != "INFO"} if is_int8 else {}),
-            "torch_version": versions["torch"], "transformers_version": versions["transformers"],
-        })
+        row = {"run_id": rid, "script": "quantization_demo.py", "category": args.category,
+               "variant": "pytorch-int8-dynamic" if is_int8 else "pytorch-fp32", "backend": "pytorch",
+               "method": "torch.ao quantize_dynamic (nn.Linear)" if is_int8 else "eager", "precision": name,
+               "model_name": ckpt["model_name"], "file": str(output if is_int8 else src_path),
+               "engine": engine if is_int8 else "", "qscheme": quant["qscheme"] if is_int8 else "", "device": "cpu",
+               "device_name": cpu_name(), "size_mb": sizes[name], "size_ratio": sizes["fp32"] / sizes[name],
+               **measured_columns(r, r["b1"], r["bn"], reference=rows[0] if rows else None,
+                                  price_per_hour=CPU_PRICE),
+               **guard_columns({**result["guard"], "reference": "pytorch-fp32",
+                                "max_abs_logit_diff": result["max_abs_logit_diff"]} if is_int8 else None),
+               "roundtrip_max_abs_diff": roundtrip_diff if is_int8 else "",
+               **environment_columns()}
+        row["guards_passed"] = variant_passes(row["accuracy_delta_pt"], result["guard"]["passed"] if is_int8 else None)
+        if is_int8:
+            row.update({c["name"]: c["status"] == "PASS" for c in checks if c["status"] != "INFO"})
+        rows.append(row)
     csv_path = append_csv_rows(Path(args.results_dir) / "quantization_results.csv", rows)
     title = (f"fp32 vs dynamic int8 - {ckpt['model_name']} on '{args.category}' ({result['n_test']} test images), "
              f"CPU {threads} thread(s), engine {engine}")
@@ -456,13 +439,13 @@ def main(argv=None) -> int:
     print()
     print(format_table(rows, ["variant", "size_mb", "latency_median_ms", "latency_p95_ms", "latency_p99_ms",
                               "throughput_img_s", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "f1", "auroc",
-                              "threads"]))
+                              "accuracy_delta_pt", "guards_passed", "threads"]))
     print(f"latency: batch 1, ms; throughput: batch {args.bench_batch_size}, images/s; size: checkpoint bytes on "
           f"disk / 10^6; metrics on the saved test split ({result['n_test']} images)")
-    print(f"int8 vs fp32: {sizes['fp32'] / sizes['int8']:.2f}x smaller, batch-1 speed-up x{result['speedup_b1']:.2f}, "
-          f"throughput x{result['throughput_ratio']:.2f}, accuracy {_delta(result['accuracy_loss_pt'])} pt, "
-          f"F1 {_delta(result['f1_loss_pt'])} pt, AUROC {_delta(result['auroc_loss_pt'])} pt, "
-          f"agreement {result['agreement_pct']:.1f} %, max |dlogit| {result['max_abs_logit_diff']:.3g}")
+    print(f"int8 vs fp32: {sizes['fp32'] / sizes['int8']:.2f}x smaller, batch-1 speed-up x{result['speedup']:.2f}, "
+          f"throughput x{result['throughput_ratio']:.2f}, accuracy {_delta(result['accuracy_delta_pt'])} pt, "
+          f"F1 {_delta(result['f1_delta_pt'])} pt, AUROC {_delta(result['auroc_delta_pt'])} pt, "
+          f"agreement {result['agreement'] * 100:.1f} %, max |dlogit| {result['max_abs_logit_diff']:.3g}")
     print(f"int8 vs fp32, image by image: {describe_flips(result['guard'])}")
     print("\nBusiness objectives (int8 model):")
     for c in checks:

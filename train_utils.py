@@ -1,31 +1,24 @@
-"""Shared helpers of the lab: errors and CLI wrapper, safe file output, seeding and device choice,
-the fine-tuning loop, evaluation metrics and the inference benchmark.
+"""Training helpers of the lab (PyTorch): seeding and device choice, the LP-FT recipe, the fine-tuning loop,
+evaluation metrics and the PyTorch side of the inference benchmark.
 
-Every script of the lab imports from here; nothing here parses command-line arguments.
+Plain input/output (errors, atomic files, CSV, tables, the timed loop) is in lab_io.py, the lab's decisions and
+statistics in lab_targets.py; nothing here parses command-line arguments.
 """
 from __future__ import annotations
 
-import csv
-import datetime as _dt
-import io
 import math
-import os
-import platform
 import random
-import sys
-import tempfile
 import time
-from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lab_io import UserError, benchmark, cpu_name
 from lab_targets import accuracy_with_interval, anomaly_scores, choose_threshold, predict_labels
 
-LABELS = ("good", "anomaly")  # index 0 = normal part, 1 = defective part
 PRETRAINED_DEFAULT_LR = 1e-5    # fine-tuning a pretrained ViT after the linear probe (LP-FT), top block
 PRETRAINED_LAYER_DECAY = 0.75   # block i of L fine-tunes at lr * 0.75^(L - i): the early, generic blocks move least
 OFFLINE_DEFAULT_LR = 1e-3       # the offline presets start from random weights and need a larger step
@@ -49,148 +42,6 @@ def training_recipe(pretrained: bool) -> dict:
         return {"probe": True, "layer_decay": PRETRAINED_LAYER_DECAY, "head_lr_mult": 1.0, "keep_initial": True,
                 "augment": "flips"}
     return {"probe": False, "layer_decay": 1.0, "head_lr_mult": 1.0, "keep_initial": False, "augment": "light"}
-
-
-# --------------------------------------------------------------------------------------------------
-# Errors and the command-line wrapper
-# --------------------------------------------------------------------------------------------------
-class UserError(Exception):
-    """A problem the user can fix (bad input, missing file, no GPU...): shown as one line, exit code 2."""
-
-
-def run_cli(main: Callable[[], int | None]) -> None:
-    """Run a script's main(): user errors become one clear line and a non-zero exit, never a traceback.
-
-    Set TP4_DEBUG=1 to see the full traceback of unexpected errors.
-    """
-    try:
-        code = main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted by the user (Ctrl+C); nothing was overwritten.", file=sys.stderr)
-        sys.exit(130)
-    except torch.cuda.OutOfMemoryError:
-        print("error: the GPU ran out of memory: lower --batch-size.", file=sys.stderr)
-        sys.exit(2)
-    except Exception as exc:  # noqa: BLE001 - last resort: one line, the traceback on request
-        if os.environ.get("TP4_DEBUG"):
-            raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: unexpected {type(exc).__name__}: {msg} (set TP4_DEBUG=1 to see the traceback)",
-              file=sys.stderr)
-        sys.exit(1)
-    sys.exit(code or 0)
-
-
-# --------------------------------------------------------------------------------------------------
-# Files: atomic writes, never lose an earlier result
-# --------------------------------------------------------------------------------------------------
-def keep_previous(path: str | Path, overwrite: bool = False) -> Path | None:
-    """If `path` exists, rename it to `<stem>.<its mtime>.<suffix>` and say so (unless overwrite=True).
-
-    Called before writing an output, so that a result produced earlier is never silently lost.
-    Returns the backup path, or None.
-    """
-    path = Path(path)
-    if not path.exists() or overwrite:
-        return None
-    stamp = _dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
-    backup = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
-    n = 1
-    while backup.exists():
-        backup = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
-        n += 1
-    path.rename(backup)
-    print(f"note: previous {path} kept as {backup.name}")
-    return backup
-
-
-def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
-    """Call writer(tmp_path) on a temporary file next to `path`, then rename it over `path`.
-
-    A crash or Ctrl+C never leaves a half-written output behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        writer(tmp_path)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def save_figure(fig, path: str | Path, overwrite: bool = False) -> Path:
-    """Save a matplotlib figure atomically as PNG, keeping an earlier file of the same name."""
-    keep_previous(path, overwrite)
-    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
-
-
-def append_csv_rows(path: str | Path, rows: Iterable[dict]) -> Path:
-    """Append result rows to a CSV (header = union of the columns seen so far); earlier rows are kept."""
-    path = Path(path)
-    rows = list(rows)
-    old_rows: list[dict] = []
-    columns: list[str] = []
-    if path.exists():
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = list(reader.fieldnames or [])
-            old_rows = list(reader)
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(old_rows)
-            writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
-
-    return atomic_write(path, write)
-
-
-def _csv_value(value):
-    if isinstance(value, float):
-        return f"{value:.6g}" if math.isfinite(value) else ""
-    return value
-
-
-def size_on_disk_mb(path: str | Path) -> float:
-    """Bytes on disk / 10^6 (a file, or every file of a folder)."""
-    path = Path(path)
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
-    return path.stat().st_size / 1e6
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read by 1 MiB blocks."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def run_id() -> str:
-    """Identifies the rows one run appends to a CSV."""
-    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,30 +88,6 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "cpu":
         return cpu_name()
     return device.type
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def library_versions() -> dict:
-    """Versions that matter for the measurements (recorded in checkpoints, CSVs and the report)."""
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in ("torch", "torchvision", "transformers", "onnx", "onnxruntime", "numpy"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 # --------------------------------------------------------------------------------------------------
@@ -593,35 +420,6 @@ def sync(device) -> None:
         torch.mps.synchronize()
 
 
-def benchmark(run_batch: Callable[[], object], *, batch_size: int, device="cpu", warmup: int = 5, runs: int = 30,
-              max_seconds: float | None = 60.0, desc: str = "benchmark") -> dict:
-    """Time `run_batch()` (one forward pass on a fixed batch): warm-up, then timed runs.
-
-    The device is synchronised around every run so that asynchronous CUDA work is counted. Timed runs
-    stop early after `max_seconds` (never fewer than 5). Returns median / p95 / p99 / mean latency in ms
-    per batch, images per second (batch_size / median latency), and the settings used.
-    """
-    device = torch.device(device)
-    for _ in tqdm(range(warmup), desc=f"{desc} warm-up", leave=False):
-        run_batch()
-    sync(device)
-    times = []
-    start = time.perf_counter()
-    for i in tqdm(range(runs), desc=desc, leave=False):
-        t0 = time.perf_counter()
-        run_batch()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1000.0)
-        if max_seconds is not None and i + 1 >= 5 and time.perf_counter() - start > max_seconds:
-            break
-    ms = np.asarray(times)
-    median = float(np.median(ms))
-    return {"batch_size": batch_size, "runs": len(times), "warmup": warmup, "device": device.type,
-            "threads": torch.get_num_threads(), "latency_median_ms": median,
-            "latency_p95_ms": float(np.percentile(ms, 95)), "latency_p99_ms": float(np.percentile(ms, 99)),
-            "latency_mean_ms": float(ms.mean()), "throughput_img_s": batch_size * 1000.0 / median}
-
-
 def benchmark_torch_model(model, example: torch.Tensor, device="cpu", **kwargs) -> dict:
     """benchmark() applied to a PyTorch model on a fixed input batch, under inference_mode."""
     device = torch.device(device)
@@ -632,27 +430,5 @@ def benchmark_torch_model(model, example: torch.Tensor, device="cpu", **kwargs) 
     def run():
         return model_logits(model, example)
 
-    return benchmark(run, batch_size=example.shape[0], device=device, **kwargs)
-
-
-def cost_per_1000_images(price_per_hour: float, latency_ms_per_batch: float, batch_size: int) -> float:
-    """Cost of classifying 1 000 images on a machine billed `price_per_hour`, at the measured latency."""
-    seconds_per_image = latency_ms_per_batch / 1000.0 / batch_size
-    return price_per_hour * seconds_per_image * 1000.0 / 3600.0
-
-
-def format_table(rows: list[dict], columns: list[str], floatfmt: str = ".4g") -> str:
-    """A plain-text table for the summaries the scripts print."""
-    def fmt(v):
-        if isinstance(v, float):
-            return "n/a" if not math.isfinite(v) else format(v, floatfmt)
-        return "n/a" if v is None else str(v)
-
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    buf = io.StringIO()
-    buf.write("  ".join(c.ljust(w) for c, w in zip(columns, widths)) + "\n")
-    buf.write("  ".join("-" * w for w in widths) + "\n")
-    for row in cells:
-        buf.write("  ".join(v.ljust(w) for v, w in zip(row, widths)) + "\n")
-    return buf.getvalue()
+    return benchmark(run, batch_size=example.shape[0], device=device.type, threads=torch.get_num_threads(),
+                     sync=lambda: sync(device), **kwargs)

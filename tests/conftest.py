@@ -31,3 +31,13 @@ def run_script(script: str, *args, cwd=None, timeout=600, env=None) -> subproces
 @pytest.fixture
 def run():
     return run_script
+
+
+SLOW_FIXTURES = {"project", "demo"}  # one full run of a script, shared by the tests of a module
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that need a whole script run (the module fixtures above) are in the slow tier."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

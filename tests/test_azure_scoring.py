@@ -27,6 +27,7 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+from deploy_azure import SCORING_CODE
 from mvtec_dataset import image_to_tensor, load_rgb
 from train_utils import softmax_np
 
@@ -344,7 +345,14 @@ def test_deploy_dry_run_builds_and_validates_the_spec(run, deploy_setup, azure_m
     assert hashlib.sha256((staged / "model" / "model_final.onnx").read_bytes()).hexdigest() == \
         azure_model_dir[1]["sha256"]
     assert (staged / "code" / "score.py").read_text() == (ROOT / "score.py").read_text()
-    assert sorted(p.name for p in (staged / "code").iterdir()) == ["score.py"]  # nothing else is uploaded
+    assert sorted(p.name for p in (staged / "code").iterdir()) == sorted(SCORING_CODE)  # nothing else is uploaded
+    # the uploaded folder is complete on its own (no module of the repository missing) and imports no torch
+    probe = ("import sys, score, inference, lab_io, lab_targets; "
+             "assert all(m.__file__.startswith(sys.argv[1]) for m in (score, inference, lab_io, lab_targets)); "
+             "assert 'torch' not in sys.modules, 'torch imported'")
+    res = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, sys.argv[1]); {probe}",
+                          str(staged / "code")], capture_output=True, text=True, cwd=deploy_setup)
+    assert res.returncode == 0, res.stderr
     spec = yaml.safe_load((staged / "deployment.generated.yml").read_text())
     assert spec["request_settings"]["request_timeout_ms"] > 0 and spec["liveness_probe"]["period"] > 0
     assert spec["code_configuration"]["scoring_script"] == "score.py"

@@ -27,6 +27,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_cpu_run_writes_everything_and_marks_gpu_not_measured(run, synthetic_root, tmp_path):
     res = run("benchmark_gpu.py", "--data-dir", synthetic_root, *FAST, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]

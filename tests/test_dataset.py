@@ -10,7 +10,7 @@ from PIL import Image
 from mvtec_dataset import (SYNTHETIC_DEFECTS, MVTecDataset, image_to_tensor, index_category, load_manifest,
                            load_rgb, make_split, make_synthetic_mvtec, prepare_split, save_manifest,
                            split_from_manifest)
-from train_utils import UserError
+from lab_io import UserError
 
 PRE = {"image_size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}
 

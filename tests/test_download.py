@@ -17,7 +17,7 @@ from PIL import Image
 
 import download_mvtec as dm
 from conftest import ROOT
-from train_utils import UserError
+from lab_io import UserError
 
 LAYOUT = {"train/good": 3, "test/good": 2, "test/broken_large": 2, "ground_truth/broken_large": 2}
 

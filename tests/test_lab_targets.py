@@ -82,6 +82,7 @@ def pretrained_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_lp_ft_recipe_threshold_flows_to_sidecar_and_score(run, synthetic_root, pretrained_folder, tmp_path,
                                                           monkeypatch):
     res = run("benchmark_gpu.py", "--data-dir", synthetic_root, "--model-name", pretrained_folder, "--epochs", "1",

@@ -41,7 +41,7 @@ def test_load_test_on_the_inference_server(run, score_url, synthetic_root, tmp_p
               "--requests-per-level", 6, "--warmup", 0, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     rows = read_rows(tmp_path / "resultats" / "load_test.csv")
-    assert len(rows) == 3 and rows[-1]["mode"] == "json" and int(rows[-1]["errors"]) == 0
+    assert len(rows) == 3 and rows[-1]["request_mode"] == "json" and int(rows[-1]["errors"]) == 0
     assert float(rows[-1]["throughput_img_s"]) == pytest.approx(2 * float(rows[-1]["throughput_req_s"]), rel=1e-3)
     assert len(list((tmp_path / "resultats").glob("load_test*.png"))) == 2
 
@@ -81,7 +81,7 @@ def test_closed_port_is_reported_cleanly(run, synthetic_root, tmp_path):
 ])
 def test_bad_arguments(bad, message):
     import load_test
-    from train_utils import UserError
+    from lab_io import UserError
 
     with pytest.raises(UserError, match=message):
         load_test.parse_args(bad)

@@ -4,7 +4,8 @@ import torch
 
 import load_model_hf as lm
 from mvtec_dataset import prepare_split
-from train_utils import UserError, model_logits
+from lab_io import UserError
+from train_utils import model_logits
 
 
 def _tiny_checkpoint(tmp_path, synthetic_root, category="bottle", name="model.pth"):
@@ -115,6 +116,7 @@ def test_offline_hub_error_is_one_line(run):
     assert last.startswith("error: could not load") and "HF_HUB_OFFLINE" in last and "offline-vit" in last
 
 
+@pytest.mark.slow
 def test_cli_describes_model_and_checkpoint(run, tmp_path, synthetic_root):
     result = run("load_model_hf.py", "--model-name", "offline-vit-tiny")
     assert result.returncode == 0, result.stderr

@@ -10,6 +10,8 @@ from PIL import Image
 
 import load_model_hf as lm
 import onnx_optimization as oo
+from inference import make_session
+from lab_targets import CONVERSION, choose_deployable, judge_logits, recommend, variant_passes
 from mvtec_dataset import image_to_tensor, prepare_split, split_from_manifest
 from train_utils import model_logits
 
@@ -59,8 +61,8 @@ def test_run_writes_models_sidecar_csv_and_plot(project):
                                         "layout": "NCHW", "dtype": "float32"}
     assert sidecar["opset"] == 17 and sidecar["exporter"] == "torchscript"
     assert sidecar["base_model"] == "offline-vit-tiny" and sidecar["source_checkpoint"].endswith("model_cpu_bottle.pth")
-    assert sidecar["parity"]["passed"] and sidecar["parity"]["prediction_agreement"] >= 0.995
-    assert sidecar["metrics"]["n"] == sidecar["parity"]["n_test"] > 0
+    assert sidecar["parity"]["passed"] and sidecar["parity"]["agreement"] >= 0.995
+    assert sidecar["metrics"]["n"] == sidecar["parity"]["n"] > 0
     assert sidecar["versions"]["onnxruntime"] and sidecar["created"]
     assert sidecar["sha256"] == hashlib.sha256((models / "model_final.onnx").read_bytes()).hexdigest()
     assert f"saved modeles/model_final.onnx = {sidecar['variant']}" in result.stdout
@@ -71,16 +73,21 @@ def test_run_writes_models_sidecar_csv_and_plot(project):
     required = {"run_id", "script", "category", "variant", "backend", "precision", "device", "device_name",
                 "batch_size", "threads", "size_mb", "latency_median_ms", "latency_p95_ms", "latency_p99_ms",
                 "throughput_img_s", "accuracy", "precision_score", "recall", "f1", "auroc", "n_test",
-                "max_abs_logit_diff", "prediction_agreement", "accuracy_diff_pt", "parity_passed",
-                "cost_per_1000_images_usd", "savings_pct", "torch_version", "onnxruntime_version"}
+                "max_abs_logit_diff", "agreement", "guard_accuracy_delta_pt", "guard_passed", "guards_passed",
+                "cost_per_1000_images_usd", "cost_reduction_pct", "torch_version", "onnxruntime_version",
+                "throughput_batch_size", "accuracy_delta_pt", "speedup", "cpu_flags", "recommended", "deployed_as"}
     assert required <= set(rows[0])
-    assert {(r["variant"], r["batch_size"]) for r in rows} == {
-        (v, b) for v in ("pytorch-fp32", "ort-fp32", "ort-fp32-optimized", "ort-int8-dynamic") for b in ("1", "4")}
+    # one row per variant: latency at batch 1, throughput at --bench-batch-size (the schema of every CSV)
+    assert [(r["variant"], r["batch_size"], r["throughput_batch_size"]) for r in rows] == [
+        (v, "1", "4") for v in ("pytorch-fp32", "ort-fp32", "ort-fp32-optimized", "ort-int8-dynamic")]
     for r in rows:
         assert float(r["latency_median_ms"]) > 0 and float(r["throughput_img_s"]) > 0
         assert float(r["cost_per_1000_images_usd"]) > 0 and int(r["threads"]) >= 1
     assert {r["precision"] for r in rows} == {"fp32", "int8"}
-    assert sum(r["selected_final"] == "True" for r in rows) == 2  # the chosen variant, at both batch sizes
+    assert rows[0]["guard_passed"] == "" and float(rows[0]["accuracy_delta_pt"]) == 0  # the reference
+    deployed = [r for r in rows if r["deployed_as"]]
+    assert len(deployed) == 1 and deployed[0]["variant"] == sidecar["variant"]
+    assert deployed[0]["deployed_as"].endswith("model_final.onnx") and deployed[0]["guards_passed"] == "True"
 
 
 def _from_sidecar(path, pre):
@@ -103,7 +110,7 @@ def test_final_onnx_reproduces_pytorch_on_real_test_images(project, synthetic_ro
     reference = torch.stack([image_to_tensor(p, ckpt["preprocessing"]) for p in paths])
     assert np.abs(x - reference.numpy()).max() < 1e-5  # the sidecar describes image_to_tensor exactly
 
-    session = oo.make_session(cwd / "modeles" / "model_final.onnx", threads=1)
+    session = make_session(cwd / "modeles" / "model_final.onnx", threads=1)
     logits = session.run([sidecar["output_name"]], {sidecar["input_name"]: x})[0]
     with torch.inference_mode():
         ref = model_logits(model, reference).numpy()
@@ -124,27 +131,32 @@ def test_second_run_keeps_previous_outputs(project, synthetic_root, run):
     assert len(list((cwd / "modeles").glob("model_final*.json"))) == 2
     assert json.loads((cwd / "modeles" / "model_final.json").read_text())["variant"] == "ort-fp32"
     with open(cwd / "resultats" / "onnx_results.csv", newline="", encoding="utf-8") as f:
-        assert len(list(csv.DictReader(f))) == 8 + 4  # rows of the first run kept, 2 variants x 2 batches added
+        assert len(list(csv.DictReader(f))) == 4 + 2  # rows of the first run kept, 2 variants added
     assert len(list((cwd / "resultats").glob("onnx_comparison*.png"))) == 2
 
 
 def test_parity_guard_and_choice():
     labels = np.array([0, 1] * 100)
     ref = np.stack([1.0 - labels, labels.astype(float)], 1).astype(np.float32)
-    same = oo.parity(ref, ref + 0.01, labels)
-    assert same["passed"] and same["prediction_agreement"] == 1.0
+    same = judge_logits(CONVERSION, ref, ref + 0.01, labels)
+    assert same["passed"] and same["agreement"] == 1.0 and same["max_abs_logit_diff"] == pytest.approx(0.01)
     flipped = ref.copy()
     flipped[0] = flipped[0, ::-1]  # one of 200 predictions differs: 99.5 % agreement, -0.5 pt accuracy
-    one = oo.parity(ref, flipped, labels)
-    assert one["prediction_agreement"] == pytest.approx(0.995) and one["accuracy_diff_pt"] == pytest.approx(-0.5)
+    one = judge_logits(CONVERSION, ref, flipped, labels)
+    assert one["agreement"] == pytest.approx(0.995) and one["accuracy_diff_pt"] == pytest.approx(-0.5)
     assert not one["passed"]  # |accuracy difference| must stay below 0.5 pt
-    variants = [{"variant": "pytorch-fp32", "backend": "pytorch", "parity": same, "b1": {"latency_median_ms": 1}},
-                {"variant": "ort-fp32", "backend": "onnxruntime", "parity": same, "b1": {"latency_median_ms": 5}},
-                {"variant": "ort-int8-dynamic", "backend": "onnxruntime", "parity": one,
-                 "b1": {"latency_median_ms": 2}}]
-    assert oo.choose_final(variants)["variant"] == "ort-fp32"  # int8 is faster but fails the guard
-    variants[1]["parity"] = one
-    assert oo.choose_final(variants) is None
+
+    def row(variant, backend, latency, judged):
+        return {"variant": variant, "backend": backend, "device": "cpu", "latency_median_ms": latency,
+                "guards_passed": variant_passes(judged["accuracy_diff_pt"] if judged else 0.0,
+                                                judged["passed"] if judged else None)}
+
+    rows = [row("pytorch-fp32", "pytorch", 1, None), row("ort-fp32", "onnxruntime", 5, same),
+            row("ort-int8-dynamic", "onnxruntime", 2, one)]
+    assert recommend(rows)["variant"] == "pytorch-fp32"  # the fastest passing; not servable by score.py
+    assert choose_deployable(rows)["variant"] == "ort-fp32"  # int8 is faster but fails the guard
+    rows[1] = row("ort-fp32", "onnxruntime", 5, one)
+    assert choose_deployable(rows) is None
 
 
 def test_fusion_is_skipped_for_non_transformers(tmp_path):
@@ -186,12 +198,13 @@ def test_other_architectures_export_and_run_in_ort(tmp_path, arch):
         ref = model_logits(model, x).numpy()
     files = ["m.onnx", "m_int8.onnx"] + (["m_opt.onnx"] if fused["applied"] else [])
     for name in files:
-        out = oo.make_session(tmp_path / name, threads=1).run(None, {"pixel_values": x.numpy()})[0]
+        out = make_session(tmp_path / name, threads=1).run(None, {"pixel_values": x.numpy()})[0]
         assert out.shape == (5, 2) and np.isfinite(out).all()
         tol = 0.1 if "int8" in name else 1e-4
         assert np.abs(out - ref).max() < tol * max(1.0, np.abs(ref).max()), name
 
 
+@pytest.mark.slow
 def test_falls_back_to_the_dynamo_exporter(tmp_path, monkeypatch):
     model, pre = _local_model(tmp_path, "deit")
     real_export = torch.onnx.export
@@ -207,7 +220,7 @@ def test_falls_back_to_the_dynamo_exporter(tmp_path, monkeypatch):
     assert "simulated TorchScript exporter failure" in info["fallback_reason"]
     assert not list(tmp_path.glob("*.data"))  # weights inside the file: one file to deploy
     x = torch.randn(3, 3, *pre["image_size"])
-    out = oo.make_session(tmp_path / "d.onnx").run(None, {"pixel_values": x.numpy()})[0]
+    out = make_session(tmp_path / "d.onnx").run(None, {"pixel_values": x.numpy()})[0]
     with torch.inference_mode():
         assert np.abs(out - model_logits(model, x).numpy()).max() < 1e-4
 
@@ -224,3 +237,38 @@ def test_error_paths_are_one_line(project, synthetic_root, run, tmp_path):
         assert "Traceback" not in result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_score_serves_the_sidecar_this_script_wrote(project, synthetic_root, monkeypatch):
+    """The files onnx_optimization.py wrote, fed as they are to score.init()/run(): every test image of the saved
+    split gets the label of the model's own threshold, and the same probability as the training pipeline's tensor
+    through the same ONNX file."""
+    import base64
+
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    import score
+
+    cwd, result = project
+    assert result.returncode == 0, result.stderr[-3000:]
+    sidecar = json.loads((cwd / "modeles" / "model_final.json").read_text(encoding="utf-8"))
+    model, ckpt = lm.load_checkpoint(cwd / "modeles" / "model_cpu_bottle.pth", "bottle")
+    paths = [synthetic_root / "bottle" / s.path for s in split_from_manifest(ckpt["split"])["test"]]
+    monkeypatch.setenv("AZUREML_MODEL_DIR", str(cwd / "modeles"))
+    score.init()
+    served = []
+    for i in range(0, len(paths), 8):
+        body = json.dumps({"images": [base64.b64encode(p.read_bytes()).decode() for p in paths[i:i + 8]]})
+        reply = score.run(Request(EnvironBuilder(method="POST", data=body,
+                                                 content_type="application/json").get_environ()))
+        assert reply.status_code == 200, reply.get_data()
+        served += json.loads(reply.get_data())["predictions"]
+    assert len(served) == len(paths)
+    x = torch.stack([image_to_tensor(p, ckpt["preprocessing"]) for p in paths]).numpy()
+    logits = make_session(cwd / "modeles" / "model_final.onnx").run(None, {"pixel_values": x})[0]
+    probabilities = np.exp(logits[:, 1]) / np.exp(logits).sum(1)
+    got = np.array([p["anomaly_probability"] for p in served])
+    assert np.abs(got - probabilities).max() < 1e-5
+    assert [p["label"] for p in served] == ["anomaly" if q >= sidecar["threshold"] else "good" for q in got]
+    assert all(p["threshold"] == sidecar["threshold"] for p in served)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+import lab_io
+import lab_targets
 import train_utils as tu
 from load_model_hf import load_pretrained
 from mvtec_dataset import make_loaders, prepare_split
@@ -47,26 +49,29 @@ def test_benchmark_reports_percentiles_and_throughput():
     assert stats["runs"] == 20 and stats["batch_size"] == 4 and stats["threads"] >= 1
     assert 0 < stats["latency_median_ms"] <= stats["latency_p95_ms"] <= stats["latency_p99_ms"]
     assert stats["throughput_img_s"] == pytest.approx(4000 / stats["latency_median_ms"])
-    assert tu.cost_per_1000_images(3.6, latency_ms_per_batch=100, batch_size=1) == pytest.approx(0.1)
+    assert lab_targets.cost_per_1000_images(3.6, latency_ms_per_batch=100, batch_size=1) == pytest.approx(0.1)
 
 
 def test_csv_append_keeps_rows_and_unions_columns(tmp_path):
     path = tmp_path / "r.csv"
-    tu.append_csv_rows(path, [{"a": 1, "b": 0.5}])
-    tu.append_csv_rows(path, [{"a": 2, "c": "x", "b": float("nan")}])
+    lab_io.append_csv_rows(path, [{"run_id": 1, "accuracy": 0.5}])
+    lab_io.append_csv_rows(path, [{"run_id": 2, "note": "x", "accuracy": float("nan")}])
     rows = list(csv.DictReader(open(path)))
-    assert [r["a"] for r in rows] == ["1", "2"] and rows[0]["c"] == "" and rows[1]["c"] == "x"
-    assert rows[1]["b"] == ""  # nan written as empty, never as an invented number
+    assert [r["run_id"] for r in rows] == ["1", "2"] and rows[0]["note"] == "" and rows[1]["note"] == "x"
+    assert rows[1]["accuracy"] == ""  # nan written as empty, never as an invented number
+    with pytest.raises(ValueError, match="speedup_b1"):  # one schema for every CSV: an unknown column is a bug
+        lab_io.append_csv_rows(path, [{"run_id": 3, "speedup_b1": 2.0}])
+    assert len(list(csv.DictReader(open(path)))) == 2
 
 
 def test_keep_previous_and_atomic_write(tmp_path):
     path = tmp_path / "out.txt"
-    tu.atomic_write_text(path, "first")
-    backup = tu.keep_previous(path)
+    lab_io.atomic_write_text(path, "first")
+    backup = lab_io.keep_previous(path)
     assert backup.read_text() == "first" and not path.exists()
-    tu.atomic_write_text(path, "second")
+    lab_io.atomic_write_text(path, "second")
     with pytest.raises(RuntimeError):
-        tu.atomic_write(path, lambda p: (p.write_text("half"), (_ for _ in ()).throw(RuntimeError("crash"))))
+        lab_io.atomic_write(path, lambda p: (p.write_text("half"), (_ for _ in ()).throw(RuntimeError("crash"))))
     assert path.read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([backup.name, "out.txt"])  # no temp file left
 
@@ -74,12 +79,13 @@ def test_keep_previous_and_atomic_write(tmp_path):
 def test_pick_device_without_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert tu.pick_device("cpu").type == "cpu"
-    with pytest.raises(tu.UserError, match="no CUDA GPU"):
+    with pytest.raises(lab_io.UserError, match="no CUDA GPU"):
         tu.pick_device("cuda")
-    with pytest.raises(tu.UserError, match="unknown --device"):
+    with pytest.raises(lab_io.UserError, match="unknown --device"):
         tu.pick_device("tpu")
 
 
+@pytest.mark.slow
 def test_tiny_training_learns_the_synthetic_task(synthetic_root):
     """A real fine-tuning run of the offline ViT: held-out accuracy clearly above chance."""
     tu.set_seed(0)

@@ -1,0 +1,316 @@
+"""Serving a fine-tuned model without PyTorch: images in, P(anomaly) out.
+
+- Images: any file or bytes Pillow reads -> RGB (grayscale, palette, RGBA composited on black, 16-bit scaled to
+  8 bits) -> resized to the model's input -> normalised float32 NCHW. ONE implementation: the training loaders
+  (mvtec_dataset.py), score.py and predict.py all call it, so serving sees exactly what training saw.
+- The model's sidecar (`model_final.json`, format tp4-onnx-sidecar-v1): what file, input, labels, preprocessing,
+  decision threshold and sha256; written by onnx_optimization.py and the pipeline, read by score.py.
+- ONNX Runtime sessions: creation with explicit threads, prediction over a loader, timing (lab_io.benchmark).
+
+Imports numpy and Pillow; onnxruntime and onnx only inside the functions that need them.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from lab_io import UserError, atomic_write, atomic_write_text, benchmark, json_safe, keep_previous, physical_cores, \
+    library_versions, sha256_file
+from lab_targets import LABELS
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # what the lab reads as images
+SIDECAR_FORMAT = "tp4-onnx-sidecar-v1"
+FINAL_ONNX, FINAL_SIDECAR = "model_final.onnx", "model_final.json"
+INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
+REQUIRED_KEYS = ("format", "model_file", "variant", "category", "labels", "input_name", "output_name",
+                 "preprocessing", "sha256")
+THRESHOLD_TEXT = "P(anomaly) = softmax(logits)[1] >= threshold; threshold chosen on the validation split"
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------
+class ImageError(ValueError):
+    """An input that is not a usable image; `too_large` tells a size limit from a broken file."""
+
+    def __init__(self, message: str, too_large: bool = False):
+        super().__init__(message)
+        self.too_large = too_large
+
+
+def load_rgb(source, what: str | None = None, max_pixels: int | None = None) -> Image.Image:
+    """A path or bytes -> 3-channel RGB PIL image. Grayscale and palette images are converted, transparency is
+    composited on black, 16-bit images are scaled to 8 bits (not clipped to white). Raises ImageError naming
+    `what` (default: the path) for an empty, broken, unknown or too large (> max_pixels) image."""
+    what = what or str(source if not isinstance(source, (bytes, bytearray)) else "the image")
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ImageError(f"{what} is empty")
+        source = io.BytesIO(source)
+    try:
+        with Image.open(source) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageError(f"{what} is {img.width}x{img.height} pixels, more than the limit of {max_pixels} "
+                                 "pixels", too_large=True)
+            img.load()
+            return _to_rgb(img)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{what}: {exc}", too_large=True) from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{what} is not an image Pillow can read (PNG, JPEG, BMP, TIFF...)") from None
+    except FileNotFoundError:
+        raise ImageError(f"{what} not found") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt file
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"{what} is a broken image: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16/32-bit grayscale: scale, don't clip
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (0, 0, 0))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def resize_uint8(img: Image.Image, preprocessing: dict) -> np.ndarray:
+    """RGB PIL image -> uint8 [3, H, W] at the model's input size. The whole image is resized (bilinear), not
+    cropped: a defect near the border must stay visible."""
+    height, width = preprocessing["image_size"]
+    arr = np.asarray(img.convert("RGB").resize((width, height), Image.BILINEAR), dtype=np.uint8)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def normalize(pixels_uint8: np.ndarray, preprocessing: dict) -> np.ndarray:
+    """uint8 [..., 3, H, W] -> float32 (x / 255 - mean) / std with the model's mean and std."""
+    mean = np.asarray(preprocessing["mean"], np.float32).reshape(-1, 1, 1)
+    std = np.asarray(preprocessing["std"], np.float32).reshape(-1, 1, 1)
+    return (pixels_uint8.astype(np.float32) / np.float32(255.0) - mean) / std
+
+
+def preprocess(img: Image.Image, preprocessing: dict) -> np.ndarray:
+    """RGB PIL image -> the model's input, float32 [3, H, W]."""
+    return normalize(resize_uint8(img, preprocessing), preprocessing)
+
+
+# --------------------------------------------------------------------------------------------------
+# The sidecar
+# --------------------------------------------------------------------------------------------------
+def sidecar_preprocessing(preprocessing: dict) -> dict:
+    """The preprocessing above, spelled out for a reader without this repository."""
+    return {"image_size": [int(v) for v in preprocessing["image_size"]],
+            "mean": [float(v) for v in preprocessing["mean"]], "std": [float(v) for v in preprocessing["std"]],
+            "resize": "bilinear", "crop": None, "color": "RGB", "scale": 255.0, "layout": "NCHW",
+            "dtype": "float32"}
+
+
+def onnx_opset(path: str | Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def write_sidecar(onnx_path: str | Path, *, variant: str, category: str, preprocessing: dict, exporter: str,
+                  source_checkpoint: str | Path, base_model: str, parity_result: dict, metrics: dict,
+                  threshold: float = 0.5, sidecar_path: str | Path | None = None, overwrite: bool = False) -> dict:
+    """Write `<onnx stem>.json` next to the model (format tp4-onnx-sidecar-v1), atomically. Returns it."""
+    onnx_path = Path(onnx_path)
+    sidecar_path = Path(sidecar_path) if sidecar_path else onnx_path.with_suffix(".json")
+    sidecar = {"format": SIDECAR_FORMAT, "model_file": onnx_path.name, "variant": variant, "category": category,
+               "labels": list(LABELS), "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
+               "threshold": float(threshold), "threshold_rule": THRESHOLD_TEXT,
+               "preprocessing": sidecar_preprocessing(preprocessing), "opset": onnx_opset(onnx_path),
+               "exporter": exporter, "source_checkpoint": str(source_checkpoint), "base_model": base_model,
+               "parity": json_safe(parity_result), "metrics": json_safe(metrics),
+               "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "versions": library_versions(), "sha256": sha256_file(onnx_path)}
+    keep_previous(sidecar_path, overwrite)
+    atomic_write_text(sidecar_path, json.dumps(sidecar, indent=1, allow_nan=False) + "\n")
+    return sidecar
+
+
+def find_sidecar(model_dir: str | Path) -> Path:
+    """The sidecar in `model_dir` or below it: model_final.json first, else the only tp4 sidecar there."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {model_dir} does not exist")
+    if (model_dir / FINAL_SIDECAR).is_file():
+        return model_dir / FINAL_SIDECAR
+    named = sorted(model_dir.rglob(FINAL_SIDECAR))
+    if len(named) == 1:
+        return named[0]
+    candidates = named or [p for p in sorted(model_dir.rglob("*.json"))
+                           if p.stat().st_size < 1_000_000 and _is_sidecar(p)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise FileNotFoundError(f"no {FINAL_SIDECAR} (ONNX sidecar) in {model_dir} or its subfolders: "
+                                "run onnx_optimization.py first")
+    raise ValueError(f"several ONNX sidecars under {model_dir}: {', '.join(map(str, candidates))}; keep one")
+
+
+def _is_sidecar(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == SIDECAR_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_sidecar(path: str | Path, verify_sha256: bool = True) -> dict:
+    """Load and check a sidecar; returns it with "onnx_path" added. Raises ValueError/FileNotFoundError."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path} is not a {SIDECAR_FORMAT} sidecar (format={found!r})")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"sidecar {path} lacks {', '.join(missing)}")
+    labels = meta["labels"]
+    if not (isinstance(labels, list) and len(labels) >= 2 and "anomaly" in labels):
+        raise ValueError(f"sidecar {path}: labels must list the classes with 'anomaly' among them, got {labels!r}")
+    pre = meta["preprocessing"]
+    if not isinstance(pre, dict):
+        raise ValueError(f"sidecar {path}: preprocessing must be an object")
+    expected = {"resize": "bilinear", "crop": None, "color": "RGB", "layout": "NCHW", "dtype": "float32",
+                "scale": 255.0}
+    for key, value in expected.items():
+        if pre.get(key, value) != value:
+            raise ValueError(f"sidecar {path}: preprocessing {key}={pre.get(key)!r} is not supported "
+                             f"(expected {value!r})")
+    size = pre.get("image_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise ValueError(f"sidecar {path}: preprocessing image_size must be [height, width], got {size!r}")
+    if len(pre.get("mean", [])) != 3 or len(pre.get("std", [])) != 3 or min(pre["std"]) <= 0:
+        raise ValueError(f"sidecar {path}: preprocessing mean and std must have 3 values (std > 0)")
+    onnx_path = path.parent / meta["model_file"]
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"ONNX file {onnx_path} named by {path} does not exist")
+    if verify_sha256:
+        actual = sha256_file(onnx_path)
+        if actual != meta["sha256"]:
+            raise ValueError(f"sha256 of {onnx_path} ({actual[:12]}...) differs from its sidecar's "
+                             f"({str(meta['sha256'])[:12]}...): the ONNX file was changed or the sidecar is stale; "
+                             "re-run onnx_optimization.py")
+    threshold = meta.get("threshold", 0.5)  # sidecars written before the threshold existed: argmax
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"sidecar {path}: threshold must be a probability in [0, 1], got {threshold!r}")
+    return {**meta, "threshold": float(threshold), "onnx_path": str(onnx_path)}
+
+
+def save_final(src: str | Path, models_dir: str | Path, overwrite: bool) -> Path:
+    """Copy the chosen model file to models_dir/model_final.onnx (atomic, an earlier one kept)."""
+    import shutil
+
+    final = Path(models_dir) / FINAL_ONNX
+
+    def write(tmp: Path) -> None:
+        shutil.copyfile(src, tmp)
+        keep_previous(final, overwrite)
+
+    return atomic_write(final, write)
+
+
+# --------------------------------------------------------------------------------------------------
+# ONNX Runtime
+# --------------------------------------------------------------------------------------------------
+def make_session(path: str | Path, threads: int | None = None):
+    """CPU InferenceSession: all graph optimisations, `threads` intra-op threads (None/0 = ORT's default),
+    one inter-op thread, sequential execution (one image stream, as in the scoring service)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = int(threads or 0)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for unreadable models
+        raise UserError(f"ONNX Runtime cannot load {path} ({type(exc).__name__}: "
+                        f"{(str(exc).splitlines() or [''])[0][:200]}).") from None
+
+
+def ort_predict_logits(session, loader, desc: str = "onnxruntime"):
+    """Run a session over a loader of (pixels, labels): (logits float32 [N, 2], labels int64 [N])."""
+    from tqdm.auto import tqdm
+
+    input_name = session.get_inputs()[0].name
+    logits, labels = [], []
+    for pixels, y in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        logits.append(session.run(None, {input_name: np.asarray(pixels, dtype=np.float32)})[0])
+        labels.append(np.asarray(y))
+    if not logits:
+        return np.zeros((0, 2), np.float32), np.zeros((0,), np.int64)
+    return np.concatenate(logits).astype(np.float32), np.concatenate(labels).astype(np.int64)
+
+
+def benchmark_session(session, inputs: np.ndarray, *, threads: int | None, warmup: int = 5, runs: int = 30,
+                      max_seconds: float | None = 60.0, desc: str = "onnxruntime") -> dict:
+    """lab_io.benchmark on session.run with a fixed numpy batch (prepared once, outside the timing)."""
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(inputs, dtype=np.float32)}
+    return benchmark(lambda: session.run(None, feed), batch_size=int(inputs.shape[0]), device="cpu",
+                     threads=threads, warmup=warmup, runs=runs, max_seconds=max_seconds, desc=desc)
+
+
+class OnnxClassifier:
+    """The model a sidecar describes, ready to score preprocessed batches."""
+
+    def __init__(self, sidecar_path: str | Path, threads: int = 0):
+        self.meta = read_sidecar(sidecar_path)
+        self.session = make_session(self.meta["onnx_path"], threads)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        if self.meta["input_name"] not in inputs or self.meta["output_name"] not in outputs:
+            raise ValueError(f"{self.meta['onnx_path']} has inputs {list(inputs)} and outputs {outputs}, the sidecar "
+                             f"names {self.meta['input_name']!r} -> {self.meta['output_name']!r}")
+        batch_dim = inputs[self.meta["input_name"]].shape[0]
+        self.max_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None  # None = dynamic
+        self.labels = list(self.meta["labels"])
+        self.anomaly_index = self.labels.index("anomaly")
+        self.threshold = self.meta["threshold"]
+        self.preprocessing = self.meta["preprocessing"]
+        self.info = {k: self.meta.get(k) for k in ("variant", "sha256", "created", "category", "model_file",
+                                                  "base_model", "opset", "threshold")}
+        self.info["labels"] = self.labels
+        self.info["input_size"] = self.preprocessing["image_size"]
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [N, 3, H, W] -> probabilities [N, n_labels] (float64)."""
+        step = self.max_batch or len(batch)
+        logits = np.concatenate([self.session.run([self.meta["output_name"]],
+                                                  {self.meta["input_name"]: batch[i:i + step]})[0]
+                                 for i in range(0, len(batch), step)]).astype(np.float64)
+        z = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def label_of(self, probabilities: np.ndarray) -> str:
+        """The decision threshold chosen on the validation split, stored in the sidecar (not argmax)."""
+        if probabilities[self.anomaly_index] >= self.threshold:
+            return "anomaly"
+        return next(n for n in self.labels if n != "anomaly")
+
+
+def ort_threads(requested: int | None) -> int | None:
+    """Intra-op threads for ORT: the requested number, else the physical cores (ORT's own default, made explicit
+    so it can be recorded), else None (ORT decides)."""
+    if requested is not None and requested < 1:
+        raise UserError("--num-threads must be >= 1.")
+    return requested or physical_cores()

@@ -1,0 +1,308 @@
+"""Plain input/output of the lab, without torch: errors and the CLI wrapper, files written atomically and never lost,
+CSV rows, printed tables, file hashes, the machine's description and the timed loop of every benchmark.
+
+The serving and client side (score.py, load_test.py, deploy_azure.py, predict.py) stands on this module and
+inference.py only, so that it starts in well under a second and needs no PyTorch.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import io
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+# x86 instruction sets that decide which CPU kernels run fast (int8 dot products, bf16 matmuls)
+CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors and the command-line wrapper
+# --------------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """A problem the user can fix (bad input, missing file, no GPU...): shown as one line, exit code 2."""
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run a script's main(): user errors become one clear line and a non-zero exit, never a traceback.
+
+    Set TP4_DEBUG=1 to see the full traceback of unexpected errors.
+    """
+    try:
+        code = main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted by the user (Ctrl+C); nothing was overwritten.", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, the traceback on request
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, named so torch stays optional
+            print("error: the GPU ran out of memory: lower --batch-size.", file=sys.stderr)
+            sys.exit(2)
+        if os.environ.get("TP4_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: unexpected {type(exc).__name__}: {msg} (set TP4_DEBUG=1 to see the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code or 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: atomic writes, never lose an earlier result
+# --------------------------------------------------------------------------------------------------
+def keep_previous(path: str | Path, overwrite: bool = False) -> Path | None:
+    """If `path` exists, rename it to `<stem>.<its mtime>.<suffix>` and say so (unless overwrite=True).
+
+    Called before writing an output, so that a result produced earlier is never silently lost.
+    Returns the backup path, or None.
+    """
+    path = Path(path)
+    if not path.exists() or overwrite:
+        return None
+    stamp = _dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+    backup = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    n = 1
+    while backup.exists():
+        backup = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+        n += 1
+    path.rename(backup)
+    print(f"note: previous {path} kept as {backup.name}")
+    return backup
+
+
+def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
+    """Call writer(tmp_path) on a temporary file next to `path`, then rename it over `path`.
+
+    A crash or Ctrl+C never leaves a half-written output behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        writer(tmp_path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def save_figure(fig, path: str | Path, overwrite: bool = False) -> Path:
+    """Save a matplotlib figure atomically as PNG, keeping an earlier file of the same name."""
+    keep_previous(path, overwrite)
+    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
+
+
+def append_csv_rows(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Append result rows to a CSV (header = union of the columns seen so far); earlier rows are kept.
+
+    Every column must be one of lab_targets.RESULT_COLUMNS (one schema: names, units, signs, for every CSV)."""
+    from lab_targets import check_result_columns
+
+    path = Path(path)
+    rows = list(rows)
+    for row in rows:
+        check_result_columns(row)
+    old_rows: list[dict] = []
+    columns: list[str] = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            old_rows = list(reader)
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(old_rows)
+            writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
+
+    return atomic_write(path, write)
+
+
+def read_csv_rows(path: str | Path, run_id_: str | None = None) -> list[dict]:
+    """The rows of a results CSV as strings (those of one run when run_id_ is given)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [r for r in csv.DictReader(f) if run_id_ is None or r.get("run_id") == run_id_]
+
+
+def _csv_value(value):
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else ""
+    return value
+
+
+def json_safe(value):
+    """NaN (e.g. AUROC with one class) is not valid JSON: null; numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalar
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value
+
+
+def size_on_disk_mb(path: str | Path) -> float:
+    """Bytes on disk / 10^6 (a file, or every file of a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+    return path.stat().st_size / 1e6
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read by 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_id() -> str:
+    """Identifies the rows one run appends to a CSV."""
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+# --------------------------------------------------------------------------------------------------
+# The machine
+# --------------------------------------------------------------------------------------------------
+def _cpuinfo_lines() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return f.readlines()
+    except OSError:
+        return []
+
+
+def cpu_name() -> str:
+    for line in _cpuinfo_lines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """The instruction sets of CPU_FLAGS_OF_INTEREST this CPU has, e.g. 'avx2 avx512f avx512_vnni' ('' = unknown)."""
+    for line in _cpuinfo_lines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return " ".join(f for f in CPU_FLAGS_OF_INTEREST if f in have)
+    return ""
+
+
+def physical_cores() -> int | None:
+    """Physical cores (what ONNX Runtime uses by default for intra-op threads); None when it cannot be read."""
+    cores, phys = set(), "0"
+    for line in _cpuinfo_lines():
+        key, _, value = line.partition(":")
+        if key.strip() == "physical id":
+            phys = value.strip()
+        elif key.strip() == "core id":
+            cores.add((phys, value.strip()))
+    if cores:
+        return len(cores)
+    try:
+        import psutil  # not a requirement: used when present (Windows, macOS)
+
+        return psutil.cpu_count(logical=False)
+    except ImportError:
+        return None
+
+
+def library_versions() -> dict:
+    """Versions that matter for the measurements (recorded in checkpoints, CSVs and the report)."""
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("torch", "torchvision", "transformers", "onnx", "onnxruntime", "numpy"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+# --------------------------------------------------------------------------------------------------
+# The timed loop (in the spirit of timm's benchmark.py) and printed tables
+# --------------------------------------------------------------------------------------------------
+def benchmark(run_batch: Callable[[], object], *, batch_size: int, device: str = "cpu", threads: int | None = None,
+              sync: Callable[[], None] | None = None, warmup: int = 5, runs: int = 30,
+              max_seconds: float | None = 60.0, desc: str = "benchmark") -> dict:
+    """Time `run_batch()` (one forward pass on a fixed batch): warm-up, then timed runs.
+
+    `sync()` is called after every run so that asynchronous GPU work is counted. Timed runs stop early after
+    `max_seconds` (never fewer than 5). Returns median / p95 / p99 / mean latency in ms per batch, images per
+    second (batch_size / median latency), and the settings used."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    sync = sync or (lambda: None)
+    for _ in tqdm(range(warmup), desc=f"{desc} warm-up", leave=False):
+        run_batch()
+    sync()
+    times = []
+    start = time.perf_counter()
+    for i in tqdm(range(runs), desc=desc, leave=False):
+        t0 = time.perf_counter()
+        run_batch()
+        sync()
+        times.append((time.perf_counter() - t0) * 1000.0)
+        if max_seconds is not None and i + 1 >= 5 and time.perf_counter() - start > max_seconds:
+            break
+    ms = np.asarray(times)
+    median = float(np.median(ms))
+    return {"batch_size": batch_size, "runs": len(times), "warmup": warmup, "device": device, "threads": threads,
+            "latency_median_ms": median, "latency_p95_ms": float(np.percentile(ms, 95)),
+            "latency_p99_ms": float(np.percentile(ms, 99)), "latency_mean_ms": float(ms.mean()),
+            "throughput_img_s": batch_size * 1000.0 / median}
+
+
+def format_table(rows: list[dict], columns: list[str], floatfmt: str = ".4g") -> str:
+    """A plain-text table for the summaries the scripts print."""
+    def fmt(v):
+        if isinstance(v, float):
+            return "n/a" if not math.isfinite(v) else format(v, floatfmt)
+        return "n/a" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    buf = io.StringIO()
+    buf.write("  ".join(c.ljust(w) for c, w in zip(columns, widths)) + "\n")
+    buf.write("  ".join("-" * w for w in widths) + "\n")
+    for row in cells:
+        buf.write("  ".join(v.ljust(w) for v, w in zip(row, widths)) + "\n")
+    return buf.getvalue()
+
+
+def environment_columns() -> dict:
+    """The machine and library versions, as result-row columns (the same in every CSV)."""
+    versions = library_versions()
+    return {"cpu_name": cpu_name(), "cpu_flags": cpu_flags(), "cpu_cores": physical_cores() or "",
+            "cpu_logical": os.cpu_count() or "", "torch_version": versions["torch"],
+            "transformers_version": versions["transformers"], "onnx_version": versions["onnx"],
+            "onnxruntime_version": versions["onnxruntime"], "python_version": versions["python"]}

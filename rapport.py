@@ -1,0 +1,431 @@
+"""The French report of the optimisation chain (rapport.md) and its summary figure (optimization_complete.png),
+written from the rows of resultats/optimization_report.csv only: no number is computed here that the CSV does not
+hold, so the report can be regenerated without measuring again.
+
+    python rapport.py                                   # the last run of resultats/optimization_report.csv
+    python rapport.py --run-id 20261127-101500 --report rapport_bottle.md
+
+Rounding never flatters a result (ROUNDING below): a value where higher is better (accuracy, speed-up,
+reductions, throughput) is rounded down, one where lower is better (latency, size, cost) up, the others half-even;
+the direction of each column is in lab_targets.RESULT_COLUMNS.
+"""
+from __future__ import annotations
+
+import argparse
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
+from pathlib import Path
+
+import numpy as np
+
+from lab_io import UserError, atomic_write_text, keep_previous, read_csv_rows, run_cli, save_figure
+from lab_targets import (HIGHER, LOWER, NEUTRAL, TARGET_COST_REDUCTION_PCT, TARGET_MAX_LOSS_PT, TARGET_MAX_SIZE_MB,
+                         TARGET_MIN_ACCURACY, TARGET_TIME_REDUCTION_PCT, TARGETS, better_direction)
+
+REPORT_CSV, REPORT_PNG, REPORT_MD = "optimization_report.csv", "optimization_complete.png", "rapport.md"
+ROUNDING = {HIGHER: ROUND_FLOOR, LOWER: ROUND_CEILING, NEUTRAL: ROUND_HALF_EVEN}
+ROUNDING_NOTE = ("accuracy, accélération, réductions et débit arrondis vers le bas ; latence, taille et coût vers "
+                 "le haut ; borne basse d'un intervalle vers le bas, borne haute vers le haut ; le reste au plus "
+                 "proche")
+
+
+# --------------------------------------------------------------------------------------------------
+# Rounding and the French report
+# --------------------------------------------------------------------------------------------------
+def num(row: dict, column: str, decimals: int = 2, scale: int = 1) -> str:
+    """row[column] rounded to `decimals` in the direction that never flatters it (ROUNDING), with a French decimal
+    comma; 'n/m' (not measured) when empty."""
+    return _rounded(row.get(column, ""), better_direction(column), decimals, scale)
+
+
+def sig(row: dict, column: str, digits: int = 3) -> str:
+    """Like num() with `digits` significant digits (costs: 0,0000533)."""
+    try:
+        d = Decimal(row.get(column, ""))
+    except (InvalidOperation, TypeError):
+        return "n/m"
+    if d == 0 or not d.is_finite():
+        return num(row, column, 0)
+    return num(row, column, max(0, digits - 1 - d.adjusted()))
+
+
+def _rounded(value: str, direction: str, decimals: int, scale: int = 1) -> str:
+    try:
+        d = Decimal(value) * scale
+    except (InvalidOperation, TypeError):
+        return "n/m"
+    if not d.is_finite():
+        return "n/m"
+    q = d.quantize(Decimal(1).scaleb(-decimals), rounding=ROUNDING[direction])
+    if q == 0:
+        q = abs(q)  # no "-0,00"
+    return f"{q:f}".replace(".", ",")
+
+
+def yes(value: str) -> bool:
+    return value == "True"
+
+
+def verdict(value: str) -> str:
+    return {"True": "atteint", "False": "**manqué**"}.get(value, "sans objet")
+
+
+def report_markdown(rows: list[dict], csv_path: str | Path) -> str:
+    """The French report of one pipeline run, from its CSV rows (strings) only."""
+    base = rows[0]
+    demo = base["mode"] == "demo"
+    final = next((r for r in rows if r.get("deployed_as")), None)
+    rec = next((r for r in rows if yes(r["recommended"])), None)
+    cpu_rows = [r for r in rows if r["device"] == "cpu"]
+    gpu_rows = [r for r in rows if r["device"] != "cpu"]
+    by = {r["variant"]: r for r in rows}
+    nb = base["throughput_batch_size"]
+    out = []
+    w = out.append
+    w(f"# Rapport – TP Jour 4 : optimisation d'un ViT pour la détection de pièces défectueuses (MVTec AD, "
+      f"catégorie `{base['category']}`)\n")
+    w(f"Généré automatiquement par `optimization_pipeline.py` (exécution `{base['run_id']}`) à partir des mesures de "
+      f"`{csv_path}` uniquement : chaque nombre ci-dessous est une valeur de ce CSV, arrondie dans le sens "
+      f"prudent ({ROUNDING_NOTE}). Ce rapport est un point de départ pour votre propre analyse.\n")
+    if demo:
+        w("> **Mode démo (`--demo`)** : données **synthétiques** (arborescence MVTec générée par le code, pas de "
+          "vraies "
+          f"bouteilles) et modèles hors ligne `{base['baseline_model']}` / `{base['student_model']}` **initialisés "
+          "aléatoirement** (aucun poids pré-entraîné). Les nombres montrent la méthode et l'effet réel de chaque étape "
+          "sur cette machine, pas les performances du TP sur MVTec AD avec ViT-Base.\n")
+    w("## 1. Contexte\n")
+    w("Une entreprise de maintenance industrielle veut signaler automatiquement les pièces défectueuses. Un Vision "
+      f"Transformer (`{base['baseline_model']}`) est affiné en classifieur normal / anomalie ; on cherche ensuite la "
+      "variante la moins chère à servir sur CPU. Objectifs métier : temps d'inférence −80 %, coût −70 %, modèle "
+      "< 30 Mo, accuracy > 95 %, perte d'accuracy < 1 point, prédictions ONNX à 0,5 % près de PyTorch.\n")
+    w("## 2. Machine et logiciels\n")
+    w(f"- CPU : `{base['cpu_name']}`, {base['cpu_cores'] or 'n/m'} cœurs physiques, {base['cpu_logical'] or 'n/m'} "
+      f"processeurs logiques ; threads utilisés par PyTorch et ONNX Runtime : {base['threads']}.")
+    w(f"- GPU : {('`' + base['gpu_name'] + '`') if base['gpu_name'] else 'aucun (pas de ligne GPU)'}.")
+    w(f"- Versions : Python `{base['python_version']}`, PyTorch `{base['torch_version']}`, Transformers "
+      f"`{base['transformers_version']}`, ONNX `{base['onnx_version']}`, ONNX Runtime "
+      f"`{base['onnxruntime_version']}`.\n")
+    w("## 3. Méthode\n")
+    w(f"- Données : découpage unique et stratifié (graine `{base['seed']}`), train {base['n_train']}, val "
+      f"{base['n_val']}, test {base['n_test']} images ; toutes les variantes sont évaluées sur les mêmes images de "
+      "test.")
+    w(f"- Référence : `{base['variant']}` = `{base['model_name']}` en PyTorch fp32 sur CPU "
+      f"({num(base, 'params_m', 2)} M paramètres, {base['epochs'] or 'n/m'} époque(s)"
+      f"{', checkpoint existant réutilisé' if yes(base['reused']) else ''}). Les accélérations, réductions de "
+      "temps et de coût sont calculées par "
+      "rapport à elle.")
+    w(f"- Chronométrage : {base['warmup']} passes d'échauffement puis jusqu'à {base['runs']} passes mesurées par "
+      f"variante ; latence = médiane, p95 et p99 à batch {base['batch_size']} (référence des objectifs de temps et "
+      f"de coût), débit en images/s à batch {nb}. Toutes les variantes sont mesurées dans la même exécution, "
+      "sur les mêmes images, avec les mêmes threads, l'une après l'autre.")
+    w(f"- Coût pour 1000 images = latence médiane à batch {base['batch_size']} × prix horaire "
+      f"({num(base, 'price_per_hour', 3)} USD/h pour le CPU"
+      + (f", {num(gpu_rows[0], 'price_per_hour', 3)} USD/h pour le GPU" if gpu_rows else "")
+      + ", prix catalogue Azure) : une estimation, cette machine n'est pas la VM facturée.")
+    w("- Taille = octets du fichier sur disque (1 Mo = un million d'octets).")
+    w("- Parité ONNX = fidélité de la conversion : le graphe ONNX fp32 exécuté par la variante (ou dont la variante "
+      "int8 est issue) donne la même prédiction que le modèle PyTorch fp32 d'origine sur au moins 99,5 % des images "
+      "de test, avec un écart d'accuracy < 0,5 point. Ce que l'int8 change en plus est mesuré (part de prédictions "
+      "identiques) et jugé par le critère « perte < 1 point » par rapport à la référence.")
+    w("- Variante recommandée = la plus rapide à batch 1 sur CPU parmi celles qui passent les garde-fous « perte "
+      "< 1 point » et, pour ONNX, « parité ONNX ».")
+    student = next((r for r in rows if r["role"] == "student"), None)
+    if student:
+        w(f"- Étudiant : `{student['model_name']}` ({num(student, 'params_m', 2)} M paramètres, "
+          f"{student['epochs'] or 'n/m'} époque(s)), entraîné par distillation des logits de la référence (alpha "
+          f"{num(student, 'distill_alpha', 2)}, température {num(student, 'distill_temperature', 2)}).")
+    w("")
+    w("## 4. Résultats\n")
+    w(f"| variante | moteur | format | device | taille (Mo) | latence médiane / p95 / p99 (ms, batch "
+      f"{base['batch_size']}) | débit (img/s, batch {nb}) | accuracy (%) | F1 | AUROC | Δ accuracy (pt) | "
+      f"accélération | temps (%) | coût / 1000 img (USD) | coût (%) | recommandée |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        w(f"| `{r['variant']}` | {r['backend']} | {r['precision']} | {r['device']} | {num(r, 'size_mb', 2)} | "
+          f"{num(r, 'latency_median_ms', 2)} / {num(r, 'latency_p95_ms', 2)} / {num(r, 'latency_p99_ms', 2)} | "
+          f"{num(r, 'throughput_img_s', 1)} | {num(r, 'accuracy', 2, 100)} | {num(r, 'f1', 3)} | "
+          f"{num(r, 'auroc', 3)} | {num(r, 'accuracy_delta_pt', 2)} | {num(r, 'speedup', 2)}x | "
+          f"{num(r, 'time_reduction_pct', 1)} | {sig(r, 'cost_per_1000_images_usd')} | "
+          f"{num(r, 'cost_reduction_pct', 1)} | {'**oui**' if yes(r['recommended']) else ''} |")
+    w("\nTemps (%) et coût (%) : réduction par rapport à la référence (négatif = plus lent / plus cher).\n")
+    w("Objectifs métier par variante :\n")
+    w("| variante | temps −80 % | coût −70 % | taille < 30 Mo | accuracy > 95 % | perte < 1 pt | parité ONNX |")
+    w("|---|---|---|---|---|---|---|")
+    for r in rows:
+        w(f"| `{r['variant']}` | " + " | ".join(verdict(r[t]) for t in TARGETS) + " |")
+    w("")
+
+    w("## 5. Interprétation et comparaisons\n")
+    for r in rows[1:]:
+        w("- " + describe_variant(r, base, by))
+    w("")
+    w("## 6. Variante recommandée\n")
+    if rec is None:
+        w("Aucune variante CPU ne passe les garde-fous (perte < 1 point, parité ONNX) : la référence reste à "
+          "déployer.\n")
+    else:
+        met = [label for t, label in zip(TARGETS, FRENCH_TARGET_NAMES) if yes(rec[t])]
+        missed = [label for t, label in zip(TARGETS, FRENCH_TARGET_NAMES) if rec[t] == "False"]
+        w(f"**`{rec['variant']}`** ({rec['backend']}, {rec['precision']}, `{rec['model_name']}`) : c'est la variante "
+          f"CPU la plus rapide à batch {rec['batch_size']} parmi celles qui passent les garde-fous (perte d'accuracy "
+          f"< 1 point par rapport à la référence et, pour ONNX, conversion fidèle à son modèle PyTorch). "
+          f"Latence médiane {num(rec, 'latency_median_ms', 2)} ms contre {num(base, 'latency_median_ms', 2)} ms "
+          f"(accélération {num(rec, 'speedup', 2)}x, temps −{num(rec, 'time_reduction_pct', 1)} %), coût "
+          f"{sig(rec, 'cost_per_1000_images_usd')} USD pour 1000 images (−{num(rec, 'cost_reduction_pct', 1)} %), "
+          f"taille {num(rec, 'size_mb', 2)} Mo, accuracy {num(rec, 'accuracy', 2, 100)} % "
+          f"({num(rec, 'accuracy_delta_pt', 2)} pt).\n")
+        w(f"Objectifs atteints : {', '.join(met) or 'aucun'}. Objectifs manqués : {', '.join(missed) or 'aucun'}.\n")
+        if final is not None:
+            w(f"Fichier déployable : `{final['deployed_as']}` (+ "
+              f"`{Path(final['deployed_as']).with_suffix('.json').name}`, prétraitement, seuil et empreinte, lu par "
+              f"`score.py`) = `{final['variant']}`.\n")
+        else:
+            w("La variante recommandée n'est pas un fichier ONNX et aucune variante ONNX ne passe les garde-fous : "
+              "`model_final.onnx` n'a pas été écrit par cette exécution.\n")
+    w("## 7. Objectifs métier : bilan\n")
+    for t, label in zip(TARGETS, FRENCH_TARGET_NAMES):
+        ok = [f"`{r['variant']}`" for r in cpu_rows if yes(r[t])]
+        line = f"- **{label}** : " + (f"atteint par {', '.join(ok)}." if ok else "**atteint par aucune variante CPU.**")
+        if rec is not None and rec[t] == "False":
+            line += " " + ADVICE[t]
+        w(line)
+    w("")
+    w("## 8. Limites de la mesure\n")
+    w(f"- Une seule machine et une seule exécution : les latences varient d'un passage à l'autre (bruit de mesure, "
+      f"autres processus, fréquence du CPU) ; comparez la p95 à la médiane (référence : "
+      f"{num(base, 'latency_median_ms', 2)} ms vs {num(base, 'latency_p95_ms', 2)} ms) et ne concluez pas sur de "
+      "petits écarts.")
+    w(f"- L'accuracy est mesurée sur {base['n_test']} images de test seulement : une image de plus ou de moins bien "
+      "classée change l'accuracy de plusieurs dixièmes de point ; l'objectif « perte < 1 point » est donc sensible.")
+    w("- Seule l'inférence du modèle est chronométrée (tenseur déjà prétraité) : le décodage et le redimensionnement "
+      "de l'image, et le réseau en production, s'ajoutent.")
+    w("- Le coût est une estimation (latence mesurée ici × prix catalogue), pas une facture Azure.")
+    if demo:
+        w("- Mode démo : données synthétiques et modèles à poids aléatoires au départ, entraînés quelques époques : "
+          "l'accuracy n'est pas représentative de MVTec AD ; refaire la mesure avec `--category bottle` "
+          "(ViT-Base pré-entraîné, DeiT-Small).")
+    w("")
+    return "\n".join(out)
+
+
+FRENCH_TARGET_NAMES = ("temps −80 %", "coût −70 %", "taille < 30 Mo", "accuracy > 95 %", "perte < 1 point",
+                 "parité ONNX")
+ADVICE = {
+    "target_time_80": "Pour y arriver : un modèle plus petit (étudiant distillé, DeiT-Tiny), int8 ONNX Runtime, "
+                      "un CPU avec VNNI/AMX, ou un GPU pour les gros volumes.",
+    "target_cost_70": "Le coût suit la latence à prix horaire égal : mêmes leviers que pour le temps, ou une VM moins "
+                      "chère.",
+    "target_size_30mb": "int8 divise la taille par quatre au mieux : il faut un modèle avec moins de paramètres "
+                        "(étudiant DeiT-Small / DeiT-Tiny quantifié).",
+    "target_accuracy_95": "Entraîner plus longtemps ou avec plus d'images, partir d'un modèle pré-entraîné, "
+                          "équilibrer les classes.",
+    "target_loss_1pt": "Garder la tête de classification en fp32, quantification par canal, calibration statique, "
+                       "ou plus d'époques de distillation.",
+    "target_onnx_parity": "Vérifier l'export (opset, prétraitement identique) et comparer les logits fp32 avant "
+                          "toute quantification.",
+}
+
+
+def describe_variant(r: dict, base: dict, by: dict) -> str:
+    text = (f"`{r['variant']}` : latence {num(r, 'latency_median_ms', 2)} ms contre "
+            f"{num(base, 'latency_median_ms', 2)} ms pour la référence (accélération {num(r, 'speedup', 2)}x), "
+            f"débit {num(r, 'throughput_img_s', 1)} img/s contre {num(base, 'throughput_img_s', 1)}, taille "
+            f"{num(r, 'size_mb', 2)} Mo ("
+            + (f"{num(r, 'size_ratio', 2)}x plus petit" if Decimal(r["size_ratio"]) >= 1
+               else "plus gros que la référence")
+            + "), accuracy "
+            f"{num(r, 'accuracy', 2, 100)} % (IC 95 % de Wilson {num(r, 'accuracy_ci_low', 1, 100)}-"
+            f"{num(r, 'accuracy_ci_high', 1, 100)} %, {num(r, 'accuracy_delta_pt', 2)} pt ; une image = "
+            f"{num(r, 'one_image_pt', 2)} pt ; seuil {num(r, 'threshold', 3)} choisi sur la validation).")
+    if r["device"] != "cpu":
+        text += (f" Sur GPU (`{r['device_name']}`), facturé {num(r, 'price_per_hour', 3)} USD/h : coût "
+                 f"{sig(r, 'cost_per_1000_images_usd')} USD pour 1000 images contre "
+                 f"{sig(base, 'cost_per_1000_images_usd')} sur CPU ; ligne indicative, pas la référence.")
+    if r.get("flips", "") != "":
+        text += (f" Image par image contre `{r['guard_reference']}` : {r['flips']} prédictions changées sur "
+                 f"{r['n_test']} (good → anomaly {r['flips_good_to_anomaly']}, anomaly → good "
+                 f"{r['flips_anomaly_to_good']}), p exacte de McNemar {num(r, 'mcnemar_p', 2)} ; garde-fou "
+                 f"{'de conversion' if r['guard'].startswith('conversion') else 'de quantification'} : "
+                 f"{verdict(r['guard_passed'])}.")
+    if r["onnx_graph_checked"]:
+        ref = by.get(r["guard_reference"], {})
+        text += (f" Conversion ONNX (`{r['onnx_graph_checked']}` contre `{r['guard_reference']}`) : "
+                 f"{num(r, 'onnx_graph_agreement', 2, 100)} % de prédictions identiques, écart d'accuracy "
+                 f"{num(r, 'onnx_graph_accuracy_delta_pt', 2)} pt (objectif de parité "
+                 f"{verdict(r['target_onnx_parity'])}).")
+        if ref and ref is not base:
+            text += (f" Par rapport à `{ref['variant']}` ({num(ref, 'latency_median_ms', 2)} ms), ONNX Runtime "
+                     f"mesure {num(r, 'latency_median_ms', 2)} ms.")
+    if r["role"] == "student" and r["backend"] == "pytorch":
+        text += (f" L'étudiant a {num(r, 'params_m', 2)} M paramètres contre {num(base, 'params_m', 2)} M pour la "
+                 "référence.")
+    if r["variant"] == "ort-int8-dynamic" and "pytorch-int8-dynamic" in by:
+        t = by["pytorch-int8-dynamic"]
+        text += (f" Même quantification int8 côté PyTorch : {num(t, 'latency_median_ms', 2)} ms, "
+                 f"{num(t, 'size_mb', 2)} Mo.")
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Figure
+# --------------------------------------------------------------------------------------------------
+def color_of(r: dict) -> str:
+    if r["role"] == "student":
+        return "tab:olive" if r["precision"] == "fp32" else "tab:green"
+    if r["backend"] == "pytorch":
+        return "tab:gray" if r["precision"] == "fp32" else "tab:purple"
+    return "tab:blue" if r["precision"] == "fp32" else "tab:orange"
+
+
+def plot_summary(rows: list[dict], path: Path, title: str, overwrite: bool) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    f = {k: np.array([float(r[k]) for r in rows]) for k in
+         ("latency_median_ms", "latency_p95_ms", "size_mb", "accuracy", "cost_per_1000_images_usd",
+          "throughput_img_s")}
+    names = [r["variant"] + (" *" if r["recommended"] == "True" else "") for r in rows]
+    colors = [color_of(r) for r in rows]
+    hatches = ["//" if r["device"] != "cpu" else "" for r in rows]
+    base = rows[0]
+    base_lat, base_acc, base_cost = f["latency_median_ms"][0], f["accuracy"][0] * 100, f["cost_per_1000_images_usd"][0]
+    nb = base["throughput_batch_size"]
+    fig, axes = plt.subplots(2, 3, figsize=(19, 10.5))
+    x = np.arange(len(rows))
+
+    def bars(ax, values, title_, unit, fmt, target=None, target_label=None, err=None, log=False):
+        b = ax.bar(x, values, color=colors, hatch=hatches, edgecolor="black", linewidth=0.6,
+                   yerr=[np.zeros_like(err), err] if err is not None else None, capsize=4)
+        for bar, i in zip(b, range(len(values))):
+            if rows[i]["recommended"] == "True":
+                bar.set_linewidth(2.5)
+            top = values[i] + (err[i] if err is not None else 0)
+            ax.annotate(fmt(values[i]), (bar.get_x() + bar.get_width() / 2, top), ha="center", va="bottom",
+                        fontsize=8, xytext=(0, 2), textcoords="offset points")
+        if target is not None:  # the target's value goes in the title: a label in the plot would hide bars
+            ax.axhline(target, color="tab:red", linestyle="--", linewidth=1.2)
+            title_ += f"\n(red line: {target_label})"
+        if log:
+            ax.set_yscale("log")
+            unit += ", log scale"
+        ax.set_title(title_)
+        ax.set_ylabel(unit)
+        ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
+        ax.margins(y=0.2)
+
+    def short(v):  # 2410, 0.797, 0.000026: no scientific notation
+        return f"{v:,.0f}" if v >= 100 else np.format_float_positional(v, precision=3, unique=False, fractional=False,
+                                                                      trim="-")
+
+    span = lambda v: v.max() / max(v.min(), 1e-12) > 30  # noqa: E731 - log scale when bars differ hugely
+    lat = f["latency_median_ms"]
+    lat_target = base_lat * (1 - TARGET_TIME_REDUCTION_PCT / 100)
+    cost_target = base_cost * (1 - TARGET_COST_REDUCTION_PCT / 100)
+    bars(axes[0, 0], lat, "Latency at batch 1 (median, whisker = p95)", "ms per image", short,
+         target=lat_target, target_label=f"target -80 % time = {short(lat_target)} ms",
+         err=f["latency_p95_ms"] - lat, log=span(f["latency_p95_ms"]))
+    bars(axes[0, 1], f["throughput_img_s"], f"Throughput at batch {nb}", "images / s", short,
+         log=span(f["throughput_img_s"]))
+    bars(axes[0, 2], f["size_mb"], "Size on disk", "MB (10^6 bytes)", short,
+         target=TARGET_MAX_SIZE_MB, target_label=f"target < {TARGET_MAX_SIZE_MB:g} MB", log=span(f["size_mb"]))
+    bars(axes[1, 0], f["accuracy"] * 100, "Accuracy on the test split", "accuracy (%)", lambda v: f"{v:.1f}",
+         target=TARGET_MIN_ACCURACY * 100, target_label=f"target > {TARGET_MIN_ACCURACY * 100:g} %")
+    axes[1, 0].axhline(base_acc - TARGET_MAX_LOSS_PT, color="tab:brown", linestyle=":", linewidth=1.2)
+    axes[1, 0].set_ylim(0, 108)
+    bars(axes[1, 1], f["cost_per_1000_images_usd"], "Cost per 1 000 images (batch-1 latency x price)",
+         "USD per 1 000 images", short, target=cost_target,
+         target_label=f"target -70 % cost = {short(cost_target)} USD", log=span(f["cost_per_1000_images_usd"]))
+
+    ax = axes[1, 2]
+    acc_floor = max(TARGET_MIN_ACCURACY * 100, base_acc - TARGET_MAX_LOSS_PT)
+    ax.axvspan(min(lat.min(), lat_target) * 0.5, lat_target, ymin=0, ymax=1, color="tab:green", alpha=0.07)
+    ax.axvline(lat_target, color="tab:red", linestyle="--", linewidth=1.2)
+    ax.axhline(TARGET_MIN_ACCURACY * 100, color="tab:red", linestyle="--", linewidth=1.2)
+    ax.axhline(base_acc - TARGET_MAX_LOSS_PT, color="tab:brown", linestyle=":", linewidth=1.2)
+    for i, r in enumerate(rows):
+        rec = r["recommended"] == "True"
+        ax.scatter(lat[i], f["accuracy"][i] * 100, s=260 if rec else 70, marker="*" if rec else "o",
+                   color=colors[i], edgecolor="black", zorder=3)
+        ax.annotate(r["variant"], (lat[i], f["accuracy"][i] * 100), xytext=(6, 6 - 9 * (i % 3)),
+                    textcoords="offset points", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlim(min(lat.min(), lat_target) * 0.5, lat.max() * 2)
+    lo = min(f["accuracy"].min() * 100, acc_floor) - 5
+    ax.set_ylim(max(0, lo), 102)
+    ax.set_title("Accuracy vs latency (green zone: -80 % time; star = recommended)")
+    ax.set_xlabel("latency at batch 1, ms per image (median, log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3, which="both")
+
+    handles = [Patch(color=c, label=lab) for c, lab in (
+        ("tab:gray", "PyTorch fp32 (baseline)"), ("tab:purple", "PyTorch int8 (dynamic)"),
+        ("tab:blue", "ONNX Runtime fp32"), ("tab:orange", "ONNX Runtime int8"),
+        ("tab:olive", "student PyTorch fp32"), ("tab:green", "student ONNX Runtime int8"))]
+    if any(r["device"] != "cpu" for r in rows):
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="GPU (extra row, GPU price)"))
+    handles += [Line2D([], [], color="tab:red", linestyle="--", label="business target"),
+                Line2D([], [], color="tab:brown", linestyle=":", label="baseline accuracy - 1 pt"),
+                Patch(facecolor="white", edgecolor="black", linewidth=2.5, label="* recommended variant")]
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    out = save_figure(fig, path, overwrite)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# From the CSV: both outputs, and the command line
+# --------------------------------------------------------------------------------------------------
+def figure_title(rows: list[dict]) -> str:
+    base = rows[0]
+    student = next((r for r in rows if r["role"] == "student"), None)
+    return (f"Optimisation chain - {base['category']}, baseline {base['baseline_model']}"
+            + (f", student {student['model_name']}" if student else "")
+            + f" - {base['cpu_name']}, {base['threads']} thread(s), {len(rows)} variants"
+            + (" - DEMO: synthetic data, random-init models" if base["mode"] == "demo" else ""))
+
+
+def write_report(csv_path: str | Path, run_id: str | None, report: str | Path, figure: str | Path,
+                 overwrite: bool = False) -> tuple[Path, Path, list[dict]]:
+    """rapport.md and the summary figure of one run of the CSV (None = its last run). Returns both paths and the
+    rows used."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"{csv_path} not found: run optimization_pipeline.py first (it writes it).")
+    rows = read_csv_rows(csv_path)
+    if not rows or "run_id" not in rows[0] or "deployed_as" not in rows[0]:
+        raise UserError(f"{csv_path} holds no row of optimization_pipeline.py (empty, or another CSV).")
+    run_id = run_id or rows[-1]["run_id"]
+    rows = [r for r in rows if r["run_id"] == run_id]
+    if not rows:
+        raise UserError(f"no row with run_id {run_id} in {csv_path}.")
+    png = plot_summary(rows, Path(figure), figure_title(rows), overwrite)
+    report = Path(report)
+    keep_previous(report, overwrite)
+    atomic_write_text(report, report_markdown(rows, csv_path))
+    return report, png, rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Write the French report (rapport.md) and the summary figure of one run "
+                                            "of the optimisation pipeline from its CSV, without measuring again.")
+    p.add_argument("--csv", default=f"resultats/{REPORT_CSV}",
+                   help=f"the pipeline's CSV (default: resultats/{REPORT_CSV})")
+    p.add_argument("--run-id", default=None, help="which run of the CSV (default: the last one)")
+    p.add_argument("--report", default=REPORT_MD, help=f"the report to write (default: {REPORT_MD})")
+    p.add_argument("--figure", default=None, help=f"the figure to write (default: {REPORT_PNG} next to the CSV)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the report and figure instead of keeping the earlier ones with a timestamp")
+    args = p.parse_args(argv)
+    figure = args.figure or Path(args.csv).with_name(REPORT_PNG)
+    report, png, rows = write_report(args.csv, args.run_id, args.report, figure, args.overwrite)
+    print(f"{report} and {png} written from the {len(rows)} rows of run {rows[0]['run_id']} of {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

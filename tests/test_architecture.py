@@ -1,0 +1,98 @@
+"""The shape of the code: one definition of each decision, no script importing another for constants, a serving
+side without PyTorch that starts fast, one results schema for every CSV."""
+import ast
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import lab_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {"benchmark_gpu", "quantization_demo", "onnx_optimization", "optimization_pipeline", "score",
+           "deploy_azure", "load_test", "download_mvtec", "predict", "anomaly_detector"}
+SERVING = ("score", "load_test", "deploy_azure", "inference", "lab_io", "lab_targets", "rapport")
+
+
+def imports_of(path: Path) -> list[tuple[str, list[str]]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names]
+    return found
+
+
+def test_no_script_imports_constants_from_another_script():
+    for path in ROOT.glob("*.py"):
+        for module, names in imports_of(path):
+            if module in SCRIPTS and module != path.stem:
+                constants = [n for n in names if n.isupper()]
+                assert not constants, f"{path.name} imports constants {constants} from the script {module}.py"
+
+
+def test_each_target_and_price_is_defined_once():
+    values = {"0.192": 0, "0.526": 0}
+    for path in ROOT.glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for value in values:
+            values[value] += len(re.findall(rf"(?<![\d.]){re.escape(value)}(?!\d)", text))
+        if path.name != "lab_targets.py":
+            assert not re.search(r"^(TARGET_|PARITY_|CPU_PRICE|GPU_PRICE)\w* *=", text, re.M), path.name
+    assert values == {"0.192": 1, "0.526": 1}  # in lab_targets.py only
+
+
+@pytest.mark.parametrize("module", SERVING)
+def test_serving_side_imports_no_torch(module):
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch'; " \
+           f"assert 'transformers' not in sys.modules"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", ["load_test.py", "deploy_azure.py", "rapport.py"])
+def test_client_help_is_fast(script):
+    best = min(_timed_help(script) for _ in range(2))
+    assert best < 1.0, f"{script} --help took {best:.2f} s"
+
+
+def _timed_help(script: str) -> float:
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0 and "usage:" in res.stdout, res.stderr
+    return time.perf_counter() - t0
+
+
+def test_result_schema_has_units_directions_and_no_old_names():
+    for name, (unit, better, group, meaning) in lab_targets.RESULT_COLUMNS.items():
+        assert better in (lab_targets.HIGHER, lab_targets.LOWER, lab_targets.NEUTRAL), name
+    for old in lab_targets.RENAMED_COLUMNS:
+        assert old.split(" ")[0] not in lab_targets.RESULT_COLUMNS or old.startswith("mode"), old
+    for column in ("latency_median_ms", "size_mb", "cost_per_1000_images_usd", "accuracy_ci_high"):
+        assert lab_targets.better_direction(column) == lab_targets.LOWER
+    for column in ("accuracy", "speedup", "time_reduction_pct", "accuracy_delta_pt", "accuracy_ci_low"):
+        assert lab_targets.better_direction(column) == lab_targets.HIGHER
+    with pytest.raises(ValueError, match="accuracy_loss_pt"):
+        lab_targets.check_result_columns({"accuracy_loss_pt": 1.0})
+
+
+def test_rounding_never_flatters():
+    from rapport import num, sig
+
+    row = {"latency_median_ms": "10.001", "accuracy": "0.97499", "accuracy_delta_pt": "-0.001",
+           "accuracy_ci_low": "0.9251", "accuracy_ci_high": "0.9901", "speedup": "4.999", "size_mb": "29.991",
+           "cost_per_1000_images_usd": "0.00005331", "mcnemar_p": "0.125", "time_reduction_pct": "79.99"}
+    assert num(row, "latency_median_ms", 2) == "10,01"       # slower
+    assert num(row, "accuracy", 2, 100) == "97,49"           # less accurate
+    assert num(row, "accuracy_delta_pt", 2) == "-0,01"       # a larger loss, never "0,00"
+    assert (num(row, "accuracy_ci_low", 1, 100), num(row, "accuracy_ci_high", 1, 100)) == ("92,5", "99,1")  # wider
+    assert num(row, "speedup", 2) == "4,99" and num(row, "time_reduction_pct", 0) == "79"  # not "-80 %" reached
+    assert num(row, "size_mb", 1) == "30,0"                  # not under 30 MB by rounding
+    assert sig(row, "cost_per_1000_images_usd") == "0,0000534"  # costlier
+    assert num(row, "mcnemar_p", 2) == "0,12"                # neutral: half-even
+    assert num({"accuracy": ""}, "accuracy") == "n/m"
