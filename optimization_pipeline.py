@@ -14,11 +14,15 @@ the speed and cost targets; --bench-batch-size = throughput):
   4. ort-int8-dynamic        ONNX Runtime dynamic int8 (QInt8 weights)
   5. student-pytorch-fp32    a smaller ViT fine-tuned with knowledge distillation from the baseline's logits,
      student-ort-int8-dynamic  and its ONNX Runtime int8 form.
-Recommended = the fastest CPU variant at batch 1 that passes the guards: accuracy loss < 1 pt vs the baseline and,
-for ONNX variants, a faithful conversion (the fp32 ONNX graph a variant runs or was quantized from gives >= 99.5 %
-the same predictions as its PyTorch model, accuracy within 0.5 pt: onnx_optimization.parity); what int8 changes is
-judged by the loss guard and reported too. It is saved as modeles/model_final.onnx + model_final.json when it is an
-ONNX variant (else the fastest ONNX variant that passes the guards is).
+Each variant is judged against the model it was made from and the baseline by the rules of lab_targets.py (the same
+as quantization_demo.py and onnx_optimization.py): accuracy loss < 1 pt vs the baseline, its own guard (int8 =
+quantization loss, fp32 graph = conversion parity) and, for ONNX variants, the parity of the fp32 graph they run or
+were quantized from. Recommended = the fastest CPU variant at batch 1 that passes (lab_targets.recommend);
+modeles/model_final.onnx + model_final.json = lab_targets.choose_deployable. The report and its figure are written
+by rapport.py from the CSV alone (`python rapport.py` regenerates them without measuring again).
+
+Reads top to bottom as the chain: parse_args -> baseline_step -> torch_int8_step -> onnx_files -> student_step ->
+time_variants -> build_rows -> deploy_final -> CSV -> rapport.write_report -> package.
 """
 from __future__ import annotations
 
