@@ -38,7 +38,8 @@ LIVENESS = {"initial_delay": 30, "period": 10, "timeout": 2, "failure_threshold"
 READINESS = {"initial_delay": 10, "period": 10, "timeout": 2, "failure_threshold": 3, "success_threshold": 1}
 # score.py and the torch-free modules it imports: the only code uploaded (tests check the list is complete)
 SCORING_CODE = ("score.py", "inference.py", "lab_io.py", "lab_targets.py")
-CONDA_PACKAGES = ("onnxruntime", "numpy", "pillow", "azureml-inference-server-http")  # what score.py imports
+# what score.py imports (onnxruntime or openvino, as the sidecar's engine says)
+CONDA_PACKAGES = ("onnxruntime", "openvino", "numpy", "pillow", "azureml-inference-server-http")
 STAGE_MARKER = ".staged_by_deploy_azure"
 SDK_HINT = "pip install azure-ai-ml azure-identity (listed in requirements.txt)"
 
@@ -115,11 +116,16 @@ def stage(meta: dict, sidecar_path: Path, stage_dir: Path) -> dict:
         folder.mkdir(parents=True)
     marker.write_text("model/ and code/ here are copies made by deploy_azure.py, replaced on every run\n")
     onnx_copy = shutil.copy2(meta["onnx_path"], out["model"] / Path(meta["onnx_path"]).name)
+    copies = [(onnx_copy, meta["sha256"])]
+    if meta.get("weights_file"):  # an OpenVINO IR: the .xml and its .bin weights
+        weights = Path(meta["onnx_path"]).with_name(meta["weights_file"])
+        copies.append((shutil.copy2(weights, out["model"] / weights.name), meta["weights_sha256"]))
     shutil.copy2(sidecar_path, out["model"] / sidecar_path.name)
     for name in SCORING_CODE:
         shutil.copy2(HERE / name, out["code"] / name)
-    if sha256_file(onnx_copy) != meta["sha256"]:
-        raise UserError(f"the copy {onnx_copy} does not match the sidecar's sha256 (disk full?).")
+    for copy, digest in copies:
+        if sha256_file(copy) != digest:
+            raise UserError(f"the copy {copy} does not match the sidecar's sha256 (disk full?).")
     return out
 
 

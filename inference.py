@@ -25,6 +25,7 @@ from lab_targets import LABELS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # what the lab reads as images
 SIDECAR_FORMAT = "tp4-onnx-sidecar-v1"
+ENGINE_ORT, ENGINE_OV = "onnxruntime", "openvino"
 FINAL_ONNX, FINAL_SIDECAR = "model_final.onnx", "model_final.json"
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
 REQUIRED_KEYS = ("format", "model_file", "variant", "category", "labels", "input_name", "output_name",
@@ -124,18 +125,27 @@ def onnx_opset(path: str | Path) -> int:
 
 def write_sidecar(onnx_path: str | Path, *, variant: str, category: str, preprocessing: dict, exporter: str,
                   source_checkpoint: str | Path, base_model: str, parity_result: dict, metrics: dict,
-                  threshold: float = 0.5, sidecar_path: str | Path | None = None, overwrite: bool = False) -> dict:
-    """Write `<onnx stem>.json` next to the model (format tp4-onnx-sidecar-v1), atomically. Returns it."""
+                  threshold: float = 0.5, engine: str = ENGINE_ORT, precision_hint: str = "f32",
+                  sidecar_path: str | Path | None = None, overwrite: bool = False) -> dict:
+    """Write `<model stem>.json` next to the model (format tp4-onnx-sidecar-v1), atomically. Returns it.
+
+    The model is an ONNX file (engine onnxruntime or openvino) or an OpenVINO IR .xml with its .bin weights
+    (engine openvino); `precision_hint` is OpenVINO's INFERENCE_PRECISION_HINT (f32 or bf16)."""
     onnx_path = Path(onnx_path)
     sidecar_path = Path(sidecar_path) if sidecar_path else onnx_path.with_suffix(".json")
-    sidecar = {"format": SIDECAR_FORMAT, "model_file": onnx_path.name, "variant": variant, "category": category,
+    weights = onnx_path.with_suffix(".bin") if onnx_path.suffix == ".xml" else None
+    sidecar = {"format": SIDECAR_FORMAT, "model_file": onnx_path.name, "engine": engine,
+               "precision_hint": precision_hint, "variant": variant, "category": category,
                "labels": list(LABELS), "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
                "threshold": float(threshold), "threshold_rule": THRESHOLD_TEXT,
-               "preprocessing": sidecar_preprocessing(preprocessing), "opset": onnx_opset(onnx_path),
+               "preprocessing": sidecar_preprocessing(preprocessing),
+               "opset": onnx_opset(onnx_path) if onnx_path.suffix == ".onnx" else None,
                "exporter": exporter, "source_checkpoint": str(source_checkpoint), "base_model": base_model,
                "parity": json_safe(parity_result), "metrics": json_safe(metrics),
                "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                "versions": library_versions(), "sha256": sha256_file(onnx_path)}
+    if weights is not None:
+        sidecar.update(weights_file=weights.name, weights_sha256=sha256_file(weights))
     keep_previous(sidecar_path, overwrite)
     atomic_write_text(sidecar_path, json.dumps(sidecar, indent=1, allow_nan=False) + "\n")
     return sidecar
@@ -207,23 +217,45 @@ def read_sidecar(path: str | Path, verify_sha256: bool = True) -> dict:
             raise ValueError(f"sha256 of {onnx_path} ({actual[:12]}...) differs from its sidecar's "
                              f"({str(meta['sha256'])[:12]}...): the ONNX file was changed or the sidecar is stale; "
                              "re-run onnx_optimization.py")
+    engine = meta.setdefault("engine", ENGINE_ORT)  # sidecars written before OpenVINO: ONNX Runtime
+    precision = meta.setdefault("precision_hint", "f32")
+    if engine not in (ENGINE_ORT, ENGINE_OV) or precision not in ("f32", "bf16") or \
+            (engine == ENGINE_ORT and precision != "f32"):
+        raise ValueError(f"sidecar {path}: engine {engine!r} with precision {precision!r} is not supported "
+                         f"({ENGINE_ORT} f32, or {ENGINE_OV} f32/bf16)")
+    if meta.get("weights_file"):
+        weights = path.parent / meta["weights_file"]
+        if not weights.is_file():
+            raise FileNotFoundError(f"weights file {weights} named by {path} does not exist")
+        if verify_sha256 and sha256_file(weights) != meta.get("weights_sha256"):
+            raise ValueError(f"sha256 of {weights} differs from its sidecar's: the weights were changed or the "
+                             "sidecar is stale; re-run onnx_optimization.py")
     threshold = meta.get("threshold", 0.5)  # sidecars written before the threshold existed: argmax
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"sidecar {path}: threshold must be a probability in [0, 1], got {threshold!r}")
     return {**meta, "threshold": float(threshold), "onnx_path": str(onnx_path)}
 
 
+def final_path(src: str | Path, models_dir: str | Path) -> Path:
+    """Where save_final() copies a model: model_final.onnx, or model_final.xml (+ .bin) for an OpenVINO IR."""
+    return Path(models_dir) / f"{Path(FINAL_ONNX).stem}{Path(src).suffix}"
+
+
 def save_final(src: str | Path, models_dir: str | Path, overwrite: bool) -> Path:
-    """Copy the chosen model file to models_dir/model_final.onnx (atomic, an earlier one kept)."""
+    """Copy the chosen model file to models_dir/model_final.onnx, or an OpenVINO IR to model_final.xml + .bin
+    (atomic, earlier ones kept). Returns the model file written."""
     import shutil
 
-    final = Path(models_dir) / FINAL_ONNX
+    src = Path(src)
+    final = final_path(src, models_dir)
+    pairs = [(src, final)] + ([(src.with_suffix(".bin"), final.with_suffix(".bin"))] if src.suffix == ".xml" else [])
+    for source, target in reversed(pairs):  # the weights first: a model file never points at missing weights
+        def write(tmp: Path, source=source, target=target) -> None:
+            shutil.copyfile(source, tmp)
+            keep_previous(target, overwrite)
 
-    def write(tmp: Path) -> None:
-        shutil.copyfile(src, tmp)
-        keep_previous(final, overwrite)
-
-    return atomic_write(final, write)
+        atomic_write(target, write)
+    return final
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,8 +279,83 @@ def make_session(path: str | Path, threads: int | None = None):
                         f"{(str(exc).splitlines() or [''])[0][:200]}).") from None
 
 
+class Runner:
+    """One model compiled for the CPU by one engine: run(float32 [N, 3, H, W]) -> logits float32 [N, 2].
+
+    engine 'onnxruntime' (an ONNX file) or 'openvino' (an ONNX file or an IR .xml); `precision` is OpenVINO's
+    INFERENCE_PRECISION_HINT, always set explicitly ('f32' or 'bf16': on a CPU with BF16, OpenVINO's silent default
+    is bf16). `threads`: intra-op threads (None = the engine's default)."""
+
+    def __init__(self, path: str | Path, engine: str = ENGINE_ORT, threads: int | None = None,
+                 precision: str = "f32"):
+        self.path, self.engine, self.threads, self.precision = Path(path), engine, threads, precision
+        if engine == ENGINE_ORT:
+            if precision != "f32":
+                raise ValueError(f"ONNX Runtime on CPU runs the graph's own precision, not {precision!r}")
+            session = make_session(path, threads)
+            feed_name = session.get_inputs()[0].name
+            self.run = lambda x: session.run(None, {feed_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+            self.session = session
+        elif engine == ENGINE_OV:
+            request, self.precision = _openvino_request(path, threads, precision)
+            self.run = lambda x: request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})[0].copy()
+        else:
+            raise ValueError(f"unknown engine {engine!r}: use {ENGINE_ORT} or {ENGINE_OV}")
+
+
+def cpu_supports(precision: str) -> bool:
+    """Whether OpenVINO can run `precision` natively on this CPU ('f32' always; 'bf16' with AVX-512 BF16 or AMX)."""
+    if precision == "f32":
+        return True
+    try:
+        import openvino as ov
+    except ImportError:
+        return False
+    return precision.upper() in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def _openvino_request(path, threads, precision):
+    try:
+        import openvino as ov
+    except ImportError:
+        raise UserError("openvino is not installed: pip install -r requirements.txt") from None
+    if not cpu_supports(precision):
+        raise UserError(f"this CPU cannot run OpenVINO in {precision} (it lacks AVX-512 BF16 / AMX)")
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    try:
+        compiled = ov.Core().compile_model(str(path), "CPU", config)
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError with a long log
+        raise UserError(f"OpenVINO cannot load {path} ({type(exc).__name__}: "
+                        f"{(str(exc).splitlines() or [''])[0][:200]}).") from None
+    actual = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # what really runs: 'f32', 'bf16'
+    return compiled.create_infer_request(), actual
+
+
+def runner_predict_logits(runner: Runner, loader, desc: str = "predict"):
+    """Run a Runner over a loader of (pixels, labels): (logits float32 [N, 2], labels int64 [N])."""
+    from tqdm.auto import tqdm
+
+    logits, labels = [], []
+    for pixels, y in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        logits.append(runner.run(np.asarray(pixels, dtype=np.float32)))
+        labels.append(np.asarray(y))
+    if not logits:
+        return np.zeros((0, 2), np.float32), np.zeros((0,), np.int64)
+    return np.concatenate(logits).astype(np.float32), np.concatenate(labels).astype(np.int64)
+
+
+def benchmark_runner(runner: Runner, inputs: np.ndarray, *, warmup: int = 5, runs: int = 30,
+                     max_seconds: float | None = 60.0, desc: str = "benchmark") -> dict:
+    """lab_io.benchmark on runner.run with a fixed numpy batch (prepared once, outside the timing)."""
+    x = np.ascontiguousarray(inputs, dtype=np.float32)
+    return benchmark(lambda: runner.run(x), batch_size=int(x.shape[0]), device="cpu", threads=runner.threads,
+                     warmup=warmup, runs=runs, max_seconds=max_seconds, desc=desc)
+
+
 def ort_predict_logits(session, loader, desc: str = "onnxruntime"):
-    """Run a session over a loader of (pixels, labels): (logits float32 [N, 2], labels int64 [N])."""
+    """Run an ORT session over a loader of (pixels, labels): (logits float32 [N, 2], labels int64 [N])."""
     from tqdm.auto import tqdm
 
     input_name = session.get_inputs()[0].name
@@ -261,41 +368,36 @@ def ort_predict_logits(session, loader, desc: str = "onnxruntime"):
     return np.concatenate(logits).astype(np.float32), np.concatenate(labels).astype(np.int64)
 
 
-def benchmark_session(session, inputs: np.ndarray, *, threads: int | None, warmup: int = 5, runs: int = 30,
-                      max_seconds: float | None = 60.0, desc: str = "onnxruntime") -> dict:
-    """lab_io.benchmark on session.run with a fixed numpy batch (prepared once, outside the timing)."""
-    feed = {session.get_inputs()[0].name: np.ascontiguousarray(inputs, dtype=np.float32)}
-    return benchmark(lambda: session.run(None, feed), batch_size=int(inputs.shape[0]), device="cpu",
-                     threads=threads, warmup=warmup, runs=runs, max_seconds=max_seconds, desc=desc)
-
-
-class OnnxClassifier:
-    """The model a sidecar describes, ready to score preprocessed batches."""
+class Classifier:
+    """The model a sidecar describes (ONNX Runtime or OpenVINO), ready to score preprocessed batches."""
 
     def __init__(self, sidecar_path: str | Path, threads: int = 0):
         self.meta = read_sidecar(sidecar_path)
-        self.session = make_session(self.meta["onnx_path"], threads)
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = [o.name for o in self.session.get_outputs()]
-        if self.meta["input_name"] not in inputs or self.meta["output_name"] not in outputs:
-            raise ValueError(f"{self.meta['onnx_path']} has inputs {list(inputs)} and outputs {outputs}, the sidecar "
-                             f"names {self.meta['input_name']!r} -> {self.meta['output_name']!r}")
-        batch_dim = inputs[self.meta["input_name"]].shape[0]
-        self.max_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None  # None = dynamic
+        self.runner = Runner(self.meta["onnx_path"], self.meta["engine"], threads or None,
+                             self.meta["precision_hint"])
+        self.max_batch = None
+        if self.meta["engine"] == ENGINE_ORT:
+            inputs = {i.name: i for i in self.runner.session.get_inputs()}
+            outputs = [o.name for o in self.runner.session.get_outputs()]
+            if self.meta["input_name"] not in inputs or self.meta["output_name"] not in outputs:
+                raise ValueError(f"{self.meta['onnx_path']} has inputs {list(inputs)} and outputs {outputs}, the "
+                                 f"sidecar names {self.meta['input_name']!r} -> {self.meta['output_name']!r}")
+            batch_dim = inputs[self.meta["input_name"]].shape[0]
+            self.max_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None  # None = dynamic
         self.labels = list(self.meta["labels"])
         self.anomaly_index = self.labels.index("anomaly")
         self.threshold = self.meta["threshold"]
         self.preprocessing = self.meta["preprocessing"]
         self.info = {k: self.meta.get(k) for k in ("variant", "sha256", "created", "category", "model_file",
-                                                  "base_model", "opset", "threshold")}
+                                                  "engine", "base_model", "opset", "threshold")}
+        self.info["precision"] = self.runner.precision
         self.info["labels"] = self.labels
         self.info["input_size"] = self.preprocessing["image_size"]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, 3, H, W] -> probabilities [N, n_labels] (float64)."""
         step = self.max_batch or len(batch)
-        logits = np.concatenate([self.session.run([self.meta["output_name"]],
-                                                  {self.meta["input_name"]: batch[i:i + step]})[0]
+        logits = np.concatenate([self.runner.run(batch[i:i + step])
                                  for i in range(0, len(batch), step)]).astype(np.float64)
         z = logits - logits.max(axis=1, keepdims=True)
         e = np.exp(z)

@@ -215,6 +215,11 @@ def cpu_flags() -> str:
     return ""
 
 
+def cpu_has_bf16() -> bool:
+    """bf16 matrix products in hardware (AVX-512 BF16 or AMX): where bf16 variants can be faster, not emulated."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
+
+
 def physical_cores() -> int | None:
     """Physical cores (what ONNX Runtime uses by default for intra-op threads); None when it cannot be read."""
     cores, phys = set(), "0"

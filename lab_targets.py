@@ -28,6 +28,9 @@ TARGET_MIN_ACCURACY = 0.95         # test accuracy > 95 %
 TARGET_MAX_LOSS_PT = 1.0           # accuracy loss of a quantized model vs its fp32 source < 1 point
 PARITY_MIN_AGREEMENT = 0.995       # a converted fp32 graph agrees with PyTorch on >= 99.5 % of the test images
 PARITY_MAX_ACCURACY_DIFF_PT = 0.5  # ... and its accuracy differs by < 0.5 point
+# An int8 model whose predictions differ from fp32 on <= 1 % of images cannot lose >= 1 pt on them: the mixed-precision
+# rule of onnx_optimization.quantize_openvino_int8 aims at it on train + val images (no labels, never the test split)
+INT8_MIN_AGREEMENT = 1.0 - TARGET_MAX_LOSS_PT / 100.0
 
 LAB_EPOCHS = 3                     # the lab's command: benchmark_gpu.py --epochs 3 (pretrained models)
 
@@ -37,7 +40,8 @@ CPU_VM, CPU_PRICE = "Azure Standard_D4s_v5 (4 vCPU, 16 GiB), East US", 0.192
 GPU_VM, GPU_PRICE = "Azure Standard_NC4as_T4_v3 (1x NVIDIA T4), East US", 0.526
 PRICE_NOTE = f"pay-as-you-go Linux list prices as of 2024, check {PRICE_URL}"
 
-# What the lab asks students to hand in (the archive of optimization_pipeline.py --package), and what makes each
+# What the lab asks students to hand in (the archive of optimization_pipeline.py --package), and what makes each;
+# "a|b": either file (the deployable model is model_final.onnx, or model_final.xml + .bin for OpenVINO IR)
 LAB_DELIVERABLES = {
     "resultats/benchmark_cpu_gpu.csv": "part 1: python benchmark_gpu.py",
     "resultats/benchmark_cpu_gpu.png": "part 1: python benchmark_gpu.py",
@@ -51,13 +55,13 @@ LAB_DELIVERABLES = {
     "resultats/optimization_complete.png": "python optimization_pipeline.py",
     "modeles/model_cpu.pth": "part 1 or the pipeline (fp32 baseline)",
     "modeles/model_quantized.pth": "part 2 or the pipeline without --skip-torch-int8",
-    "modeles/model_final.onnx": "part 3 or the pipeline without --skip-onnx",
+    "modeles/model_final.onnx|modeles/model_final.xml": "part 3 or the pipeline without --skip-onnx",
     "modeles/model_final.json": "part 3 or the pipeline without --skip-onnx",
     "rapport.md": "python optimization_pipeline.py (or python rapport.py)",
 }
 
 CONVERSION, QUANTIZATION = "conversion", "quantization"
-DEPLOYABLE_BACKENDS = ("onnxruntime",)  # what score.py can serve (model_final + its sidecar)
+DEPLOYABLE_BACKENDS = ("onnxruntime", "openvino")  # what score.py can serve (model_final + its sidecar)
 THRESHOLD_RULE = "best balanced accuracy on the validation split (midpoint between neighbouring scores)"
 
 
@@ -192,8 +196,9 @@ def judge_variant(kind: str, reference_preds, preds, labels) -> dict:
 
 
 def guard_kind(variant: str) -> str:
-    """int8 variants are judged as quantizations, every fp32 graph as a conversion."""
-    return QUANTIZATION if "int8" in variant else CONVERSION
+    """int8 and bf16 variants (fewer bits than the fp32 model) are judged as quantizations, every fp32 graph as a
+    conversion."""
+    return QUANTIZATION if "int8" in variant or "bf16" in variant else CONVERSION
 
 
 def judge_logits(kind: str, reference_logits, logits, labels, *, threshold: float = 0.5,
@@ -286,8 +291,9 @@ RESULT_COLUMNS = {
     "step": ("", NEUTRAL, _ID, "step of the pipeline (1-5)"),
     "variant": ("", NEUTRAL, _ID, "name of the variant, e.g. ort-int8-dynamic"),
     "role": ("", NEUTRAL, _ID, "baseline or student"),
-    "backend": ("", NEUTRAL, _MODEL, "pytorch or onnxruntime"),
-    "precision": ("", NEUTRAL, _MODEL, "numeric format of the weights: fp32, int8"),
+    "backend": ("", NEUTRAL, _MODEL, "pytorch, onnxruntime or openvino"),
+    "precision": ("", NEUTRAL, _MODEL, "numeric format that really runs: fp32, bf16, int8 (int8+bf16: int8 "
+                                       "weights, the rest in bf16)"),
     "method": ("", NEUTRAL, _MODEL, "how the variant was made"),
     "engine": ("", NEUTRAL, _MODEL, "torch quantized engine (x86, fbgemm, onednn, qnnpack)"),
     "qscheme": ("", NEUTRAL, _MODEL, "int8 weight scheme"),

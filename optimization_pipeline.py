@@ -9,11 +9,14 @@ Variants, all timed on the CPU with the same threads and the same test images (b
 the speed and cost targets; --bench-batch-size = throughput):
   1. pytorch-fp32            the baseline fine-tuned (--resume reuses benchmark_gpu.py's modeles/model_cpu_<cat>.pth)
      pytorch-fp32-gpu        the same model on the GPU when there is one (extra row, never the reference)
+     pytorch-bf16            the same model under torch.autocast bf16 (only where the CPU has AVX-512 BF16 / AMX)
   2. pytorch-int8-dynamic    torch.ao dynamic int8 of the nn.Linear layers (quantization_demo.py)
   3. ort-fp32-optimized      ONNX Runtime fp32, ORT's transformer fusion (onnx_optimization.py)
   4. ort-int8-dynamic        ONNX Runtime dynamic int8 (QInt8 weights)
+     ov-fp32, ov-bf16        OpenVINO on the exported ONNX file, INFERENCE_PRECISION_HINT f32 / bf16 (bf16: CPU has it)
+     ov-int8-nncf[-bf16]     OpenVINO int8 by NNCF post-training quantization on training images (rest f32 / bf16)
   5. student-pytorch-fp32    a smaller ViT fine-tuned with knowledge distillation from the baseline's logits,
-     student-ort-int8-dynamic  and its ONNX Runtime int8 form.
+     student-ort-int8-dynamic, student-ov-int8-nncf[-bf16]  and its int8 forms.
 Each variant is judged against the model it was made from and the baseline by the rules of lab_targets.py (the same
 as quantization_demo.py and onnx_optimization.py): accuracy loss < 1 pt vs the baseline, its own guard (int8 =
 quantization loss, fp32 graph = conversion parity) and, for ONNX variants, the parity of the fp32 graph they run or
@@ -41,10 +44,10 @@ import torch.nn.functional as F
 
 import onnx_optimization as oo
 import quantization_demo as qd
-from inference import (benchmark_session, make_session, onnx_opset, ort_predict_logits, save_final,
+from inference import (ENGINE_ORT, Runner, benchmark_runner, onnx_opset, runner_predict_logits, save_final,
                        write_sidecar)
-from lab_io import (UserError, append_csv_rows, atomic_write, environment_columns, format_table, keep_previous,
-                    run_cli, run_id, size_on_disk_mb)
+from lab_io import (UserError, append_csv_rows, atomic_write, cpu_has_bf16, environment_columns, format_table,
+                    keep_previous, run_cli, run_id, size_on_disk_mb)
 from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, GPU_PRICE, GPU_VM, LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE,
                          QUANTIZATION, TARGETS, choose_deployable, format_accuracy, guard_columns, guard_kind,
                          judge_logits, measured_columns, recommend, targets_met, variant_passes)
@@ -131,6 +134,10 @@ def parse_args(argv=None):
     p.add_argument("--skip-torch-int8", action="store_true", help="skip step 2 (PyTorch dynamic int8)")
     p.add_argument("--skip-onnx", action="store_true", help="skip steps 3-4 and the student's ONNX form")
     p.add_argument("--skip-student", action="store_true", help="skip step 5 (distilled student)")
+    p.add_argument("--skip-openvino", action="store_true",
+                   help="skip the OpenVINO variants (fp32, bf16 where the CPU has it, NNCF int8) and PyTorch bf16")
+    p.add_argument("--calibration-images", type=int, default=128,
+                   help="training images that calibrate NNCF's int8 quantization (default: 128)")
     p.add_argument("--skip-gpu", action="store_true", help="no GPU row even when a GPU is present")
     p.add_argument("--models-dir", default="modeles", help="checkpoints and ONNX files (default: modeles)")
     p.add_argument("--results-dir", default="resultats", help="CSV and figure (default: resultats)")
@@ -189,6 +196,18 @@ class TeacherAdapter(torch.nn.Module):
         if tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
         return model_logits(self.teacher, (x - self.t_mean) / self.t_std)
+
+
+class Bf16Autocast(torch.nn.Module):
+    """The same model run under torch.autocast('cpu', bfloat16): matmuls in bf16, logits back in fp32."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model_logits(self.model, pixel_values).float()
 
 
 def is_fresh(path: Path, *sources: Path) -> bool:
@@ -364,7 +383,8 @@ class Variant:
     labels: np.ndarray
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     model: object = None
-    session: object = None
+    runner: object = None
+    precision_hint: str = "f32"
     reference: "Variant | None" = None
     judged: dict | None = None
     conversion: dict | None = None
@@ -389,21 +409,37 @@ def torch_variant(name, step, role, model, loader, *, precision, file, model_nam
                    model=model, reference=reference, judged=judged, reused=reused)
 
 
-def ort_variant(name, step, role, path: Path, reference: Variant, *, threads, exporter, fp32_graph: Path) -> Variant:
-    """An ONNX Runtime variant judged against the PyTorch model it comes from; `fp32_graph`: the fp32 ONNX file it
-    runs or was quantized from, whose conversion parity is checked too."""
-    session = make_session(path, threads)
-    logits, labels = ort_predict_logits(session, reference.loader, desc=f"{name} test")
+def engine_variant(name, step, role, path: Path, reference: Variant, *, engine=ENGINE_ORT, precision="f32",
+                   threads, exporter, fp32_graph: Path) -> Variant:
+    """An ONNX Runtime or OpenVINO variant judged against the PyTorch model it comes from; `fp32_graph`: the fp32
+    ONNX file it runs or was quantized from, whose conversion parity in the same engine is checked too."""
+    runner = Runner(path, engine, threads, precision)
+    logits, labels = runner_predict_logits(runner, reference.loader, desc=f"{name} test")
     judge = dict(threshold=reference.threshold, reference=reference.name)
     judged = judge_logits(guard_kind(name), reference.logits, logits, labels, **judge)
-    conversion = judged if path == fp32_graph else judge_logits(
+    same_graph = path == fp32_graph and runner.precision == "f32"
+    conversion = judged if same_graph else judge_logits(
         CONVERSION, reference.logits,
-        ort_predict_logits(make_session(fp32_graph, threads), reference.loader, desc=f"{fp32_graph.name} test")[0],
-        labels, **judge)
-    return Variant(name, step, role, "onnxruntime", "int8" if "int8" in name else "fp32", path, size_on_disk_mb(path),
+        runner_predict_logits(Runner(fp32_graph, engine, threads), reference.loader,
+                              desc=f"{fp32_graph.name} {engine} test")[0], labels, **judge)
+    return Variant(name, step, role, engine, oo.variant_precision(name, runner), path, oo.model_size_mb(path),
                    reference.model_name, reference.params_m, reference.threshold, reference.loader, logits, labels,
-                   session=session, reference=reference, judged=judged, conversion=conversion,
-                   graph_file=fp32_graph.name, exporter=exporter, opset=onnx_opset(path))
+                   runner=runner, reference=reference, judged=judged, conversion=conversion,
+                   graph_file=f"{fp32_graph.name} ({engine})", exporter=exporter,
+                   opset=onnx_opset(path) if path.suffix == ".onnx" else "", precision_hint=runner.precision)
+
+
+def openvino_step(args, data: Data, ckpt, fp32_onnx: Path, reference: Variant, step: int, prefix: str, *,
+                  threads, exporter, names=None) -> list[Variant]:
+    """OpenVINO variants of one model (fp32, bf16 where the CPU has it, NNCF int8), each judged like the others."""
+    loaders = data.loaders(ckpt["preprocessing"], ("train", "val"), augment="none")
+    specs = oo.openvino_variants(fp32_onnx, Path(args.models_dir), reference.model,
+                                 {n: loader.dataset for n, loader in loaders.items()}, reference.threshold,
+                                 args.calibration_images, args.overwrite, prefix=prefix)
+    return [engine_variant(f"{'student-' if reference.role == 'student' else ''}{name}", step, reference.role, path,
+                           reference, engine=engine, precision=precision, threads=threads, exporter=exporter,
+                           fp32_graph=fp32_onnx)
+            for name, (path, engine, precision) in specs.items() if names is None or name in names]
 
 
 def time_variants(variants: list[Variant], args, threads: int) -> None:
@@ -416,7 +452,7 @@ def time_variants(variants: list[Variant], args, threads: int) -> None:
             if v.backend == "pytorch":
                 setattr(v, key, benchmark_torch_model(v.model, batch, v.device, desc=desc, **bench))
             else:
-                setattr(v, key, benchmark_session(v.session, batch.numpy(), threads=threads, desc=desc, **bench))
+                setattr(v, key, benchmark_runner(v.runner, batch.numpy(), desc=desc, **bench))
     for v in variants:
         if v.device.type != "cpu":
             v.model.cpu()
@@ -478,7 +514,7 @@ def deploy_final(rows: list[dict], variants: list[Variant], args, checkpoints: d
     write_sidecar(final, variant=v.name, category=args.category, preprocessing=ckpt["preprocessing"],
                   exporter=v.exporter, source_checkpoint=source, base_model=ckpt["model_name"],
                   parity_result={**v.judged, "onnx_conversion": v.conversion}, metrics=v.metrics,
-                  threshold=v.threshold, overwrite=args.overwrite)
+                  threshold=v.threshold, engine=v.backend, precision_hint=v.precision_hint, overwrite=args.overwrite)
     final_row["deployed_as"] = str(final)
     return final
 
@@ -504,7 +540,8 @@ def package_members(args, *, models: dict) -> tuple[dict, list[str]]:
             members[f"modeles/{name}"] = Path(p)
     if Path(args.report).is_file():
         members["rapport.md"] = Path(args.report)
-    missing = [f"{name} ({made_by})" for name, made_by in LAB_DELIVERABLES.items() if name not in members]
+    missing = [f"{name.replace('|', ' or ')} ({made_by})" for name, made_by in LAB_DELIVERABLES.items()
+               if not any(alternative in members for alternative in name.split("|"))]
     return members, missing
 
 
@@ -558,6 +595,9 @@ def main(argv=None) -> int:
     if gpu is not None:
         variants.append(torch_variant("pytorch-fp32-gpu", 1, "baseline", copy.deepcopy(base_model), test,
                                       precision="fp32", device=gpu, **same))
+    if not args.skip_openvino and cpu_has_bf16():  # bf16 matmuls in hardware (AVX-512 BF16 / AMX)
+        variants.append(torch_variant("pytorch-bf16", 1, "baseline", Bf16Autocast(base_model), test, precision="bf16",
+                                      reference=base, params_m=base.params_m, **same))
     # 2. PyTorch int8
     quant_path = None
     if not args.skip_torch_int8:
@@ -571,11 +611,14 @@ def main(argv=None) -> int:
         files = onnx_files(args, base_model, base_ckpt, base_path, "model_", optimize=True)
         print("   " + "; ".join(files["notes"]))
         fp32_file = files["fp32-optimized"] or files["fp32"]
-        variants.append(ort_variant("ort-fp32-optimized" if files["fp32-optimized"] else "ort-fp32", 3, "baseline",
-                                    fp32_file, base, threads=threads, exporter=files["exporter"],
-                                    fp32_graph=fp32_file))
-        variants.append(ort_variant("ort-int8-dynamic", 4, "baseline", files["int8"], base, threads=threads,
-                                    exporter=files["exporter"], fp32_graph=files["fp32"]))
+        variants.append(engine_variant("ort-fp32-optimized" if files["fp32-optimized"] else "ort-fp32", 3,
+                                       "baseline", fp32_file, base, threads=threads, exporter=files["exporter"],
+                                       fp32_graph=fp32_file))
+        variants.append(engine_variant("ort-int8-dynamic", 4, "baseline", files["int8"], base, threads=threads,
+                                       exporter=files["exporter"], fp32_graph=files["fp32"]))
+        if not args.skip_openvino:
+            variants += openvino_step(args, data, base_ckpt, files["fp32"], base, 4, "model_", threads=threads,
+                                      exporter=files["exporter"])
     # 5. distilled student (+ its ONNX int8)
     student_ckpt, s_path = None, None
     if not args.skip_student:
@@ -587,8 +630,12 @@ def main(argv=None) -> int:
         variants.append(student)
         if not args.skip_onnx:
             files = onnx_files(args, s_model, student_ckpt, s_path, "model_student_", optimize=False)
-            variants.append(ort_variant("student-ort-int8-dynamic", 5, "student", files["int8"], student,
-                                        threads=threads, exporter=files["exporter"], fp32_graph=files["fp32"]))
+            variants.append(engine_variant("student-ort-int8-dynamic", 5, "student", files["int8"], student,
+                                           threads=threads, exporter=files["exporter"], fp32_graph=files["fp32"]))
+            if not args.skip_openvino:  # the student's int8 forms only: its fp32 / bf16 forms add no information
+                variants += openvino_step(args, data, student_ckpt, files["fp32"], student, 5, "model_student_",
+                                          threads=threads, exporter=files["exporter"],
+                                          names=("ov-int8-nncf", "ov-int8-nncf-bf16"))
 
     # timing: every variant in the same run, same threads, same images
     print(f"timing {len(variants)} variants: batch 1 and batch {args.bench_batch_size}, {args.warmup} warm-up + up to "
@@ -605,10 +652,10 @@ def main(argv=None) -> int:
     print_summary(rows, final)
     print(f"results appended to {csv_path} (run_id {rid}); figure {png}; report {report}")
     if args.package:
+        finals = [final, final.with_suffix(".json")] + ([final.with_suffix(".bin")] if final.suffix == ".xml" else []) \
+            if final else []
         members, missing = package_members(args, models={"model_cpu.pth": base_path, "model_quantized.pth": quant_path,
-                                                         "model_final.onnx": final,
-                                                         "model_final.json": final.with_suffix(".json") if final
-                                                         else None})
+                                                         **{p.name: p for p in finals}})
         zip_path = write_package(Path(args.package), members, args.overwrite)
         print(f"archive written: {zip_path} ({len(members)} files, {size_on_disk_mb(zip_path):.1f} MB)")
         if missing:

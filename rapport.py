@@ -268,12 +268,23 @@ def describe_variant(r: dict, base: dict, by: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 # Figure
 # --------------------------------------------------------------------------------------------------
+COLORS = {("baseline", "pytorch", False): ("tab:gray", "PyTorch fp32 (baseline)"),
+          ("baseline", "pytorch", True): ("tab:purple", "PyTorch int8 / bf16"),
+          ("baseline", "onnxruntime", False): ("tab:blue", "ONNX Runtime fp32"),
+          ("baseline", "onnxruntime", True): ("tab:orange", "ONNX Runtime int8"),
+          ("baseline", "openvino", False): ("tab:cyan", "OpenVINO fp32"),
+          ("baseline", "openvino", True): ("tab:pink", "OpenVINO bf16 / int8 (NNCF)"),
+          ("student", "pytorch", False): ("tab:olive", "student PyTorch fp32"),
+          ("student", "onnxruntime", True): ("tab:green", "student ONNX Runtime int8"),
+          ("student", "openvino", True): ("tab:brown", "student OpenVINO int8 (NNCF)")}
+
+
+def color_key(r: dict) -> tuple:
+    return r["role"], r["backend"], r["precision"] != "fp32"
+
+
 def color_of(r: dict) -> str:
-    if r["role"] == "student":
-        return "tab:olive" if r["precision"] == "fp32" else "tab:green"
-    if r["backend"] == "pytorch":
-        return "tab:gray" if r["precision"] == "fp32" else "tab:purple"
-    return "tab:blue" if r["precision"] == "fp32" else "tab:orange"
+    return COLORS.get(color_key(r), ("tab:red", ""))[0]
 
 
 def plot_summary(rows: list[dict], path: Path, title: str, overwrite: bool) -> Path:
@@ -360,10 +371,8 @@ def plot_summary(rows: list[dict], path: Path, title: str, overwrite: bool) -> P
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3, which="both")
 
-    handles = [Patch(color=c, label=lab) for c, lab in (
-        ("tab:gray", "PyTorch fp32 (baseline)"), ("tab:purple", "PyTorch int8 (dynamic)"),
-        ("tab:blue", "ONNX Runtime fp32"), ("tab:orange", "ONNX Runtime int8"),
-        ("tab:olive", "student PyTorch fp32"), ("tab:green", "student ONNX Runtime int8"))]
+    present = {color_key(r) for r in rows}
+    handles = [Patch(color=c, label=lab) for key, (c, lab) in COLORS.items() if key in present]
     if any(r["device"] != "cpu" for r in rows):
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="GPU (extra row, GPU price)"))
     handles += [Line2D([], [], color="tab:red", linestyle="--", label="business target"),

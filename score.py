@@ -1,4 +1,4 @@
-"""Azure ML scoring script (init() / run() contract) serving modeles/model_final.onnx with ONNX Runtime.
+"""Azure ML scoring script (init() / run() contract) serving modeles/model_final.* with ONNX Runtime or OpenVINO.
 
 Runs unchanged on a managed online endpoint and locally on Azure ML's own inference server:
 
@@ -20,7 +20,9 @@ with a 4xx status (400 unreadable input, 413 too large, 415 unsupported Content-
 Limits (environment variables): TP4_MAX_BODY_MB (10), TP4_MAX_IMAGES (16 per request), TP4_MAX_PIXELS (40e6 per
 image); TP4_ORT_THREADS sets ONNX Runtime's intra-op threads (default: ONNX Runtime's choice).
 
-Only numpy, Pillow and onnxruntime are needed (no torch in the deployment image). The model, its sidecar and the
+Only numpy, Pillow and onnxruntime or openvino are needed (no torch in the deployment image): the sidecar's "engine"
+says which (ONNX Runtime on model_final.onnx, or OpenVINO on an ONNX file or an IR .xml + .bin, with its precision
+hint f32 / bf16). The model, its sidecar and the
 image preprocessing come from inference.py (the very functions the training loaders use); deploy_azure.py ships
 score.py with inference.py, lab_io.py and lab_targets.py.
 """
@@ -40,7 +42,7 @@ from PIL import Image
 
 # azmlinfsrv (locally and on Azure) loads this file by its path: its sibling modules are not importable otherwise
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference import ImageError, OnnxClassifier, find_sidecar, load_rgb, preprocess  # noqa: E402
+from inference import ImageError, Classifier, find_sidecar, load_rgb, preprocess  # noqa: E402
 from inference import read_sidecar  # noqa: E402, F401 - what deploy_azure.py checks before shipping
 
 try:  # inside azmlinfsrv these names are mapped onto the server's own module
@@ -54,7 +56,7 @@ JSON_TYPES = ("application/json", "text/json")
 SNIFF_TYPES = ("", "application/x-www-form-urlencoded", "text/plain")  # e.g. curl --data-binary without -H
 
 logger = logging.getLogger("azmlinfsrv.score")
-_model: OnnxClassifier | None = None
+_model: Classifier | None = None
 
 
 def _env_number(name: str, default: float) -> float:
@@ -188,7 +190,7 @@ def init() -> None:
     lim = limits()
     sidecar = find_sidecar(model_dir())
     threads = int(os.environ.get("TP4_ORT_THREADS", "0") or 0)
-    _model = OnnxClassifier(sidecar, threads=threads)
+    _model = Classifier(sidecar, threads=threads)
     logger.info("model %s loaded (variant %s, sha256 %s..., category %s, input %s, labels %s); limits %s",
                 _model.meta["onnx_path"], _model.info["variant"], str(_model.info["sha256"])[:12],
                 _model.info["category"], _model.info["input_size"], _model.labels, lim)

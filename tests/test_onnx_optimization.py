@@ -10,14 +10,14 @@ from PIL import Image
 
 import load_model_hf as lm
 import onnx_optimization as oo
-from inference import make_session
-from lab_targets import CONVERSION, choose_deployable, judge_logits, recommend, variant_passes
+from inference import Runner, cpu_supports, make_session
+from lab_targets import CONVERSION, choose_deployable, guard_kind, judge_logits, recommend, variant_passes
 from mvtec_dataset import image_to_tensor, prepare_split, split_from_manifest
 from train_utils import model_logits
 
 SIDECAR_KEYS = {"format", "model_file", "variant", "category", "labels", "input_name", "output_name",
                 "preprocessing", "opset", "exporter", "source_checkpoint", "base_model", "parity", "metrics",
-                "created", "versions", "sha256", "threshold", "threshold_rule"}
+                "created", "versions", "sha256", "threshold", "threshold_rule", "engine", "precision_hint"}
 FAST = ("--runs", "5", "--warmup", "1", "--bench-batch-size", "4", "--num-threads", "1")
 
 
@@ -43,29 +43,40 @@ def test_run_writes_models_sidecar_csv_and_plot(project):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "DeprecationWarning" not in result.stderr
     models = cwd / "modeles"
-    for name in ("model_fp32.onnx", "model_fp32_optimized.onnx", "model_int8.onnx", "model_final.onnx",
-                 "model_final.json"):
+    for name in ("model_fp32.onnx", "model_fp32_optimized.onnx", "model_int8.onnx", "model_int8_nncf.xml",
+                 "model_int8_nncf.bin", "model_final.json"):
         assert (models / name).is_file(), name
     assert (cwd / "resultats" / "onnx_comparison.png").stat().st_size > 10_000
     assert (models / "model_int8.onnx").stat().st_size < 0.6 * (models / "model_fp32.onnx").stat().st_size
-    onnx.checker.check_model(str(models / "model_final.onnx"))
+    assert (models / "model_int8_nncf.bin").stat().st_size < 0.6 * (models / "model_fp32.onnx").stat().st_size
+    onnx.checker.check_model(str(models / "model_fp32.onnx"))
 
     sidecar = json.loads((models / "model_final.json").read_text(encoding="utf-8"))
-    assert set(sidecar) == SIDECAR_KEYS
-    assert sidecar["format"] == "tp4-onnx-sidecar-v1" and sidecar["model_file"] == "model_final.onnx"
-    assert sidecar["variant"] in ("ort-fp32", "ort-fp32-optimized", "ort-int8-dynamic")
+    final = models / sidecar["model_file"]
+    assert set(sidecar) - {"weights_file", "weights_sha256"} == SIDECAR_KEYS
+    assert sidecar["format"] == "tp4-onnx-sidecar-v1" and final.stem == "model_final"
+    ov_bf16 = cpu_supports("bf16")
+    expected = ["pytorch-fp32", "ort-fp32", "ort-fp32-optimized", "ort-int8-dynamic", "ov-fp32",
+                *(["ov-bf16"] if ov_bf16 else []), "ov-int8-nncf", *(["ov-int8-nncf-bf16"] if ov_bf16 else [])]
+    assert sidecar["variant"] in expected[1:]
+    assert sidecar["engine"] == ("openvino" if sidecar["variant"].startswith("ov-") else "onnxruntime")
+    assert sidecar["precision_hint"] == ("bf16" if sidecar["variant"].endswith("bf16") else "f32")
+    if final.suffix == ".xml":  # OpenVINO IR: the weights travel with it, checked by their own sha256
+        assert sidecar["weights_sha256"] == hashlib.sha256((models / sidecar["weights_file"]).read_bytes()).hexdigest()
+    else:
+        onnx.checker.check_model(str(final))
     assert sidecar["labels"] == ["good", "anomaly"] and sidecar["category"] == "bottle"
     assert (sidecar["input_name"], sidecar["output_name"]) == ("pixel_values", "logits")
     assert sidecar["preprocessing"] == {"image_size": [64, 64], "mean": [0.5] * 3, "std": [0.5] * 3,
                                         "resize": "bilinear", "crop": None, "color": "RGB", "scale": 255.0,
                                         "layout": "NCHW", "dtype": "float32"}
-    assert sidecar["opset"] == 17 and sidecar["exporter"] == "torchscript"
+    assert sidecar["opset"] in (17, None) and sidecar["exporter"] == "torchscript"
     assert sidecar["base_model"] == "offline-vit-tiny" and sidecar["source_checkpoint"].endswith("model_cpu_bottle.pth")
     assert sidecar["parity"]["passed"] and sidecar["parity"]["agreement"] >= 0.995
     assert sidecar["metrics"]["n"] == sidecar["parity"]["n"] > 0
     assert sidecar["versions"]["onnxruntime"] and sidecar["created"]
-    assert sidecar["sha256"] == hashlib.sha256((models / "model_final.onnx").read_bytes()).hexdigest()
-    assert f"saved modeles/model_final.onnx = {sidecar['variant']}" in result.stdout
+    assert sidecar["sha256"] == hashlib.sha256(final.read_bytes()).hexdigest()
+    assert f"saved modeles/{final.name} = {sidecar['variant']}" in result.stdout
     assert "guard:" in result.stdout and "PASS" in result.stdout
 
     with open(cwd / "resultats" / "onnx_results.csv", newline="", encoding="utf-8") as f:
@@ -78,16 +89,22 @@ def test_run_writes_models_sidecar_csv_and_plot(project):
                 "throughput_batch_size", "accuracy_delta_pt", "speedup", "cpu_flags", "recommended", "deployed_as"}
     assert required <= set(rows[0])
     # one row per variant: latency at batch 1, throughput at --bench-batch-size (the schema of every CSV)
-    assert [(r["variant"], r["batch_size"], r["throughput_batch_size"]) for r in rows] == [
-        (v, "1", "4") for v in ("pytorch-fp32", "ort-fp32", "ort-fp32-optimized", "ort-int8-dynamic")]
+    assert [(r["variant"], r["batch_size"], r["throughput_batch_size"]) for r in rows] == [(v, "1", "4")
+                                                                                        for v in expected]
+    precisions = {r["variant"]: r["precision"] for r in rows}
+    assert precisions["ov-fp32"] == "fp32" and precisions["ov-int8-nncf"] == "int8"  # the real precision, named
+    if ov_bf16:
+        assert precisions["ov-bf16"] == "bf16" and precisions["ov-int8-nncf-bf16"] == "int8+bf16"
+    # OpenVINO variants are checked through the fp32 graph in OpenVINO, ORT int8 through model_fp32.onnx in ORT
+    graphs = {r["variant"]: r["onnx_graph_checked"] for r in rows}
+    assert graphs["ov-int8-nncf"] == "model_fp32.onnx" and rows[0]["onnx_graph_checked"] == ""
     for r in rows:
         assert float(r["latency_median_ms"]) > 0 and float(r["throughput_img_s"]) > 0
         assert float(r["cost_per_1000_images_usd"]) > 0 and int(r["threads"]) >= 1
-    assert {r["precision"] for r in rows} == {"fp32", "int8"}
     assert rows[0]["guard_passed"] == "" and float(rows[0]["accuracy_delta_pt"]) == 0  # the reference
     deployed = [r for r in rows if r["deployed_as"]]
     assert len(deployed) == 1 and deployed[0]["variant"] == sidecar["variant"]
-    assert deployed[0]["deployed_as"].endswith("model_final.onnx") and deployed[0]["guards_passed"] == "True"
+    assert deployed[0]["deployed_as"] == f"modeles/{final.name}" and deployed[0]["guards_passed"] == "True"
 
 
 def _from_sidecar(path, pre):
@@ -110,29 +127,36 @@ def test_final_onnx_reproduces_pytorch_on_real_test_images(project, synthetic_ro
     reference = torch.stack([image_to_tensor(p, ckpt["preprocessing"]) for p in paths])
     assert np.abs(x - reference.numpy()).max() < 1e-5  # the sidecar describes image_to_tensor exactly
 
-    session = make_session(cwd / "modeles" / "model_final.onnx", threads=1)
-    logits = session.run([sidecar["output_name"]], {sidecar["input_name"]: x})[0]
+    logits = Runner(cwd / "modeles" / sidecar["model_file"], sidecar["engine"], 1, sidecar["precision_hint"]).run(x)
     with torch.inference_mode():
         ref = model_logits(model, reference).numpy()
     assert logits.shape == (len(test), 2)
-    assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.995
-    assert np.abs(logits - ref).max() < 0.1 * max(1.0, np.abs(ref).max())
+    # the model_final variant passed its guard vs PyTorch at the model's threshold (int8 / bf16: loss < 1 pt)
+    threshold = sidecar["threshold"]
+    labels = np.array([s.label for s in test])
+    assert judge_logits(guard_kind(sidecar["variant"]), ref, logits, labels, threshold=threshold)["passed"]
 
 
 def test_second_run_keeps_previous_outputs(project, synthetic_root, run):
     cwd, first = project
     assert first.returncode == 0, first.stderr[-3000:]
     result = run("onnx_optimization.py", "--model-path", "model_cpu_bottle.pth", "--data-dir", synthetic_root,
-                 "--no-fusion", "--no-int8", "--runs", "2", "--warmup", "0", "--bench-batch-size", "2",
+                 "--no-fusion", "--no-int8", "--no-openvino", "--runs", "2", "--warmup", "0", "--bench-batch-size", "2",
                  "--num-threads", "1", cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transformer fusion skipped: --no-fusion" in result.stdout
-    assert len(list((cwd / "modeles").glob("model_final*.onnx"))) == 2
-    assert len(list((cwd / "modeles").glob("model_final*.json"))) == 2
+    assert len(list((cwd / "modeles").glob("model_final*.onnx"))) >= 1
+    assert len(list((cwd / "modeles").glob("model_final*.json"))) == 2  # the first run's sidecar kept
     assert json.loads((cwd / "modeles" / "model_final.json").read_text())["variant"] == "ort-fp32"
     with open(cwd / "resultats" / "onnx_results.csv", newline="", encoding="utf-8") as f:
-        assert len(list(csv.DictReader(f))) == 4 + 2  # rows of the first run kept, 2 variants added
+        assert len(list(csv.DictReader(f))) == len(expected_variants()) + 2  # first run kept, 2 variants added
     assert len(list((cwd / "resultats").glob("onnx_comparison*.png"))) == 2
+
+
+def expected_variants():
+    bf16 = cpu_supports("bf16")
+    return ["pytorch-fp32", "ort-fp32", "ort-fp32-optimized", "ort-int8-dynamic", "ov-fp32", *(["ov-bf16"] * bf16),
+            "ov-int8-nncf", *(["ov-int8-nncf-bf16"] * bf16)]
 
 
 def test_parity_guard_and_choice():
@@ -266,7 +290,8 @@ def test_score_serves_the_sidecar_this_script_wrote(project, synthetic_root, mon
         served += json.loads(reply.get_data())["predictions"]
     assert len(served) == len(paths)
     x = torch.stack([image_to_tensor(p, ckpt["preprocessing"]) for p in paths]).numpy()
-    logits = make_session(cwd / "modeles" / "model_final.onnx").run(None, {"pixel_values": x})[0]
+    logits = Runner(cwd / "modeles" / sidecar["model_file"], sidecar["engine"], None,
+                    sidecar["precision_hint"]).run(x)
     probabilities = np.exp(logits[:, 1]) / np.exp(logits).sum(1)
     got = np.array([p["anomaly_probability"] for p in served])
     assert np.abs(got - probabilities).max() < 1e-5
