@@ -382,3 +382,46 @@ def test_deploy_errors(run, deploy_setup):
     res = run("deploy_azure.py", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
     assert res.returncode == 2 and "--subscription-id" in res.stderr and "az login" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_openvino_ir_final_is_served(azure_model_dir, test_images, tmp_path):
+    """An OpenVINO IR model_final (.xml + .bin, sidecar engine 'openvino') under the real server: same probabilities
+    as OpenVINO run directly, malformed requests still 4xx, and a changed .bin stops the server from starting."""
+    import openvino as ov
+
+    from inference import Runner, write_sidecar
+
+    model_dir, sidecar = azure_model_dir
+    folder = tmp_path / "ov-model"
+    folder.mkdir()
+    ov.save_model(ov.convert_model(str(model_dir / "model" / "model_final.onnx")), str(folder / "model_final.xml"),
+                  compress_to_fp16=False)
+    meta = write_sidecar(folder / "model_final.xml", variant="ov-fp32-test", category="bottle",
+                         preprocessing=sidecar["preprocessing"], exporter="test", source_checkpoint="none",
+                         base_model="offline-vit-tiny", parity_result={}, metrics={}, engine="openvino",
+                         precision_hint="f32")
+    assert meta["weights_file"] == "model_final.bin" and meta["opset"] is None
+    pre = sidecar["preprocessing"]
+    images = [load_rgb(p) for p in test_images]
+    x = np.stack([image_to_tensor(img, pre).numpy() for img in images])
+    expected = softmax_np(Runner(folder / "model_final.xml", "openvino", 1, "f32").run(x).astype(np.float64))
+    for name in ("srv", "srv2"):
+        (tmp_path / name).mkdir()
+    with azmlinfsrv(folder, tmp_path / "srv", env=SERVER_ENV) as base:
+        got = []
+        for path in test_images:
+            reply = requests.post(base + "/score", data=path.read_bytes(), headers={"Content-Type": "image/png"},
+                                  timeout=30)
+            assert reply.status_code == 200, reply.text
+            got.append(reply.json())
+        for reply, probs in zip(got, expected):
+            check_predictions(reply, probs[None])
+            assert reply["model"]["engine"] == "openvino" and reply["model"]["precision"] == "f32"
+        bad = requests.post(base + "/score", data=b"not an image", headers={"Content-Type": "image/png"}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "not_an_image"
+    with open(folder / "model_final.bin", "r+b") as f:  # tamper with the weights: the sidecar's sha256 catches it
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(RuntimeError, match="weights were changed"):
+        with azmlinfsrv(folder, tmp_path / "srv2", env=SERVER_ENV, timeout=30):
+            pass
