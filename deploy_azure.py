@@ -104,7 +104,6 @@ def import_score():
 
 def stage(meta: dict, sidecar_path: Path, stage_dir: Path) -> dict:
     """Copy the model pair to STAGE/model and SCORING_CODE to STAGE/code (earlier copies replaced)."""
-    score = import_score()
     out = {"model": stage_dir / "model", "code": stage_dir / "code"}
     marker = stage_dir / STAGE_MARKER
     if any(folder.exists() for folder in out.values()) and not marker.exists():

@@ -423,6 +423,8 @@ RESULT_COLUMNS = {
     "duration_s": ("s", NEUTRAL, _LOAD, "length of the level"),
     "model_sha256": ("", NEUTRAL, _LOAD, "sha256 of the served model, as the server reports it"),
     "stopped_by": ("", NEUTRAL, _LOAD, "requests or time limit"),
+    # -- predict.py columns (issue 10) --
+    # -- anomaly_detector.py columns (issue 11) --
 }
 # Columns renamed when the four CSV writers were unified (README, "Colonnes des CSV"): old -> new
 RENAMED_COLUMNS = {"accuracy_loss_pt": "accuracy_delta_pt (sign reversed: negative = loss)",
