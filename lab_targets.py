@@ -26,6 +26,7 @@ TARGET_COST_REDUCTION_PCT = 70.0   # -70 % cost per 1000 images
 TARGET_MAX_SIZE_MB = 30.0          # model file < 30 MB (10^6 bytes)
 TARGET_MIN_ACCURACY = 0.95         # test accuracy > 95 %
 TARGET_MAX_LOSS_PT = 1.0           # accuracy loss of a quantized model vs its fp32 source < 1 point
+TARGET_END_TO_END_SPEEDUP = 8.0    # predict.py: image files -> labels >= 8x faster than the naive baseline (issue 10)
 PARITY_MIN_AGREEMENT = 0.995       # a converted fp32 graph agrees with PyTorch on >= 99.5 % of the test images
 PARITY_MAX_ACCURACY_DIFF_PT = 0.5  # ... and its accuracy differs by < 0.5 point
 # An int8 model whose predictions differ from fp32 on <= 1 % of images cannot lose >= 1 pt on them: the mixed-precision
@@ -424,7 +425,45 @@ RESULT_COLUMNS = {
     "model_sha256": ("", NEUTRAL, _LOAD, "sha256 of the served model, as the server reports it"),
     "stopped_by": ("", NEUTRAL, _LOAD, "requests or time limit"),
     # -- predict.py columns (issue 10) --
+    "path": ("", NEUTRAL, "prediction", "image file, resolved absolute path (predictions.csv: one row per image, the "
+                                        "key of --resume)"),
+    "label": ("", NEUTRAL, "prediction", "good or anomaly at the model's threshold; empty when the image could not "
+                                         "be read"),
+    "anomaly_probability": ("probability", NEUTRAL, "prediction", "P(anomaly) = softmax(logits)[anomaly]"),
+    "error": ("", NEUTRAL, "prediction", "why the image could not be scored (empty = scored)"),
+    "image_width": ("pixels", NEUTRAL, "prediction", "width of the image file as decoded"),
+    "image_height": ("pixels", NEUTRAL, "prediction", "height of the image file as decoded"),
+    "file_bytes": ("bytes", NEUTRAL, "prediction", "size of the image file when scored (a changed file is scored "
+                                                   "again)"),
+    "file_mtime_ns": ("ns since 1970", NEUTRAL, "prediction", "modification time of the image file when scored"),
+    "weights_sha256": ("", NEUTRAL, "prediction", "sha256 of the OpenVINO IR weights (.bin); empty for ONNX"),
+    "scored_at": ("", NEUTRAL, "prediction", "local time the image was scored"),
+    "end_to_end_img_s": ("images / s", HIGHER, _TIME, "image files read, decoded, resized and classified per second "
+                                                      "(median over the repeats of predict.py --benchmark)"),
+    "end_to_end_speedup": ("x", HIGHER, _TIME, "end_to_end_img_s / that of the naive baseline measured in the same run"),
+    "target_end_to_end_8x": ("", NEUTRAL, _GUARD, "end_to_end_speedup >= TARGET_END_TO_END_SPEEDUP"),
+    "read_ms_per_img": ("ms per image", LOWER, _TIME, "reading the file (worker time, summed over workers)"),
+    "decode_ms_per_img": ("ms per image", LOWER, _TIME, "decoding it to RGB (worker time)"),
+    "resize_ms_per_img": ("ms per image", LOWER, _TIME, "resizing and normalising it (worker time)"),
+    "model_ms_per_img": ("ms per image", LOWER, _TIME, "model call time / images (batched)"),
+    "model_busy_pct": ("%", HIGHER, _TIME, "share of the wall time the model was computing (100 = it never waited "
+                                           "for an image)"),
+    "decode_workers": ("", NEUTRAL, _TIME, "parallel decode workers (0 = in the main loop, one after the other)"),
+    "decode_pool": ("", NEUTRAL, _TIME, "thread or process pool of the decode workers"),
+    "openvino_version": ("", NEUTRAL, _ENV, ""),
     # -- anomaly_detector.py columns (issue 11) --
+    "defect_type": ("", NEUTRAL, _ACC, "MVTec defect folder, or all"),
+    "image_auroc": ("fraction 0-1", HIGHER, _ACC, "AUROC of the image scores (good vs defective test images)"),
+    "pixel_auroc": ("fraction 0-1", HIGHER, _ACC, "AUROC of the anomaly maps against the ground-truth masks"),
+    "false_alarm_rate": ("fraction 0-1", LOWER, _ACC, "good test images flagged at the threshold"),
+    "feature_layers": ("", NEUTRAL, _MODEL, "transformer blocks whose patch tokens feed the detector"),
+    "image_size": ("pixels", NEUTRAL, _MODEL, "input side of the backbone"),
+    "bank_patches": ("patches", NEUTRAL, _MODEL, "patches in the detector's memory bank"),
+    "coreset_ratio": ("fraction 0-1", NEUTRAL, _MODEL, "share of the good patches kept by coreset selection"),
+    "n_train_good": ("images", NEUTRAL, _ACC, "good training images in the memory bank"),
+    "n_holdout_good": ("images", NEUTRAL, _ACC, "good training images held out to set the threshold"),
+    "fit_seconds": ("s", LOWER, _TRAIN, "features + coreset + threshold"),
+    "backbone_mb": ("MB (10^6 bytes)", LOWER, _MODEL, "the detector's exported backbone on disk (0: run by PyTorch)"),
 }
 # Columns renamed when the four CSV writers were unified (README, "Colonnes des CSV"): old -> new
 RENAMED_COLUMNS = {"accuracy_loss_pt": "accuracy_delta_pt (sign reversed: negative = loss)",

@@ -33,7 +33,7 @@ def run():
     return run_script
 
 
-SLOW_FIXTURES = {"project", "demo"}  # one full run of a script, shared by the tests of a module
+SLOW_FIXTURES = {"project", "demo", "fitted"}  # one full run of a script, shared by the tests of a module
 
 
 def pytest_collection_modifyitems(items):

@@ -1,0 +1,93 @@
+"""anomaly_detector.py: the good-only patch detector on the synthetic tree (which has masks), its outputs, the saved
+bank, the coreset and the error paths."""
+import csv
+import shutil
+
+import pytest
+import torch
+
+import anomaly_detector as ad
+from lab_io import UserError
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, synthetic_root):
+    """One run with a classifier checkpoint to compare with (offline ViT-tiny, untrained, the project's split)."""
+    import load_model_hf as lm
+    from conftest import run_script
+    from mvtec_dataset import prepare_split
+
+    cwd = tmp_path_factory.mktemp("detector")
+    model, pre, _ = lm.load_pretrained("offline-vit-tiny")
+    _, manifest = prepare_split(synthetic_root, "bottle")
+    lm.save_checkpoint(cwd / "modeles" / "model_cpu_bottle.pth", model, model_name="offline-vit-tiny",
+                       preprocessing=pre, category="bottle", split_manifest=manifest)
+    result = run_script("anomaly_detector.py", "--data-dir", synthetic_root, "--model-name", "offline-vit-small",
+                        "--num-threads", "1", "--overlays", "1", "--compare-checkpoint",
+                        "modeles/model_cpu_bottle.pth", cwd=cwd)
+    return cwd, result, manifest
+
+
+def test_fit_evaluate_and_outputs(fitted):
+    cwd, result, manifest = fitted
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(cwd / "resultats" / "detector_results.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["defect_type"] for r in rows] == ["all", "broken_large", "contamination", "crack",
+                                                "common test images: classifier", "common test images: detector"]
+    # the comparison uses the images neither model trained on: the classifier's test split within test/
+    common = [s for s in manifest["splits"]["test"] if s["path"].startswith("test/")]
+    assert int(rows[-1]["n_test"]) == int(rows[-2]["n_test"]) == len(common) > 0
+    assert rows[-2]["model_name"] == "offline-vit-tiny" and rows[-2]["accuracy_ci_low"] != ""
+    overall = rows[0]
+    assert {"category", "image_auroc", "pixel_auroc", "fit_seconds", "latency_mean_ms", "size_mb", "bank_patches",
+            "threshold", "cpu_flags"} <= set(overall)
+    # even a random-init ViT's patch tokens find the synthetic defects, and where they are
+    assert float(overall["image_auroc"]) > 0.75 and float(overall["pixel_auroc"]) > 0.75
+    assert int(overall["n_test"]) == 60 and int(overall["n_train_good"]) + int(overall["n_holdout_good"]) == 60
+    assert (cwd / "resultats" / "detector_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    overlays = sorted(p.name for p in (cwd / "resultats" / "detector_overlays" / "bottle").glob("*.png"))
+    assert len(overlays) == 4 and any(n.startswith("good_") for n in overlays)  # one per test folder
+
+    bank, config = ad.load_detector(cwd / "modeles" / "detector_bottle.safetensors")
+    assert bank.dtype == torch.float16 and bank.shape[0] == int(overall["bank_patches"])
+    assert config["threshold"] == pytest.approx(float(overall["threshold"]))
+    assert config["layers"] == [2, 4] and config["preprocessing"]["image_size"] == [64, 64]
+
+
+def test_without_masks_gives_image_metrics_only(tmp_path, synthetic_root, run):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "bottle", data / "bottle", ignore=shutil.ignore_patterns("ground_truth"))
+    result = run("anomaly_detector.py", "--data-dir", data, "--model-name", "offline-vit-tiny", "--num-threads", "1",
+                 "--overlays", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("image metrics only") == 1
+    rows = list(csv.DictReader(open(tmp_path / "resultats" / "detector_results.csv", encoding="utf-8")))
+    assert rows[0]["image_auroc"] and rows[0].get("pixel_auroc", "") == ""
+
+
+@pytest.mark.parametrize("remove, message", [("train/good", "fitted on good training parts only"),
+                                             ("test", "nothing to evaluate")])
+def test_incomplete_category_is_one_line(tmp_path, synthetic_root, run, remove, message):
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "bottle", data / "bottle")
+    shutil.rmtree(data / "bottle" / remove)
+    result = run("anomaly_detector.py", "--data-dir", data, "--model-name", "offline-vit-tiny", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: ") and message in result.stderr
+
+
+def test_coreset_takes_the_farthest_points():
+    points = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [10.0, 0.0], [9.9, 0.0]])
+    chosen = set(ad.greedy_coreset(points, 3, projection_dim=2).tolist())
+    assert len(chosen) == 3 and 2 in chosen and chosen & {0, 1} and chosen & {3, 4}
+    assert ad.greedy_coreset(points, 10).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_foreign_file_is_not_a_detector(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="not a detector"):
+        ad.load_detector(bad)
+    with pytest.raises(UserError, match="not found"):
+        ad.load_detector(tmp_path / "missing.safetensors")
