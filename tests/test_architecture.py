@@ -14,7 +14,7 @@ import lab_targets
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"benchmark_gpu", "quantization_demo", "onnx_optimization", "optimization_pipeline", "score",
            "deploy_azure", "load_test", "download_mvtec", "predict", "anomaly_detector"}
-SERVING = ("score", "load_test", "deploy_azure", "inference", "lab_io", "lab_targets", "rapport")
+SERVING = ("score", "load_test", "deploy_azure", "inference", "lab_io", "lab_targets", "rapport", "predict")
 
 
 def imports_of(path: Path) -> list[tuple[str, list[str]]]:
@@ -55,7 +55,7 @@ def test_serving_side_imports_no_torch(module):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-@pytest.mark.parametrize("script", ["load_test.py", "deploy_azure.py", "rapport.py"])
+@pytest.mark.parametrize("script", ["load_test.py", "deploy_azure.py", "rapport.py", "predict.py"])
 def test_client_help_is_fast(script):
     best = min(_timed_help(script) for _ in range(2))
     assert best < 1.0, f"{script} --help took {best:.2f} s"
