@@ -433,8 +433,8 @@ def parse_args(argv=None):
     p.add_argument("--model-name", default="vit-base",
                    help=f"backbone: preset ({presets}), hub id, local Hugging Face folder, or a fine-tuned checkpoint "
                         "of this lab (.pth) (default: vit-base)")
-    p.add_argument("--layers", default="auto", help="transformer blocks whose patch tokens are used: auto (1/2 and 3/4 "
-                   "of the depth) or numbers like 6,9")
+    p.add_argument("--layers", default="auto", help="transformer blocks whose patch tokens are used: auto (1/3 and 2/3 "
+                   "of the depth) or numbers like 4,8")
     p.add_argument("--image-size", type=int, default=None,
                    help="input side in pixels, a multiple of the patch size (default: the model's own, e.g. 224)")
     p.add_argument("--coreset", type=float, default=0.1,

@@ -33,6 +33,19 @@ def run():
     return run_script
 
 
+def save_untrained_checkpoint(cwd: Path, synthetic_root: Path, model_name: str = "offline-vit-tiny") -> dict:
+    """cwd/modeles/model_cpu_bottle.pth: an offline ViT (random init) with the project's split of the synthetic tree,
+    as benchmark_gpu.py would write it; returns the split manifest."""
+    import load_model_hf as lm
+    from mvtec_dataset import prepare_split
+
+    model, pre, _ = lm.load_pretrained(model_name)
+    _, manifest = prepare_split(synthetic_root, "bottle")
+    lm.save_checkpoint(cwd / "modeles" / "model_cpu_bottle.pth", model, model_name=model_name, preprocessing=pre,
+                       category="bottle", split_manifest=manifest)
+    return manifest
+
+
 SLOW_FIXTURES = {"project", "demo", "fitted"}  # one full run of a script, shared by the tests of a module
 
 

@@ -13,15 +13,10 @@ from lab_io import UserError
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, synthetic_root):
     """One run with a classifier checkpoint to compare with (offline ViT-tiny, untrained, the project's split)."""
-    import load_model_hf as lm
-    from conftest import run_script
-    from mvtec_dataset import prepare_split
+    from conftest import run_script, save_untrained_checkpoint
 
     cwd = tmp_path_factory.mktemp("detector")
-    model, pre, _ = lm.load_pretrained("offline-vit-tiny")
-    _, manifest = prepare_split(synthetic_root, "bottle")
-    lm.save_checkpoint(cwd / "modeles" / "model_cpu_bottle.pth", model, model_name="offline-vit-tiny",
-                       preprocessing=pre, category="bottle", split_manifest=manifest)
+    manifest = save_untrained_checkpoint(cwd, synthetic_root)
     result = run_script("anomaly_detector.py", "--data-dir", synthetic_root, "--model-name", "offline-vit-small",
                         "--num-threads", "1", "--overlays", "1", "--compare-checkpoint",
                         "modeles/model_cpu_bottle.pth", cwd=cwd)

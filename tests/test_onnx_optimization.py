@@ -12,7 +12,7 @@ import load_model_hf as lm
 import onnx_optimization as oo
 from inference import Runner, cpu_supports, make_session
 from lab_targets import CONVERSION, choose_deployable, guard_kind, judge_logits, recommend, variant_passes
-from mvtec_dataset import image_to_tensor, prepare_split, split_from_manifest
+from mvtec_dataset import image_to_tensor, split_from_manifest
 from train_utils import model_logits
 
 SIDECAR_KEYS = {"format", "model_file", "variant", "category", "labels", "input_name", "output_name",
@@ -24,13 +24,10 @@ FAST = ("--runs", "5", "--warmup", "1", "--bench-batch-size", "4", "--num-thread
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, synthetic_root):
     """A tmp cwd with modeles/model_cpu_bottle.pth (offline ViT-tiny, untrained) and one full run of the script."""
-    from conftest import run_script
+    from conftest import run_script, save_untrained_checkpoint
 
     cwd = tmp_path_factory.mktemp("onnx")
-    model, pre, _ = lm.load_pretrained("offline-vit-tiny")
-    _, manifest = prepare_split(synthetic_root, "bottle")
-    lm.save_checkpoint(cwd / "modeles" / "model_cpu_bottle.pth", model, model_name="offline-vit-tiny",
-                       preprocessing=pre, category="bottle", split_manifest=manifest)
+    save_untrained_checkpoint(cwd, synthetic_root)
     result = run_script("onnx_optimization.py", "--category", "bottle", "--model-path", "model_cpu_bottle.pth",
                         "--data-dir", synthetic_root, *FAST, cwd=cwd)
     return cwd, result
