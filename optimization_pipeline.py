@@ -16,7 +16,7 @@ the speed and cost targets; --bench-batch-size = throughput):
      ov-fp32, ov-bf16        OpenVINO on the exported ONNX file, INFERENCE_PRECISION_HINT f32 / bf16 (bf16: CPU has it)
      ov-int8-nncf[-bf16]     OpenVINO int8 by NNCF post-training quantization on training images (rest f32 / bf16)
   5. student-pytorch-fp32    a smaller ViT fine-tuned with knowledge distillation from the baseline's logits,
-     student-ort-int8-dynamic, student-ov-int8-nncf[-bf16]  and its int8 forms.
+     student-ort-int8-dynamic, student-ov-fp32, student-ov-bf16, student-ov-int8-nncf[-bf16]  and its other forms.
 Each variant is judged against the model it was made from and the baseline by the rules of lab_targets.py (the same
 as quantization_demo.py and onnx_optimization.py): accuracy loss < 1 pt vs the baseline, its own guard (int8 =
 quantization loss, fp32 graph = conversion parity) and, for ONNX variants, the parity of the fp32 graph they run or
@@ -430,7 +430,7 @@ def engine_variant(name, step, role, path: Path, reference: Variant, *, engine=E
 
 
 def openvino_step(args, data: Data, ckpt, fp32_onnx: Path, reference: Variant, step: int, prefix: str, *,
-                  threads, exporter, names=None) -> list[Variant]:
+                  threads, exporter) -> list[Variant]:
     """OpenVINO variants of one model (fp32, bf16 where the CPU has it, NNCF int8), each judged like the others."""
     loaders = data.loaders(ckpt["preprocessing"], ("train", "val"), augment="none")
     specs = oo.openvino_variants(fp32_onnx, Path(args.models_dir), reference.model,
@@ -439,7 +439,7 @@ def openvino_step(args, data: Data, ckpt, fp32_onnx: Path, reference: Variant, s
     return [engine_variant(f"{'student-' if reference.role == 'student' else ''}{name}", step, reference.role, path,
                            reference, engine=engine, precision=precision, threads=threads, exporter=exporter,
                            fp32_graph=fp32_onnx)
-            for name, (path, engine, precision) in specs.items() if names is None or name in names]
+            for name, (path, engine, precision) in specs.items()]
 
 
 def time_variants(variants: list[Variant], args, threads: int) -> None:
@@ -632,10 +632,9 @@ def main(argv=None) -> int:
             files = onnx_files(args, s_model, student_ckpt, s_path, "model_student_", optimize=False)
             variants.append(engine_variant("student-ort-int8-dynamic", 5, "student", files["int8"], student,
                                            threads=threads, exporter=files["exporter"], fp32_graph=files["fp32"]))
-            if not args.skip_openvino:  # the student's int8 forms only: its fp32 / bf16 forms add no information
+            if not args.skip_openvino:
                 variants += openvino_step(args, data, student_ckpt, files["fp32"], student, 5, "model_student_",
-                                          threads=threads, exporter=files["exporter"],
-                                          names=("ov-int8-nncf", "ov-int8-nncf-bf16"))
+                                          threads=threads, exporter=files["exporter"])
 
     # timing: every variant in the same run, same threads, same images
     print(f"timing {len(variants)} variants: batch 1 and batch {args.bench_batch_size}, {args.warmup} warm-up + up to "
