@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 from lab_io import (UserError, append_csv_rows, atomic_write, cpu_name, environment_columns, format_table,
                     keep_previous, run_cli, run_id, save_figure, size_on_disk_mb)
 from load_model_hf import HUB_PRESETS, OFFLINE_PRESETS, load_checkpoint, load_pretrained
-from mvtec_dataset import IMAGE_EXTENSIONS, category_dir, image_to_tensor, load_rgb
-from onnx_optimization import model_size_mb
+from inference import image_files
+from mvtec_dataset import category_dir, image_to_tensor, load_rgb
+from onnx_optimization import model_size_mb, save_openvino_ir
 from train_utils import base_model_of, set_seed, set_threads, truncate_backbone
 
 DETECTOR_FORMAT = "tp4-patch-detector-v1"
@@ -46,29 +47,24 @@ MAP_SIZE = 256           # anomaly maps and masks are compared at 256 x 256 (pix
 # --------------------------------------------------------------------------------------------------
 # Data: the official split
 # --------------------------------------------------------------------------------------------------
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-
-
 def official_split(data_dir, category: str) -> dict:
     """{"train": [good paths], "test": [(path, label, defect_type, mask path or None)], "has_masks": bool}."""
     root = category_dir(data_dir, category)
     good = root / "train" / "good"
-    if not good.is_dir() or not _images(good):
+    if not good.is_dir() or not image_files(good):
         raise UserError(f"{good} is missing or holds no image: the detector is fitted on good training parts only.")
     if not (root / "test").is_dir():
         raise UserError(f"{root / 'test'} is missing: nothing to evaluate the detector on.")
     test = []
     for folder in sorted(d for d in (root / "test").iterdir() if d.is_dir() and not d.name.startswith(".")):
-        for p in _images(folder):
+        for p in image_files(folder):
             label = 0 if folder.name == "good" else 1
             mask = root / "ground_truth" / folder.name / f"{p.stem}_mask.png"
             test.append((p, label, folder.name, mask if label and mask.is_file() else None))
     if not test or len({t[1] for t in test}) < 2:
         raise UserError(f"{root / 'test'} needs test/good and at least one defect folder (e.g. test/broken_large).")
     has_masks = any(t[3] is not None for t in test)
-    return {"train": _images(good), "test": test, "has_masks": has_masks, "root": root}
+    return {"train": image_files(good), "test": test, "has_masks": has_masks, "root": root}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,10 +160,7 @@ def compile_backbone(extractor: PatchFeatures, pre: dict, engine: str, path: Pat
     items = [image_to_tensor(load_rgb(p), pre).numpy()[None] for p in calibration]
     quantized = nncf.quantize(ov.Core().read_model(str(onnx_path)), nncf.Dataset(items), subset_size=len(items),
                               model_type=nncf.ModelType.TRANSFORMER)
-    xml = path.with_suffix(".xml")
-    keep_previous(xml, overwrite)
-    keep_previous(xml.with_suffix(".bin"), overwrite)
-    ov.save_model(quantized, str(xml), compress_to_fp16=False)
+    xml = save_openvino_ir(quantized, path.with_suffix(".xml"), overwrite)
     return Runner(xml, "openvino", threads, "f32"), xml
 
 

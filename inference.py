@@ -36,6 +36,17 @@ THRESHOLD_TEXT = "P(anomaly) = softmax(logits)[1] >= threshold; threshold chosen
 # --------------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------------
+def is_image_file(path: str | Path) -> bool:
+    """An image by its name: a known extension, not hidden (macOS writes '._name.png' resource forks beside images)."""
+    path = Path(path)
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files of one folder (not recursive), sorted."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_file(p))
+
+
 class ImageError(ValueError):
     """An input that is not a usable image; `too_large` tells a size limit from a broken file."""
 
@@ -352,20 +363,6 @@ def benchmark_runner(runner: Runner, inputs: np.ndarray, *, warmup: int = 5, run
     x = np.ascontiguousarray(inputs, dtype=np.float32)
     return benchmark(lambda: runner.run(x), batch_size=int(x.shape[0]), device="cpu", threads=runner.threads,
                      warmup=warmup, runs=runs, max_seconds=max_seconds, desc=desc)
-
-
-def ort_predict_logits(session, loader, desc: str = "onnxruntime"):
-    """Run an ORT session over a loader of (pixels, labels): (logits float32 [N, 2], labels int64 [N])."""
-    from tqdm.auto import tqdm
-
-    input_name = session.get_inputs()[0].name
-    logits, labels = [], []
-    for pixels, y in tqdm(loader, desc=desc, leave=False, unit="batch"):
-        logits.append(session.run(None, {input_name: np.asarray(pixels, dtype=np.float32)})[0])
-        labels.append(np.asarray(y))
-    if not logits:
-        return np.zeros((0, 2), np.float32), np.zeros((0,), np.int64)
-    return np.concatenate(logits).astype(np.float32), np.concatenate(labels).astype(np.int64)
 
 
 class Classifier:

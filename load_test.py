@@ -31,7 +31,7 @@ import numpy as np
 import requests
 from tqdm.auto import tqdm
 
-from inference import IMAGE_EXTENSIONS
+from inference import IMAGE_EXTENSIONS, is_image_file
 from lab_io import UserError, append_csv_rows, format_table, run_cli, run_id, save_figure
 
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp"}
@@ -93,9 +93,8 @@ def parse_levels(text: str) -> list[int]:
 def find_images(folder: Path, limit: int) -> list[Path]:
     if not folder.is_dir():
         raise UserError(f"image folder {folder} not found: pass --images DIR, or --synthetic.")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and "ground_truth" not in p.parts  # MVTec masks are not test images
-                   and not p.name.startswith("."))  # macOS '._name.png' resource forks are not images
+    paths = sorted(p for p in folder.rglob("*") if is_image_file(p) and p.is_file()
+                   and "ground_truth" not in p.parts)  # MVTec masks are not test images
     if not paths:
         raise UserError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) in {folder}.")
     # spread the choice over every subfolder (good and each defect type), deterministically

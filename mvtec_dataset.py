@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import inference
-from inference import IMAGE_EXTENSIONS
+from inference import image_files
 from lab_io import UserError, atomic_write_text, format_table, keep_previous, run_cli
 
 CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
@@ -45,12 +45,6 @@ class Sample:
 # --------------------------------------------------------------------------------------------------
 # Indexing
 # --------------------------------------------------------------------------------------------------
-def _images(folder: Path) -> list[Path]:
-    """Image files of a folder; hidden files are skipped (macOS writes '._name.png' resource forks beside images)."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-
-
 def category_dir(data_dir: str | Path, category: str) -> Path:
     if not category or "/" in category or "\\" in category or category.startswith("."):
         raise UserError(f"invalid category name {category!r}; MVTec AD has: {', '.join(CATEGORIES)}.")
@@ -72,18 +66,18 @@ def index_category(data_dir: str | Path, category: str) -> list[Sample]:
     folder = category_dir(data_dir, category)
     hint = GET_DATA_HINT.format(category=category, data_dir=data_dir)
     for sub in ("train/good", "test/good"):
-        if not (folder / sub).is_dir() or not _images(folder / sub):
+        if not (folder / sub).is_dir() or not image_files(folder / sub):
             raise UserError(f"{folder / sub} is missing or holds no image: {folder} is not a complete MVTec AD "
                             f"category; {hint}")
-    samples = [Sample(p.relative_to(folder).as_posix(), 0, "good") for p in _images(folder / "train/good")]
-    samples += [Sample(p.relative_to(folder).as_posix(), 0, "good") for p in _images(folder / "test/good")]
+    samples = [Sample(p.relative_to(folder).as_posix(), 0, "good") for p in image_files(folder / "train/good")]
+    samples += [Sample(p.relative_to(folder).as_posix(), 0, "good") for p in image_files(folder / "test/good")]
     defects = sorted(d.name for d in (folder / "test").iterdir()
                      if d.is_dir() and d.name != "good" and not d.name.startswith("."))
     if not defects:
         raise UserError(f"{folder / 'test'} has no defect folder (e.g. test/broken_large): "
                         f"an anomaly classifier needs defective examples; {hint}")
     for defect in defects:
-        images = _images(folder / "test" / defect)
+        images = image_files(folder / "test" / defect)
         if not images:
             raise UserError(f"{folder / 'test' / defect} holds no image; {hint}")
         for p in images:

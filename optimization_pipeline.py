@@ -395,6 +395,7 @@ class Variant:
     b1: dict = field(default_factory=dict)
     bn: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    conversions: dict = field(default_factory=dict)  # {(fp32 graph, engine): its conversion parity vs this model}
 
 
 def torch_variant(name, step, role, model, loader, *, precision, file, model_name, threshold, device="cpu",
@@ -417,11 +418,14 @@ def engine_variant(name, step, role, path: Path, reference: Variant, *, engine=E
     logits, labels = runner_predict_logits(runner, reference.loader, desc=f"{name} test")
     judge = dict(threshold=reference.threshold, reference=reference.name)
     judged = judge_logits(guard_kind(name), reference.logits, logits, labels, **judge)
-    same_graph = path == fp32_graph and runner.precision == "f32"
-    conversion = judged if same_graph else judge_logits(
-        CONVERSION, reference.logits,
-        runner_predict_logits(Runner(fp32_graph, engine, threads), reference.loader,
-                              desc=f"{fp32_graph.name} {engine} test")[0], labels, **judge)
+    key = (fp32_graph, engine)  # the conversion of one fp32 graph in one engine is judged once per source model
+    if key not in reference.conversions:
+        same_graph = path == fp32_graph and runner.precision == "f32"
+        reference.conversions[key] = judged if same_graph else judge_logits(
+            CONVERSION, reference.logits,
+            runner_predict_logits(Runner(fp32_graph, engine, threads), reference.loader,
+                                  desc=f"{fp32_graph.name} {engine} test")[0], labels, **judge)
+    conversion = reference.conversions[key]
     return Variant(name, step, role, engine, oo.variant_precision(name, runner), path, oo.model_size_mb(path),
                    reference.model_name, reference.params_m, reference.threshold, reference.loader, logits, labels,
                    runner=runner, reference=reference, judged=judged, conversion=conversion,

@@ -50,8 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-from inference import (IMAGE_EXTENSIONS, Classifier, ImageError, find_sidecar, load_rgb, normalize, ort_threads,
-                       preprocess, resize_uint8)
+from inference import (IMAGE_EXTENSIONS, Classifier, ImageError, find_sidecar, is_image_file, load_rgb, normalize,
+                       ort_threads, preprocess, resize_uint8)
 from lab_io import (UserError, append_csv_rows, atomic_write, cpu_flags, cpu_name, environment_columns,
                     format_table, keep_previous, run_cli, run_id)
 from lab_targets import TARGET_END_TO_END_SPEEDUP, check_result_columns
@@ -103,16 +103,12 @@ def model_precision(model: Classifier) -> str:
     return "bf16" if bf16 else "fp32"
 
 
-def is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
 def _walk(folder: Path):
     """Image files under a folder, recursively; hidden files and folders (.git, macOS '._x.png') are skipped."""
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
-            if is_image_name(Path(name)):
+            if is_image_file(Path(name)):
                 yield Path(root) / name
 
 
@@ -144,7 +140,7 @@ def find_images(inputs: list[str], exclude: tuple = ()) -> list[Path]:
                 if m.is_dir():
                     for p in _walk(m):
                         add(p)
-                elif m.is_file() and is_image_name(m):
+                elif m.is_file() and is_image_file(m):
                     add(m)
         else:
             raise UserError(f"--input {item} does not exist (give folders, glob patterns or image files)")

@@ -413,7 +413,7 @@ def write_report(csv_path: str | Path, run_id: str | None, report: str | Path, f
     if not csv_path.is_file():
         raise UserError(f"{csv_path} not found: run optimization_pipeline.py first (it writes it).")
     rows = read_csv_rows(csv_path)
-    if not rows or "run_id" not in rows[0] or "deployed_as" not in rows[0]:
+    if not rows or rows[0].get("script") != "optimization_pipeline.py":
         raise UserError(f"{csv_path} holds no row of optimization_pipeline.py (empty, or another CSV).")
     run_id = run_id or rows[-1]["run_id"]
     rows = [r for r in rows if r["run_id"] == run_id]
