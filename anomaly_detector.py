@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -34,14 +33,12 @@ from tqdm.auto import tqdm
 from lab_io import (UserError, append_csv_rows, atomic_write, cpu_name, environment_columns, format_table,
                     keep_previous, run_cli, run_id, save_figure, size_on_disk_mb)
 from load_model_hf import HUB_PRESETS, OFFLINE_PRESETS, load_checkpoint, load_pretrained
-from inference import image_files
+from inference import DETECTOR_FORMAT, MAP_SIZE, SIGMA_PATCHES, anomaly_maps, files_sha256, image_files, \
+    nearest_distances, read_detector
 from mvtec_dataset import category_dir, image_to_tensor, load_rgb
 from onnx_optimization import model_size_mb, save_openvino_ir
 from train_utils import base_model_of, set_seed, set_threads, truncate_backbone
 
-DETECTOR_FORMAT = "tp4-patch-detector-v1"
-SIGMA_PATCHES = 0.5      # Gaussian smoothing of the map, in patches (PatchCore: sigma 4 px at 224 px / 8 px patches)
-MAP_SIZE = 256           # anomaly maps and masks are compared at 256 x 256 (pixel AUROC)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,26 +185,6 @@ def greedy_coreset(features: torch.Tensor, n: int, seed: int = 0, projection_dim
     return torch.tensor(chosen)
 
 
-def patch_scores(features: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Distance of every patch [N, P, D] to its nearest bank patch: [N, P]."""
-    flat = features.reshape(-1, features.shape[-1])
-    best = torch.cat([torch.cdist(flat[i:i + chunk], bank).min(1).values for i in range(0, len(flat), chunk)])
-    return best.reshape(features.shape[:2])
-
-
-def anomaly_maps(scores: torch.Tensor, grid: tuple[int, int], size: int = MAP_SIZE) -> torch.Tensor:
-    """Patch scores [N, P] -> smoothed maps [N, size, size] (bilinear upsampling, Gaussian blur)."""
-    maps = F.interpolate(scores.reshape(-1, 1, *grid), size=(size, size), mode="bilinear", align_corners=False)
-    sigma = SIGMA_PATCHES * size / grid[0]
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
-    maps = F.conv2d(F.pad(maps, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    maps = F.conv2d(F.pad(maps, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return maps[:, 0]
-
-
 # --------------------------------------------------------------------------------------------------
 # The detector: fit, score, save, load
 # --------------------------------------------------------------------------------------------------
@@ -224,17 +201,19 @@ class Detector:
     def features(self, paths, batch_size, desc):
         return extract(self.runner or self.extractor, paths, self.pre, batch_size, desc)
 
-    def score_features(self, feats: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-        """(image scores = the largest patch distance, smoothed anomaly maps for localisation)."""
-        patches = patch_scores(feats, self.bank.float())
-        return patches.max(1).values.numpy(), anomaly_maps(patches, self.grid)
+    def score_features(self, feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(image scores = the largest patch distance, smoothed anomaly maps for localisation): inference.py's
+        functions, the very ones inference.PatchDetector serves with."""
+        patches = nearest_distances(feats.numpy(), self.bank.float().numpy())
+        return patches.max(1), anomaly_maps(patches, self.grid)
 
     def config(self) -> dict:
         return {"format": DETECTOR_FORMAT, "model_name": self.model_name, "layers": self.layers,
                 "preprocessing": {k: self.pre[k] for k in ("image_size", "mean", "std")}, "grid": list(self.grid),
                 "threshold": self.threshold, "image_score": "max patch distance", "sigma_patches": SIGMA_PATCHES,
                 "map_size": MAP_SIZE, "bank_patches": int(len(self.bank)), "bank_dtype": str(self.bank.dtype),
-                "engine": self.engine, "backbone_file": self.backbone_file.name if self.backbone_file else None}
+                "engine": self.engine, "backbone_file": self.backbone_file.name if self.backbone_file else None,
+                "backbone_sha256": files_sha256(self.backbone_file) if self.backbone_file else None}
 
     def save(self, path: Path, extra: dict, overwrite: bool) -> Path:
         """Bank (float16) + configuration in one safetensors file: tensors and JSON text, nothing executable."""
@@ -250,20 +229,9 @@ class Detector:
 
 
 def load_detector(path: str | Path) -> tuple[torch.Tensor, dict]:
-    """(bank, config) of a saved detector; a file that is not one is a UserError."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            config = json.loads((f.metadata() or {}).get("config", "{}"))
-            bank = f.get_tensor("bank")
-    except FileNotFoundError:
-        raise UserError(f"detector {path} not found: run anomaly_detector.py first.") from None
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a foreign file
-        raise UserError(f"{path} is not a detector saved by anomaly_detector.py ({type(exc).__name__}).") from None
-    if config.get("format") != DETECTOR_FORMAT:
-        raise UserError(f"{path} is not a {DETECTOR_FORMAT} detector.")
-    return bank, config
+    """(bank, config) of a saved detector (inference.read_detector); a file that is not one is a UserError."""
+    bank, config = read_detector(path)
+    return torch.from_numpy(bank), config
 
 
 def load_backbone(model_name: str, seed: int):
@@ -290,7 +258,7 @@ def load_masks(test: list, size: int = MAP_SIZE) -> np.ndarray:
     return masks
 
 
-def metrics(test, scores: np.ndarray, maps: torch.Tensor | None, masks: np.ndarray | None, threshold: float) -> list:
+def metrics(test, scores: np.ndarray, maps: np.ndarray | None, masks: np.ndarray | None, threshold: float) -> list:
     """Rows: all defect types together, then each defect type against the good test images."""
     from sklearn.metrics import roc_auc_score
 
@@ -305,7 +273,7 @@ def metrics(test, scores: np.ndarray, maps: torch.Tensor | None, masks: np.ndarr
                "accuracy": float((pred == y).mean()), "recall": float(pred[y == 1].mean()),
                "false_alarm_rate": float(pred[y == 0].mean()) if (y == 0).any() else float("nan")}
         if masks is not None and masks[keep].any():
-            m = maps[torch.from_numpy(keep)].numpy().ravel()
+            m = maps[keep].ravel()
             row["pixel_auroc"] = float(roc_auc_score(masks[keep].ravel(), m))
         rows.append(row)
     return rows
@@ -322,7 +290,7 @@ def plot_roc(test, scores, maps, masks, path: Path, title: str, overwrite: bool)
     panels = [("image", labels, scores)]
     if masks is not None and masks.any():
         step = max(1, masks.size // 2_000_000)  # a 2-million-pixel sample draws the same curve
-        panels.append(("pixel", masks.ravel()[::step], maps.numpy().ravel()[::step]))
+        panels.append(("pixel", masks.ravel()[::step], maps.ravel()[::step]))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.2), squeeze=False)
     for ax, (name, y, s) in zip(axes[0], panels):
         fpr, tpr, _ = roc_curve(y, s)
@@ -358,7 +326,7 @@ def save_overlays(test, scores, maps, threshold: float, folder: Path, per_type: 
         img = np.asarray(load_rgb(path).resize((MAP_SIZE, MAP_SIZE), Image.BILINEAR))
         fig, ax = plt.subplots(figsize=(4.2, 4.6))
         ax.imshow(img)
-        im = ax.imshow(maps[i].numpy(), cmap="jet", alpha=0.45, vmin=threshold * 0.8, vmax=vmax)
+        im = ax.imshow(maps[i], cmap="jet", alpha=0.45, vmin=threshold * 0.8, vmax=vmax)
         if mask is not None:
             with Image.open(mask) as m:
                 ax.contour(np.asarray(m.convert("L").resize((MAP_SIZE, MAP_SIZE), Image.NEAREST)) > 127,
@@ -516,6 +484,12 @@ def main(argv=None) -> int:
 
     # 3. outputs
     rid = run_id()
+    if detector.backbone_file is None:  # the saved detector is served without PyTorch (inference.PatchDetector)
+        from onnx_optimization import export_onnx
+
+        onnx_path = Path(args.models_dir) / f"detector_{args.category}_backbone.onnx"
+        export_onnx(detector.extractor, onnx_path, pre, overwrite=args.overwrite)
+        detector.backbone_file = onnx_path
     path = detector.save(Path(args.models_dir) / f"detector_{args.category}.safetensors",
                          {"category": args.category, "fit_images": len(fit), "held_out_images": len(held)},
                          args.overwrite)
@@ -534,7 +508,7 @@ def main(argv=None) -> int:
                    f"Good-only patch detector - {args.category}, {model_name} blocks {layers}", args.overwrite)
     overlays = save_overlays(split["test"], scores, maps, detector.threshold,
                              results / "detector_overlays" / args.category,
-                             args.overlays, float(np.quantile(maps.numpy(), 0.999))) if args.overlays else []
+                             args.overlays, float(np.quantile(maps, 0.999))) if args.overlays else []
 
     print()
     print(format_table(rows, ["defect_type", "n_test", "image_auroc", "pixel_auroc", "accuracy", "recall",

@@ -39,7 +39,7 @@ READINESS = {"initial_delay": 10, "period": 10, "timeout": 2, "failure_threshold
 # score.py and the torch-free modules it imports: the only code uploaded (tests check the list is complete)
 SCORING_CODE = ("score.py", "inference.py", "lab_io.py", "lab_targets.py")
 # what score.py imports (onnxruntime or openvino, as the sidecar's engine says)
-CONDA_PACKAGES = ("onnxruntime", "openvino", "numpy", "pillow", "azureml-inference-server-http")
+CONDA_PACKAGES = ("onnxruntime", "openvino", "numpy", "pillow", "safetensors", "azureml-inference-server-http")
 STAGE_MARKER = ".staged_by_deploy_azure"
 SDK_HINT = "pip install azure-ai-ml azure-identity (listed in requirements.txt)"
 
@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--models-dir", default="modeles", help="folder holding the ONNX model and its sidecar")
     p.add_argument("--sidecar", default="model_final.json",
                    help="sidecar JSON written by onnx_optimization.py (a name in --models-dir, or a path)")
+    p.add_argument("--detector", default=None, metavar="SAFETENSORS",
+                   help="also ship the good-only detector of the same category (modeles/detector_<category>"
+                        ".safetensors and its backbone, from anomaly_detector.py): score.py then answers ?maps=1")
     p.add_argument("--config-dir", default=str(HERE / "azureml"),
                    help="folder with endpoint.yml, deployment.yml, environment.yml")
     p.add_argument("--stage-dir", default=None,
@@ -102,8 +105,20 @@ def import_score():
     return score
 
 
-def stage(meta: dict, sidecar_path: Path, stage_dir: Path) -> dict:
-    """Copy the model pair to STAGE/model and SCORING_CODE to STAGE/code (earlier copies replaced)."""
+def check_detector(path: str, meta: dict):
+    """The detector as score.py will load it (bank, config, backbone with its sha256), of the model's category."""
+    from inference import PatchDetector
+
+    detector = PatchDetector(Path(path))
+    if detector.info["category"] != meta["category"]:
+        raise UserError(f"--detector {path} is fitted on {detector.info['category']}, the model on "
+                        f"{meta['category']}: ship the detector of the same category.")
+    return detector
+
+
+def stage(meta: dict, sidecar_path: Path, stage_dir: Path, detector=None) -> dict:
+    """Copy the model pair (and the detector's files) to STAGE/model and SCORING_CODE to STAGE/code (earlier copies
+    replaced)."""
     out = {"model": stage_dir / "model", "code": stage_dir / "code"}
     marker = stage_dir / STAGE_MARKER
     if any(folder.exists() for folder in out.values()) and not marker.exists():
@@ -120,6 +135,13 @@ def stage(meta: dict, sidecar_path: Path, stage_dir: Path) -> dict:
         weights = Path(meta["onnx_path"]).with_name(meta["weights_file"])
         copies.append((shutil.copy2(weights, out["model"] / weights.name), meta["weights_sha256"]))
     shutil.copy2(sidecar_path, out["model"] / sidecar_path.name)
+    if detector is not None:  # score.py finds it by name: detector_<category>.safetensors
+        files = [Path(detector.meta["onnx_path"]), Path(detector.meta["backbone_path"])]
+        if files[1].suffix == ".xml":
+            files.append(files[1].with_suffix(".bin"))
+        names = [f"detector_{meta['category']}.safetensors", files[1].name] + [f.name for f in files[2:]]
+        for src, name in zip(files, names):
+            shutil.copy2(src, out["model"] / name)
     for name in SCORING_CODE:
         shutil.copy2(HERE / name, out["code"] / name)
     for copy, digest in copies:
@@ -290,10 +312,14 @@ def main(argv=None) -> int:
 
     sidecar_path, meta = check_model(args.models_dir, args.sidecar)
     docs = check_yaml(config_dir)
-    staged = stage(meta, sidecar_path, stage_dir)
+    detector = check_detector(args.detector, meta) if args.detector else None
+    staged = stage(meta, sidecar_path, stage_dir, detector)
     print(f"model {meta['onnx_path']} (variant {meta['variant']}, category {meta['category']}, sha256 "
           f"{meta['sha256'][:12]}... verified) and the scoring code ({', '.join(SCORING_CODE)}) staged in "
           f"{stage_dir}")
+    if detector is not None:
+        print(f"detector {args.detector} ({detector.info['variant']}, backbone "
+              f"{Path(detector.meta['backbone_path']).name}, sha256 verified) staged: score.py answers ?maps=1")
 
     if not import_sdk():
         if not args.dry_run:

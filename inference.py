@@ -368,6 +368,8 @@ def benchmark_runner(runner: Runner, inputs: np.ndarray, *, warmup: int = 5, run
 class Classifier:
     """The model a sidecar describes (ONNX Runtime or OpenVINO), ready to score preprocessed batches."""
 
+    score_kind = "probability"
+
     def __init__(self, sidecar_path: str | Path, threads: int = 0):
         self.meta = read_sidecar(sidecar_path)
         self.runner = Runner(self.meta["onnx_path"], self.meta["engine"], threads or None,
@@ -402,9 +404,14 @@ class Classifier:
 
     def label_of(self, probabilities: np.ndarray) -> str:
         """The decision threshold chosen on the validation split, stored in the sidecar (not argmax)."""
-        if probabilities[self.anomaly_index] >= self.threshold:
-            return "anomaly"
-        return next(n for n in self.labels if n != "anomaly")
+        return self.label_for(probabilities[self.anomaly_index])
+
+    def label_for(self, score: float) -> str:
+        return "anomaly" if score >= self.threshold else next(n for n in self.labels if n != "anomaly")
+
+    def score(self, batch: np.ndarray) -> tuple[np.ndarray, None]:
+        """(P(anomaly) [N], no map): the interface PatchDetector shares."""
+        return self.predict(batch)[:, self.anomaly_index], None
 
 
 def ort_threads(requested: int | None) -> int | None:
@@ -413,3 +420,158 @@ def ort_threads(requested: int | None) -> int | None:
     if requested is not None and requested < 1:
         raise UserError("--num-threads must be >= 1.")
     return requested or physical_cores()
+
+
+# --------------------------------------------------------------------------------------------------
+# The good-only patch detector of anomaly_detector.py, served without PyTorch
+# --------------------------------------------------------------------------------------------------
+DETECTOR_FORMAT = "tp4-patch-detector-v1"
+DETECTOR_SCORE_TEXT = "largest distance of a patch to its nearest good patch >= threshold; threshold = highest " \
+                      "score of good training images held out of the memory bank"
+SIGMA_PATCHES = 0.5      # Gaussian smoothing of the map, in patches (PatchCore: sigma 4 px at 224 px / 8 px patches)
+MAP_SIZE = 256           # anomaly maps (and the masks they are judged against) are 256 x 256
+
+
+def nearest_distances(features: np.ndarray, bank: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Euclidean distance of every patch [N, P, D] to its nearest bank patch [M, D]: [N, P] float32.
+    |a - b|^2 = |a|^2 - 2 a.b + |b|^2: one matrix product per chunk of patches (as torch.cdist does)."""
+    flat = np.ascontiguousarray(features.reshape(-1, features.shape[-1]), dtype=np.float32)
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    bank_sq = (bank * bank).sum(1)
+    best = np.empty(len(flat), np.float32)
+    for i in range(0, len(flat), chunk):
+        part = flat[i:i + chunk]
+        d2 = (part * part).sum(1, keepdims=True) - 2.0 * (part @ bank.T) + bank_sq
+        best[i:i + chunk] = d2.min(1)
+    return np.sqrt(np.maximum(best, 0.0)).reshape(features.shape[:2])
+
+
+def _map_matrix(n_in: int, n_out: int, sigma: float) -> np.ndarray:
+    """[n_out, n_in]: bilinear upsampling (align_corners=False, as torch's interpolate) then a Gaussian blur of
+    `sigma` output pixels with reflected borders, as one matrix: map = Ay @ grid @ Ax.T."""
+    up = np.zeros((n_out, n_in), np.float64)
+    src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo
+    np.add.at(up, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(up, (np.arange(n_out), hi), frac)
+    radius = min(max(1, int(np.ceil(3 * sigma))), n_out - 1)
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-offsets ** 2 / (2 * sigma ** 2))
+    kernel /= kernel.sum()
+    blur = np.zeros((n_out, n_out), np.float64)
+    for k, w in zip(offsets, kernel):
+        j = np.arange(n_out) + k
+        j = np.where(j < 0, -j, np.where(j >= n_out, 2 * (n_out - 1) - j, j))  # reflect, edge not repeated
+        np.add.at(blur, (np.arange(n_out), j), w)
+    return (blur @ up).astype(np.float32)
+
+
+def anomaly_maps(patch_distances: np.ndarray, grid: tuple[int, int], size: int = MAP_SIZE,
+                 sigma_patches: float = SIGMA_PATCHES) -> np.ndarray:
+    """Patch distances [N, gh * gw] -> smoothed anomaly maps [N, size, size] (upsampled, Gaussian blur)."""
+    gh, gw = grid
+    ay = _map_matrix(gh, size, sigma_patches * size / gh)
+    ax = _map_matrix(gw, size, sigma_patches * size / gw)
+    return np.einsum("yi,nij,xj->nyx", ay, patch_distances.reshape(-1, gh, gw).astype(np.float32), ax,
+                     optimize=True)
+
+
+def read_detector(path: str | Path) -> tuple[np.ndarray, dict]:
+    """(bank float16 [M, D], config) of a detector saved by anomaly_detector.py (safetensors: tensors and JSON text,
+    nothing executable); anything else is a UserError."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"detector {path} not found: run anomaly_detector.py first.")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            config = json.loads((f.metadata() or {}).get("config", "{}"))
+            bank = f.get_tensor("bank")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a foreign file
+        raise UserError(f"{path} is not a detector saved by anomaly_detector.py ({type(exc).__name__}).") from None
+    if config.get("format") != DETECTOR_FORMAT:
+        raise UserError(f"{path} is not a {DETECTOR_FORMAT} detector.")
+    return bank, config
+
+
+def files_sha256(path: str | Path) -> str:
+    """sha256 of a model file; of an OpenVINO IR, of its .xml AND its .bin (the weights) together."""
+    path = Path(path)
+    if path.suffix.lower() != ".xml":
+        return sha256_file(path)
+    import hashlib
+
+    return hashlib.sha256((sha256_file(path) + sha256_file(path.with_suffix(".bin"))).encode()).hexdigest()
+
+
+def is_detector_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".safetensors"
+
+
+class PatchDetector:
+    """A detector of anomaly_detector.py (bank + configuration + its exported backbone), run by ONNX Runtime or
+    OpenVINO: the same scoring interface as Classifier, plus a map per image that says where the defect is."""
+
+    score_kind = "patch distance"
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        path = Path(path)
+        bank, self.config = read_detector(path)
+        self.bank = bank.astype(np.float32)
+        backbone = self.config.get("backbone_file")
+        if not backbone or not (path.parent / backbone).is_file():
+            raise UserError(f"{path}: its backbone {backbone or '(none recorded)'} is not beside it: keep the files "
+                            "anomaly_detector.py wrote in modeles/ together.")
+        backbone_path = path.parent / backbone
+        backbone_sha = files_sha256(backbone_path)
+        if self.config.get("backbone_sha256") not in (None, backbone_sha):
+            raise UserError(f"{backbone_path} is not the backbone {path.name} was fitted with (sha256 differs): "
+                            "a later anomaly_detector.py run replaced it; use that run's detector or refit.")
+        # an IR (.xml, e.g. NNCF int8) needs OpenVINO; an ONNX backbone runs on OpenVINO where it is installed
+        # (faster than ONNX Runtime on the dev kit's DINOv2-S), else on ONNX Runtime
+        engine = ENGINE_OV if backbone_path.suffix == ".xml" or _has_openvino() else ENGINE_ORT
+        self.runner = Runner(backbone_path, engine, threads or None)
+        self.grid = tuple(self.config["grid"])
+        self.threshold = float(self.config["threshold"])
+        self.preprocessing = self.config["preprocessing"]
+        self.labels = list(LABELS)
+        self.max_batch = None
+        detector_sha = sha256_file(path)
+        self.meta = {"onnx_path": str(path), "engine": self.runner.engine, "sha256": detector_sha,
+                     "weights_sha256": backbone_sha, "anomaly_map": True,
+                     "precision_hint": self.runner.precision, "backbone_path": str(backbone_path)}
+        variant = "detector-int8" if "int8" in str(self.config.get("engine")) else "detector-fp32"
+        self.info = {"variant": variant, "sha256": detector_sha, "category": self.config.get("category"),
+                     "model_file": path.name, "engine": self.runner.engine, "base_model": self.config.get("model_name"),
+                     "threshold": self.threshold, "precision": self.runner.precision, "labels": self.labels,
+                     "input_size": self.preprocessing["image_size"], "score": DETECTOR_SCORE_TEXT,
+                     "map_grid": list(self.grid)}
+
+    def patch_distances(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [N, 3, H, W] -> [N, gh * gw] distance of each patch to the nearest good patch."""
+        return nearest_distances(self.runner.run(batch), self.bank)
+
+    def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(image scores [N] = the largest patch distance, anomaly maps [N, MAP_SIZE, MAP_SIZE])."""
+        patches = self.patch_distances(batch)
+        return patches.max(1), anomaly_maps(patches, self.grid, self.config.get("map_size", MAP_SIZE),
+                                            self.config.get("sigma_patches", SIGMA_PATCHES))
+
+    def label_for(self, score: float) -> str:
+        return "anomaly" if score >= self.threshold else next(n for n in self.labels if n != "anomaly")
+
+
+def _has_openvino() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_scorer(path: str | Path, threads: int = 0):
+    """A Classifier (its sidecar .json) or a PatchDetector (.safetensors): what predict.py and score.py serve."""
+    return PatchDetector(path, threads) if is_detector_file(path) else Classifier(path, threads)

@@ -429,14 +429,19 @@ RESULT_COLUMNS = {
                                         "key of --resume)"),
     "label": ("", NEUTRAL, "prediction", "good or anomaly at the model's threshold; empty when the image could not "
                                          "be read"),
-    "anomaly_probability": ("probability", NEUTRAL, "prediction", "P(anomaly) = softmax(logits)[anomaly]"),
+    "anomaly_probability": ("probability", NEUTRAL, "prediction", "P(anomaly) = softmax(logits)[anomaly] (a "
+                                                                  "classifier; empty for a detector)"),
+    "anomaly_score": ("patch distance", NEUTRAL, "prediction", "the good-only detector's image score: largest "
+                                                             "distance of a patch to the nearest good patch (empty "
+                                                             "for a classifier)"),
     "error": ("", NEUTRAL, "prediction", "why the image could not be scored (empty = scored)"),
     "image_width": ("pixels", NEUTRAL, "prediction", "width of the image file as decoded"),
     "image_height": ("pixels", NEUTRAL, "prediction", "height of the image file as decoded"),
     "file_bytes": ("bytes", NEUTRAL, "prediction", "size of the image file when scored (a changed file is scored "
                                                    "again)"),
     "file_mtime_ns": ("ns since 1970", NEUTRAL, "prediction", "modification time of the image file when scored"),
-    "weights_sha256": ("", NEUTRAL, "prediction", "sha256 of the OpenVINO IR weights (.bin); empty for ONNX"),
+    "weights_sha256": ("", NEUTRAL, "prediction", "sha256 of the OpenVINO IR weights (.bin), or of a detector's "
+                                                  "backbone; empty for an ONNX classifier"),
     "scored_at": ("", NEUTRAL, "prediction", "local time the image was scored"),
     "end_to_end_img_s": ("images / s", HIGHER, _TIME, "image files read, decoded, resized and classified per second "
                                                       "(median over the repeats of predict.py --benchmark)"),

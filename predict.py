@@ -5,7 +5,9 @@
 
 Model (--model, default modeles/): a folder holding model_final.json, a sidecar .json, or a model file with its
 sidecar beside it. ONNX Runtime or OpenVINO, as the sidecar says (inference.Classifier: sha256 checked, decision
-threshold chosen on the validation split). Inputs: folders (searched recursively, hidden files skipped), glob
+threshold chosen on the validation split). Or the good-only detector of anomaly_detector.py,
+modeles/detector_<category>.safetensors (inference.PatchDetector): its score is a patch distance, and it says where
+the defect is (--heatmaps). Inputs: folders (searched recursively, hidden files skipped), glob
 patterns or files. Any PNG/JPEG/BMP/TIFF of any size, converted exactly as in training and in score.py
 (inference.load_rgb + inference.preprocess: grayscale and palette -> RGB, RGBA composited on black, 16-bit scaled to
 8 bits, the whole image resized bilinear to the model's input, normalised).
@@ -14,9 +16,9 @@ Pipeline: read + decode + resize + normalise in parallel workers (threads by def
 GIL), a bounded window of prepared images, the model called on batches with the engine's own threads, so that it
 waits on no single image. Results come back in input order.
 
-Output (--output, default resultats/predictions.csv): one row per image (path, label, anomaly_probability,
-threshold, variant, model_sha256, error...). An unreadable file gets its error in its row and the run goes on. The
-CSV is rewritten atomically every --save-every images and at the end: an interrupted run (Ctrl+C, SIGTERM, crash)
+Output (--output, default resultats/predictions.csv): one row per image (path, label, anomaly_probability (a
+classifier) or anomaly_score (a detector), threshold, variant, model_sha256, error...). An unreadable file gets its
+error in its row and the run goes on. The CSV is rewritten atomically every --save-every images and at the end: an interrupted run (Ctrl+C, SIGTERM, crash)
 leaves the last complete version, and the same command resumes: images already scored by the same model (same
 path, size and modification time) are skipped, failed ones are tried again. An output written by another model
 (variant or sha256) is kept under a timestamped name and every image is scored again (a note says so).
@@ -50,13 +52,13 @@ from pathlib import Path
 
 import numpy as np
 
-from inference import (IMAGE_EXTENSIONS, Classifier, ImageError, find_sidecar, is_image_file, load_rgb, normalize,
-                       ort_threads, preprocess, resize_uint8)
+from inference import (IMAGE_EXTENSIONS, Classifier, ImageError, PatchDetector, find_sidecar, is_detector_file,
+                       is_image_file, load_rgb, normalize, ort_threads, preprocess, resize_uint8)
 from lab_io import (UserError, append_csv_rows, atomic_write, cpu_flags, cpu_name, environment_columns,
                     format_table, keep_previous, run_cli, run_id)
 from lab_targets import TARGET_END_TO_END_SPEEDUP, check_result_columns
 
-PREDICTION_COLUMNS = ("path", "label", "anomaly_probability", "threshold", "variant", "model_sha256",
+PREDICTION_COLUMNS = ("path", "label", "anomaly_probability", "anomaly_score", "threshold", "variant", "model_sha256",
                       "weights_sha256", "error", "image_width", "image_height", "file_bytes", "file_mtime_ns",
                       "scored_at", "run_id")
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -87,7 +89,10 @@ def resolve_sidecar(model: str | Path) -> Path:
                     "modeles/model_final.* and model_final.json), or pass --model")
 
 
-def load_model(model: str | Path, threads: int | None = None) -> Classifier:
+def load_model(model: str | Path, threads: int | None = None) -> Classifier | PatchDetector:
+    """The classifier of a sidecar, or a good-only detector of anomaly_detector.py (a .safetensors file)."""
+    if is_detector_file(model):
+        return PatchDetector(Path(model).expanduser(), threads=threads or 0)
     sidecar = resolve_sidecar(model)
     try:
         return Classifier(sidecar, threads=threads or 0)
@@ -254,7 +259,7 @@ def _prepared(paths, job, workers: int, pool: str, timing: Timing):
 def score_stream(paths, model: Classifier, *, batch_size: int = 16, workers: int | None = None,
                  pool: str = "thread", max_pixels: int | None = DEFAULT_MAX_PIXELS, timing: Timing | None = None,
                  keep_uint8: bool = False):
-    """Yield one result per path, in input order: {"path", "label", "probability", "error", "width", "height",
+    """Yield one result per path, in input order: {"path", "label", "score", "map", "error", "width", "height",
     ["uint8"]}. Decode + resize in parallel workers, the model on batches of `batch_size` readable images."""
     timing = timing if timing is not None else Timing()
     workers = default_workers() if workers is None else workers
@@ -276,13 +281,12 @@ def _run_batch(items: list[dict], model: Classifier, timing: Timing):
     if ok:
         batch = np.stack([r["pixels"] for r in ok])
         t0 = time.perf_counter()
-        probs = model.predict(batch)
-        maps = model.anomaly_maps(batch) if callable(getattr(model, "anomaly_maps", None)) else None
+        scores, maps = model.score(batch)  # P(anomaly) of a classifier, patch distance of a detector (+ its maps)
         timing.model_s += time.perf_counter() - t0
         timing.scored += len(ok)
         timing.batches += 1
-        for i, (r, p) in enumerate(zip(ok, probs)):
-            r["probability"], r["label"] = float(p[model.anomaly_index]), model.label_of(p)
+        for i, (r, s) in enumerate(zip(ok, scores)):
+            r["score"], r["label"] = float(s), model.label_for(s)
             r["map"] = maps[i] if maps is not None else None
     for r in items:
         r.pop("pixels", None)
@@ -384,9 +388,10 @@ def prediction_row(result: dict, model: Classifier, identity: dict, rid: str) ->
         size, mtime = st.st_size, st.st_mtime_ns
     except OSError:
         size = mtime = ""
-    prob = result.get("probability")
-    return {"path": str(path), "label": result.get("label", "") if not result["error"] else "",
-            "anomaly_probability": f"{prob:.6f}" if prob is not None and not result["error"] else "",
+    score = result.get("score")
+    value = f"{score:.6f}" if score is not None and not result["error"] else ""
+    column = "anomaly_probability" if model.score_kind == "probability" else "anomaly_score"
+    return {"path": str(path), "label": result.get("label", "") if not result["error"] else "", column: value,
             "threshold": f"{model.threshold:.6g}", **identity, "error": result["error"],
             "image_width": result["width"], "image_height": result["height"], "file_bytes": size,
             "file_mtime_ns": mtime, "scored_at": _dt.datetime.now().isoformat(timespec="seconds"), "run_id": rid}
@@ -396,9 +401,9 @@ def prediction_row(result: dict, model: Classifier, identity: dict, rid: str) ->
 # Heat maps (the good-only detector of anomaly_detector.py): overlays and a contact sheet
 # --------------------------------------------------------------------------------------------------
 def gives_maps(model) -> bool:
-    """A model says where the defect is when it has anomaly_maps(batch) -> float [N, h, w] (higher = more
-    anomalous) and its sidecar declares "anomaly_map". The supervised classifier of model_final has neither."""
-    return callable(getattr(model, "anomaly_maps", None)) and bool(getattr(model, "meta", {}).get("anomaly_map"))
+    """A model says where the defect is when its score() returns maps [N, h, w] (higher = more anomalous) and it
+    declares "anomaly_map": the good-only detector (inference.PatchDetector) does, the supervised classifier not."""
+    return bool(getattr(model, "meta", {}).get("anomaly_map"))
 
 
 def _colormap(values: np.ndarray) -> np.ndarray:
@@ -450,13 +455,13 @@ def write_heatmaps(results: list[dict], folder: Path, max_tiles: int = 48) -> tu
     scale = (float(np.percentile(values, 1)), float(np.percentile(values, 99.9)))
     folder.mkdir(parents=True, exist_ok=True)
     tiles = []
-    for r in sorted(anomalous, key=lambda r: -r["probability"]):
+    for r in sorted(anomalous, key=lambda r: -r["score"]):
         img = overlay(r["uint8"], r["map"], scale)
         target = folder / f"{Path(r['path']).stem}_{_short_hash(r['path'])}_heatmap.png"
         keep_previous(target)
         atomic_write(target, lambda p, img=img: img.save(p, format="PNG"))
         if len(tiles) < max_tiles:
-            tiles.append((img, f"{Path(r['path']).name} p={r['probability']:.2f}"))
+            tiles.append((img, f"{Path(r['path']).name} {r['score']:.3g}"))
     sheet_path = folder / "contact_sheet.png"
     sheet = contact_sheet(tiles)
     keep_previous(sheet_path)
@@ -727,8 +732,10 @@ def parse_args(argv=None):
                    help="image folders (searched recursively), glob patterns (quote them: 'dir/**/*.png') or files")
     p.add_argument("--output", default="resultats/predictions.csv",
                    help="predictions CSV, one row per image; an existing one is resumed (default: %(default)s)")
-    p.add_argument("--model", default="modeles", help="model folder (its model_final.json), sidecar .json or model "
-                                                      "file with its sidecar (default: %(default)s)")
+    p.add_argument("--model", default="modeles",
+                   help="model folder (its model_final.json), sidecar .json, model file with its sidecar, or a "
+                        "good-only detector modeles/detector_<category>.safetensors (gives maps) (default: "
+                        "%(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="images per model call (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None,
                    help="parallel decode workers; 0 = decode in the main loop (default: the logical CPUs, at most 8)")
@@ -746,8 +753,8 @@ def parse_args(argv=None):
                    help="score every image again (the earlier CSV is kept under a timestamped name)")
     p.add_argument("--top", type=int, default=10, help="most anomalous files listed in the summary (default: 10)")
     p.add_argument("--heatmaps", default=None, metavar="DIR",
-                   help="write an overlay PNG per anomalous image and contact_sheet.png in DIR (models that give an "
-                        "anomaly map only; the current classifier does not: exit code 2)")
+                   help="write an overlay PNG per anomalous image and contact_sheet.png in DIR (a model that gives "
+                        "anomaly maps: the detector of anomaly_detector.py; a classifier gives none: exit code 2)")
     p.add_argument("--benchmark", action="store_true",
                    help="also time this pipeline against the naive baseline (PIL + PyTorch fp32, batch 1) on the same "
                         "images; rows appended to RESULTS_DIR/end_to_end.csv")
@@ -806,9 +813,12 @@ def _main(args) -> int:
     model = load_model(args.model, threads)
     if args.heatmaps and not gives_maps(model):
         raise UserError(f"--heatmaps: {_shown(model.meta['onnx_path'])} ({model.info['variant']}) is a good/anomaly "
-                        "classifier and gives no anomaly map, so there is nothing to draw; maps will come with the "
-                        "good-only detector (anomaly_detector.py) once its sidecar declares them. Run without "
-                        "--heatmaps.")
+                        "classifier and gives no anomaly map, so there is nothing to draw: use the good-only "
+                        "detector, --model modeles/detector_<category>.safetensors (written by anomaly_detector.py), "
+                        "or run without --heatmaps.")
+    if args.benchmark and not isinstance(model, Classifier):
+        raise UserError("--benchmark compares the fine-tuned classifier with its naive PyTorch baseline; a detector "
+                        "has none (anomaly_detector.py measures its own latency): run it with a classifier --model.")
     images = find_images(args.input, exclude=(args.heatmaps,))
     if not images:
         raise UserError(f"no image in {' '.join(args.input)} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
@@ -883,6 +893,11 @@ def _main(args) -> int:
     return EXIT_OK
 
 
+def row_score(row: dict) -> float:
+    """What the row's threshold applies to: P(anomaly) of a classifier, or the detector's patch distance."""
+    return float(row.get("anomaly_probability") or row.get("anomaly_score"))
+
+
 def print_summary(images: list[Path], store: PredictionStore, timing: Timing, args, output: Path,
                   workers: int) -> int:
     """Counts per label over the input, the most anomalous files, the errors, this run's throughput. Returns the
@@ -891,11 +906,11 @@ def print_summary(images: list[Path], store: PredictionStore, timing: Timing, ar
     counts = Counter(r["label"] or "error" for r in rows)
     print(f"\nlabels of the {len(images)} input images: " + ", ".join(
         f"{name} {counts.get(name, 0)}" for name in ("good", "anomaly", "error")))
-    scored = sorted((r for r in rows if r["label"]), key=lambda r: -float(r["anomaly_probability"]))
+    scored = sorted((r for r in rows if r["label"]), key=lambda r: -row_score(r))
     if scored and args.top:
         print(f"most anomalous (threshold {scored[0]['threshold']}):")
         for r in scored[:args.top]:
-            print(f"  {float(r['anomaly_probability']):.4f}  {r['label']:<7}  {_shown(r['path'])}")
+            print(f"  {row_score(r):.4f}  {r['label']:<7}  {_shown(r['path'])}")
     errors = [r for r in rows if not r["label"]]
     for r in errors[:10]:
         print(f"  error  {_shown(r['path'])}: {r['error']}")

@@ -15,7 +15,12 @@ Requests (POST /score), one or several images:
 Reply 200: {"predictions": [{"index", "label", "anomaly_probability", "probabilities": {label: p}}...],
             "n_images", "model": {"variant", "sha256", "created", "category", ...}, "inference_ms", "preprocess_ms",
             "total_ms"}.
-GET /score: the model's description and these limits. Bad requests get {"error": {"status", "code", "message"}}
+Maps (optional): when the model folder also holds the good-only detector of the same category
+(detector_<category>.safetensors + its backbone, from anomaly_detector.py; deploy_azure.py --detector ships them),
+a request with ?maps=1 (or "maps": true in the JSON) gets, per image, "detector": {"label", "anomaly_score",
+"threshold", "anomaly_map": {"grid": [h, w], "values": [[...]]}} (patch distances on the patch grid) and
+"detector_ms"; without a detector such a request is a 400 "no_detector".
+GET /score: the model's (and detector's) description and these limits. Bad requests get {"error": {"status", "code", "message"}}
 with a 4xx status (400 unreadable input, 413 too large, 415 unsupported Content-Type), never a 500.
 Limits (environment variables): TP4_MAX_BODY_MB (10), TP4_MAX_IMAGES (16 per request), TP4_MAX_PIXELS (40e6 per
 image); TP4_ORT_THREADS sets ONNX Runtime's intra-op threads (default: ONNX Runtime's choice).
@@ -42,7 +47,7 @@ from PIL import Image
 
 # azmlinfsrv (locally and on Azure) loads this file by its path: its sibling modules are not importable otherwise
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference import ImageError, Classifier, find_sidecar, load_rgb, preprocess  # noqa: E402
+from inference import ImageError, Classifier, PatchDetector, find_sidecar, load_rgb, preprocess  # noqa: E402
 from inference import read_sidecar  # noqa: E402, F401 - what deploy_azure.py checks before shipping
 
 try:  # inside azmlinfsrv these names are mapped onto the server's own module
@@ -57,6 +62,7 @@ SNIFF_TYPES = ("", "application/x-www-form-urlencoded", "text/plain")  # e.g. cu
 
 logger = logging.getLogger("azmlinfsrv.score")
 _model: Classifier | None = None
+_detector: PatchDetector | None = None  # the good-only detector of the same category, when shipped: maps
 
 
 def _env_number(name: str, default: float) -> float:
@@ -181,12 +187,34 @@ def _images_from_json(body: bytes, lim: dict) -> list[Image.Image]:
     return decoded
 
 
+def maps_requested(request, body: bytes) -> bool:
+    """?maps=1|true|yes in the URL, or "maps": true in a JSON body."""
+    if str(getattr(request, "args", {}).get("maps", "")).lower() in ("1", "true", "yes"):
+        return True
+    if body.lstrip()[:1] == b"{":
+        try:
+            return json.loads(body).get("maps") is True
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            return False
+    return False
+
+
+def detector_reply(patches: np.ndarray) -> dict:
+    """One image's answer of the good-only detector: its decision, score and the map at the patch grid
+    (rows top to bottom; upsample it to the image for display, as predict.py --heatmaps does)."""
+    score = float(patches.max())
+    gh, gw = _detector.grid
+    return {"label": _detector.label_for(score), "anomaly_score": score, "threshold": _detector.threshold,
+            "anomaly_map": {"grid": [gh, gw], "unit": "patch distance",
+                            "values": np.round(patches.reshape(gh, gw), 5).tolist()}}
+
+
 # --------------------------------------------------------------------------------------------------
 # Azure ML contract
 # --------------------------------------------------------------------------------------------------
 def init() -> None:
     """Called once per worker: find, verify and load the model. Any error stops the server from starting."""
-    global _model
+    global _model, _detector
     lim = limits()
     sidecar = find_sidecar(model_dir())
     threads = int(os.environ.get("TP4_ORT_THREADS", "0") or 0)
@@ -194,6 +222,12 @@ def init() -> None:
     logger.info("model %s loaded (variant %s, sha256 %s..., category %s, input %s, labels %s); limits %s",
                 _model.meta["onnx_path"], _model.info["variant"], str(_model.info["sha256"])[:12],
                 _model.info["category"], _model.info["input_size"], _model.labels, lim)
+    _detector = None
+    found = sorted(model_dir().rglob(f"detector_{_model.info['category']}.safetensors"))
+    if found:  # optional: shipped by deploy_azure.py --detector; a broken one stops the server like the model
+        _detector = PatchDetector(found[0], threads=threads)
+        logger.info("detector %s loaded (%s, sha256 %s..., grid %s): maps on request", found[0],
+                    _detector.info["variant"], _detector.info["sha256"][:12], _detector.info["map_grid"])
 
 
 @rawhttp
@@ -206,13 +240,20 @@ def run(request):
         lim = limits()
         if request.method == "GET":
             return _reply(200, {"model": _model.info, "limits": lim,
+                                "detector": _detector.info if _detector else None,
                                 "usage": "POST image bytes (Content-Type image/png|image/jpeg) or JSON "
-                                         '{"images": ["<base64>", ...]} to this URL'})
+                                         '{"images": ["<base64>", ...]} to this URL; add ?maps=1 (or "maps": true '
+                                         "in the JSON) for the good-only detector's anomaly maps"})
         if request.method == "OPTIONS":
             return _reply(200, {}, {"Allow": "GET, POST, OPTIONS"})
         if request.method != "POST":
             raise RequestError(405, "method_not_allowed", f"method {request.method} is not allowed: use POST")
-        images = parse_images(read_body(request, lim["max_body_bytes"]), request.mimetype, lim)
+        body = read_body(request, lim["max_body_bytes"])
+        images, want_maps = parse_images(body, request.mimetype, lim), maps_requested(request, body)
+        if want_maps and _detector is None:
+            raise RequestError(400, "no_detector", "maps were requested but this deployment ships no good-only "
+                                                   "detector (deploy_azure.py --detector modeles/detector_<category>"
+                                                   ".safetensors)")
         batch = np.stack([preprocess(img, _model.preprocessing) for img in images])
         t1 = time.perf_counter()
         probs = _model.predict(batch)
@@ -222,9 +263,16 @@ def run(request):
             predictions.append({"index": i, "label": _model.label_of(p), "threshold": _model.threshold,
                                 "anomaly_probability": float(p[_model.anomaly_index]),
                                 "probabilities": {name: float(v) for name, v in zip(_model.labels, p)}})
-        return _reply(200, {"predictions": predictions, "n_images": len(predictions), "model": _model.info,
-                            "preprocess_ms": (t1 - t0) * 1000.0, "inference_ms": (t2 - t1) * 1000.0,
-                            "total_ms": (time.perf_counter() - t0) * 1000.0})
+        reply = {"predictions": predictions, "n_images": len(predictions), "model": _model.info,
+                 "preprocess_ms": (t1 - t0) * 1000.0, "inference_ms": (t2 - t1) * 1000.0}
+        if want_maps:
+            t3 = time.perf_counter()
+            batch = batch if _detector.preprocessing == _model.preprocessing else \
+                np.stack([preprocess(img, _detector.preprocessing) for img in images])
+            for pred, patches in zip(predictions, _detector.patch_distances(batch)):
+                pred["detector"] = detector_reply(patches)
+            reply["detector_ms"] = (time.perf_counter() - t3) * 1000.0
+        return _reply(200, {**reply, "total_ms": (time.perf_counter() - t0) * 1000.0})
     except RequestError as exc:
         logger.info("rejected request: %s %s", exc.status, exc.message)
         return _reply(exc.status, {"error": {"status": exc.status, "code": exc.code, "message": exc.message}})

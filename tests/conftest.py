@@ -54,3 +54,17 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def detector_files(tmp_path_factory, synthetic_root) -> Path:
+    """modeles/detector_bottle.safetensors + its ONNX backbone: anomaly_detector.py fitted on the synthetic
+    train/good with the offline ViT-Tiny (random init), as a user would run it. Returns the models folder."""
+    import anomaly_detector
+
+    cwd = tmp_path_factory.mktemp("detector-files")
+    code = anomaly_detector.main(["--data-dir", str(synthetic_root), "--model-name", "offline-vit-tiny",
+                                  "--num-threads", "1", "--overlays", "0", "--models-dir", str(cwd / "modeles"),
+                                  "--results-dir", str(cwd / "resultats")])
+    assert code == 0
+    return cwd / "modeles"

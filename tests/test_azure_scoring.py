@@ -425,3 +425,62 @@ def test_openvino_ir_final_is_served(azure_model_dir, test_images, tmp_path):
     with pytest.raises(RuntimeError, match="weights were changed"):
         with azmlinfsrv(folder, tmp_path / "srv2", env=SERVER_ENV, timeout=30):
             pass
+
+
+# --------------------------------------------------------------------------------------------------
+# The good-only detector beside the model: maps on request
+# --------------------------------------------------------------------------------------------------
+def test_maps_on_request_when_a_detector_is_shipped(azure_model_dir, detector_files, test_images, tmp_path,
+                                                    monkeypatch):
+    import score
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    from inference import PatchDetector, load_rgb as load, preprocess
+
+    folder = tmp_path / "model"
+    shutil.copytree(azure_model_dir[0] / "model", folder)
+    monkeypatch.setenv("AZUREML_MODEL_DIR", str(tmp_path))
+    score.init()
+    plain = score.run(_post(test_images[1].read_bytes(), "image/png"))
+    assert plain.status_code == 200 and "detector" not in json.loads(plain.get_data())["predictions"][0]
+    asked = Request(EnvironBuilder(method="POST", data=test_images[1].read_bytes(), content_type="image/png",
+                                   query_string="maps=1").get_environ())
+    refused = score.run(asked)
+    assert refused.status_code == 400 and json.loads(refused.get_data())["error"]["code"] == "no_detector"
+
+    for f in detector_files.iterdir():
+        shutil.copy2(f, folder / f.name)
+    score.init()
+    reference = PatchDetector(folder / "detector_bottle.safetensors")
+    images = [base64.b64encode(p.read_bytes()).decode() for p in test_images]
+    reply = score.run(_post(json.dumps({"images": images, "maps": True}).encode(), "application/json"))
+    assert reply.status_code == 200
+    body = json.loads(reply.get_data())
+    patches = reference.patch_distances(np.stack([preprocess(load(p), reference.preprocessing) for p in test_images]))
+    for pred, expected in zip(body["predictions"], patches):
+        det = pred["detector"]
+        grid = det["anomaly_map"]["grid"]
+        values = np.array(det["anomaly_map"]["values"])
+        assert values.shape == tuple(grid) and np.abs(values.ravel() - expected).max() < 1e-4
+        assert det["anomaly_score"] == pytest.approx(float(expected.max()), abs=1e-4)
+        assert det["label"] == ("anomaly" if det["anomaly_score"] >= det["threshold"] else "good")
+        assert "anomaly_probability" in pred  # the classifier's answer is still there
+    described = json.loads(score.run(Request(EnvironBuilder(method="GET").get_environ())).get_data())
+    assert described["detector"]["variant"] == "detector-fp32"
+
+
+def test_deploy_ships_the_detector(run, deploy_setup, detector_files):
+    cfg = deploy_setup / "azureml"
+    det = detector_files / "detector_bottle.safetensors"
+    res = run("deploy_azure.py", "--dry-run", "--config-dir", cfg, "--detector", det, cwd=deploy_setup,
+              env=NO_AZURE_ENV)
+    assert res.returncode == 0, res.stderr
+    staged = sorted(p.name for p in (cfg / "build" / "model").iterdir())
+    assert "detector_bottle.safetensors" in staged and "detector_bottle_backbone.onnx" in staged
+    # a detector of another category is refused in one line
+    sidecar = json.loads((deploy_setup / "modeles" / "model_final.json").read_text())
+    (deploy_setup / "modeles" / "model_final.json").write_text(json.dumps({**sidecar, "category": "capsule"}))
+    res = run("deploy_azure.py", "--dry-run", "--config-dir", cfg, "--detector", det, cwd=deploy_setup,
+              env=NO_AZURE_ENV)
+    assert res.returncode == 2 and "same category" in res.stderr and len(res.stderr.strip().splitlines()) == 1

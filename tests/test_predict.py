@@ -351,27 +351,7 @@ def test_heatmaps_refused_for_a_classifier(served, run, tmp_path):
     assert res.stderr.count("\n") == 1 and not out.exists() and not (tmp_path / "maps").exists()
 
 
-def test_heatmaps_overlays_and_contact_sheet_when_the_model_gives_maps(served, tmp_path, monkeypatch):
-    """The seam for the good-only detector: a model with anomaly_maps() and "anomaly_map" in its sidecar."""
-    real_load = predict.load_model
-
-    def with_maps(model, threads=None):
-        clf = real_load(model, threads)
-        clf.meta["anomaly_map"] = {"output": "test"}
-        clf.anomaly_maps = lambda batch: batch.mean(axis=1)[:, ::4, ::4]  # any [N, h, w] map
-        return clf
-
-    monkeypatch.setattr(predict, "load_model", with_maps)
-    folder = served.category / "test"
-    maps = tmp_path / "maps"
-    code = predict.main(["--input", str(folder), "--model", str(served.models), "--output", str(tmp_path / "p.csv"),
-                         "--heatmaps", str(maps)])
-    assert code == 0
-    n_anomalies = sum(r["label"] == "anomaly" for r in read_rows(tmp_path / "p.csv"))
-    overlays = list(maps.glob("*_heatmap.png"))
-    assert 0 < len(overlays) == n_anomalies
-    sheet = Image.open(maps / "contact_sheet.png")
-    assert sheet.width == 6 * 320 and sheet.height >= 320
+# predict.py --heatmaps on the real detector: tests/test_detector_serving.py
 
 
 # --------------------------------------------------------------------------------------------------
