@@ -428,7 +428,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    evaluate(parse_args(argv))
+    return 0
+
+
+def evaluate(args, rid: str | None = None) -> dict:
+    """Fit on train/good, evaluate on the official test split, save the detector, append the CSV rows, draw the ROC
+    curves and overlays, print the table. `args`: parse_args(...) (the pipeline builds them the same way).
+    Returns {"rows": the CSV rows, "detector": its file, "backbone": its backbone file}."""
     threads = set_threads(args.num_threads)
     set_seed(args.seed)
     split = official_split(args.data_dir, args.category)
@@ -483,7 +490,7 @@ def main(argv=None) -> int:
                                         split["root"])
 
     # 3. outputs
-    rid = run_id()
+    rid = rid or run_id()
     if detector.backbone_file is None:  # the saved detector is served without PyTorch (inference.PatchDetector)
         from onnx_optimization import export_onnx
 
@@ -518,7 +525,7 @@ def main(argv=None) -> int:
           + (f", backbone {detector.backbone_file} {backbone_mb:.2f} MB)" if detector.backbone_file else ")"))
     print(f"results appended to {csv_path} (run_id {rid}); ROC {roc}; {len(overlays)} overlays in "
           f"{results / 'detector_overlays' / args.category}")
-    return 0
+    return {"rows": csv_rows, "detector": path, "backbone": detector.backbone_file}
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@
 - The model's sidecar (`model_final.json`, format tp4-onnx-sidecar-v1): what file, input, labels, preprocessing,
   decision threshold and sha256; written by onnx_optimization.py and the pipeline, read by score.py.
 - ONNX Runtime sessions: creation with explicit threads, prediction over a loader, timing (lab_io.benchmark).
+- The good-only detector of anomaly_detector.py (PatchDetector): its bank (safetensors) and exported backbone,
+  nearest-patch distances and anomaly maps in numpy, the very functions the detector is fitted and evaluated with.
 
-Imports numpy and Pillow; onnxruntime and onnx only inside the functions that need them.
+Imports numpy and Pillow; onnxruntime, openvino, onnx and safetensors only inside the functions that need them.
 """
 from __future__ import annotations
 

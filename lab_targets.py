@@ -461,6 +461,9 @@ RESULT_COLUMNS = {
                                                     "reliable, target_end_to_end_8x left empty)"),
     # -- anomaly_detector.py columns (issue 11) --
     "defect_type": ("", NEUTRAL, _ACC, "MVTec defect folder, or all"),
+    "section": ("", NEUTRAL, "run", "which part of optimization_report.csv / rapport.md a row feeds: variant (the "
+                                    "model alone), end_to_end (image files -> labels), detector (good-only detector "
+                                    "vs classifier); empty = variant"),
     "image_auroc": ("fraction 0-1", HIGHER, _ACC, "AUROC of the image scores (good vs defective test images)"),
     "pixel_auroc": ("fraction 0-1", HIGHER, _ACC, "AUROC of the anomaly maps against the ground-truth masks"),
     "false_alarm_rate": ("fraction 0-1", LOWER, _ACC, "good test images flagged at the threshold"),

@@ -139,6 +139,16 @@ def parse_args(argv=None):
     p.add_argument("--calibration-images", type=int, default=128,
                    help="training images that calibrate NNCF's int8 quantization (default: 128)")
     p.add_argument("--skip-gpu", action="store_true", help="no GPU row even when a GPU is present")
+    p.add_argument("--skip-end-to-end", action="store_true",
+                   help="skip step 6 (image files -> labels: the deployable model through predict.py's pipeline vs "
+                        "the naive baseline, PIL + PyTorch fp32 batch 1)")
+    p.add_argument("--end-to-end-images", type=int, default=200,
+                   help="test images timed end to end (default: %(default)s)")
+    p.add_argument("--end-to-end-repeats", type=int, default=3,
+                   help="timed passes of each path, alternately (default: %(default)s)")
+    p.add_argument("--skip-detector", action="store_true",
+                   help="skip step 7 (the good-only detector of anomaly_detector.py on the baseline's pretrained "
+                        "backbone, compared with the classifier on the test images neither trained on)")
     p.add_argument("--models-dir", default="modeles", help="checkpoints and ONNX files (default: modeles)")
     p.add_argument("--results-dir", default="resultats", help="CSV and figure (default: resultats)")
     p.add_argument("--report", default="rapport.md", help="the French report to write (default: rapport.md)")
@@ -472,7 +482,8 @@ def build_rows(variants: list[Variant], args, *, rid, data: Data, training: dict
     for v in variants:
         v.metrics = classification_metrics(v.labels, v.logits, v.loader.dataset.defect_types, threshold=v.threshold)
         price = args.price_per_hour if v.device.type == "cpu" else args.gpu_price_per_hour
-        row = {"run_id": rid, "script": "optimization_pipeline.py", "mode": "demo" if args.demo else "lab",
+        row = {"run_id": rid, "script": "optimization_pipeline.py", "section": "variant",
+               "mode": "demo" if args.demo else "lab",
                "category": args.category, "seed": args.seed, "step": v.step, "variant": v.name, "role": v.role,
                "backend": v.backend, "precision": v.precision, "device": v.device.type,
                "device_name": device_name(v.device), "model_name": v.model_name, "baseline_model": args.baseline_model,
@@ -521,6 +532,50 @@ def deploy_final(rows: list[dict], variants: list[Variant], args, checkpoints: d
                   threshold=v.threshold, engine=v.backend, precision_hint=v.precision_hint, overwrite=args.overwrite)
     final_row["deployed_as"] = str(final)
     return final
+
+
+# --------------------------------------------------------------------------------------------------
+# Beyond the model alone: end to end (image files -> labels) and the good-only detector
+# --------------------------------------------------------------------------------------------------
+def section_rows(rows: list[dict], section: str, args) -> list[dict]:
+    """Rows of another script, as rows of this run's CSV (its `section` says which part of the report they feed)."""
+    return [{**r, "script": "optimization_pipeline.py", "section": section, "mode": "demo" if args.demo else "lab",
+             "seed": args.seed} for r in rows]
+
+
+def end_to_end_step(args, final: Path | None, base_path: Path, data: Data, threads: int, rid: str) -> list[dict]:
+    """6. What the factory gets: image files of the test split -> labels, the deployable model through predict.py's
+    pipeline (parallel decode, batches) vs the naive baseline (PIL + the PyTorch fp32 checkpoint, batch 1)."""
+    if args.skip_end_to_end or final is None:
+        if final is None and not args.skip_end_to_end:
+            print("[6] end to end: skipped, no deployable model was written")
+        return []
+    from predict import benchmark_end_to_end
+
+    root = Path(args.data_dir) / args.category
+    images = [root / s.path for s in data.split["test"]]
+    print(f"[6] end to end: {min(len(images), args.end_to_end_images)} test image files -> labels, "
+          f"{final.name} through predict.py's pipeline vs the naive baseline")
+    rows = benchmark_end_to_end(final.with_suffix(".json"), images, baseline_checkpoint=base_path,
+                                batch_size=args.batch_size, threads=threads, repeats=args.end_to_end_repeats,
+                                max_images=args.end_to_end_images, category=args.category, rid=rid)
+    return section_rows(rows, "end_to_end", args)
+
+
+def detector_step(args, base_ckpt: dict, base_path: Path, threads: int, rid: str) -> list[dict]:
+    """7. The good-only detector (anomaly_detector.py) on the baseline's PRETRAINED backbone (the fine-tuned one has
+    seen defects of test/), fitted on train/good only, and the classifier, on the images neither trained on."""
+    if args.skip_detector:
+        return []
+    import anomaly_detector
+
+    print("[7] good-only detector: fitted on train/good, compared with the classifier on its test images of test/")
+    det_args = anomaly_detector.parse_args(
+        ["--category", args.category, "--data-dir", str(args.data_dir), "--model-name", base_ckpt["model_name"],
+         "--compare-checkpoint", str(base_path), "--models-dir", args.models_dir, "--results-dir", args.results_dir,
+         "--num-threads", str(threads), "--seed", str(args.seed)] + (["--overwrite"] if args.overwrite else []))
+    result = anomaly_detector.evaluate(det_args, rid=rid)
+    return section_rows(result["rows"], "detector", args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -650,7 +705,9 @@ def main(argv=None) -> int:
                 "gpu_name": device_name(gpu) if gpu is not None else ""}
     rows = build_rows(variants, args, rid=rid, data=data, training=training)
     final = deploy_final(rows, variants, args, {"baseline": (base_ckpt, base_path), "student": (student_ckpt, s_path)})
-    csv_path = append_csv_rows(Path(args.results_dir) / REPORT_CSV, rows)
+    extra = end_to_end_step(args, final, base_path, data, threads, rid) + \
+        detector_step(args, base_ckpt, base_path, threads, rid)
+    csv_path = append_csv_rows(Path(args.results_dir) / REPORT_CSV, rows + extra)
     report, png, _ = write_report(csv_path, rid, args.report, Path(args.results_dir) / REPORT_PNG, args.overwrite)
     print_summary(rows, final)
     print(f"results appended to {csv_path} (run_id {rid}); figure {png}; report {report}")

@@ -11,7 +11,8 @@ import pytest
 from lab_io import cpu_has_bf16
 
 FAST = ("--baseline-model", "offline-vit-tiny", "--student-model", "offline-vit-tiny", "--epochs", "1",
-        "--student-epochs", "1", "--runs", "3", "--warmup", "1", "--bench-batch-size", "2", "--num-threads", "1")
+        "--student-epochs", "1", "--runs", "3", "--warmup", "1", "--bench-batch-size", "2", "--num-threads", "1",
+        "--end-to-end-images", "24", "--end-to-end-repeats", "1")
 BF16 = cpu_has_bf16()  # the bf16 variants exist only where the CPU computes bf16 in hardware
 VARIANTS = ["pytorch-fp32", *["pytorch-bf16"] * BF16, "pytorch-int8-dynamic", "ort-fp32-optimized", "ort-int8-dynamic",
             "ov-fp32", *["ov-bf16"] * BF16, "ov-int8-nncf", *["ov-int8-nncf-bf16"] * BF16, "student-pytorch-fp32",
@@ -25,8 +26,8 @@ REQUIRED = {"run_id", "category", "variant", "backend", "precision", "device", "
             "time_reduction_pct", "cost_per_1000_images_usd", "cost_reduction_pct", "model_name", "baseline_model",
             "student_model", "torch_version", "onnxruntime_version", "recommended", *TARGETS}
 # Numbers the report may quote without them being measurements: the business targets and guard thresholds
-# ("-80 %", "-70 %", "< 30 Mo", "> 95 %", "< 1 point", "0,5 %", "99,5 %") and "1000 images".
-WHITELIST = {Decimal(v) for v in ("80", "70", "30", "95", "1", "0.5", "99.5", "1000")}
+# ("-80 %", "-70 %", "< 30 Mo", "> 95 %", "< 1 point", "0,5 %", "99,5 %"), "1000 images" and the end-to-end "x8".
+WHITELIST = {Decimal(v) for v in ("80", "70", "30", "95", "1", "0.5", "99.5", "1000", "8")}
 PERCENT_OF_FRACTION = {"accuracy", "precision_score", "recall", "f1", "auroc", "agreement", "onnx_graph_agreement",
                        "accuracy_ci_low", "accuracy_ci_high"}
 # The results table of rapport.md, cell by cell: (CSV column(s), decimals, scale); decimals None = text as is,
@@ -46,6 +47,10 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
+def variant_rows(rows):
+    return [r for r in rows if r["section"] == "variant"]
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, synthetic_root):
     """One full run (training the baseline and the student), then a second run with --resume in the same folder."""
@@ -57,8 +62,9 @@ def project(tmp_path_factory, synthetic_root):
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = cwd / "modeles" / "model_cpu_bottle.pth"
     before = ckpt.stat().st_mtime_ns
-    snapshot = {"report": (cwd / "rapport.md").read_text(encoding="utf-8"),
-                "rows": read_rows(cwd / "resultats" / "optimization_report.csv")}
+    all_rows = read_rows(cwd / "resultats" / "optimization_report.csv")
+    snapshot = {"report": (cwd / "rapport.md").read_text(encoding="utf-8"), "all_rows": all_rows,
+                "rows": variant_rows(all_rows)}
     second = run_script("optimization_pipeline.py", "--data-dir", synthetic_root, *FAST, "--resume", cwd=cwd)
     return {"cwd": cwd, "first": first, "second": second, "ckpt_mtime": before, **snapshot}
 
@@ -111,6 +117,28 @@ def test_csv_png_report_and_final_model(project):
     for word in ("Machine", "Méthode", "Résultats", "Limites", base["cpu_name"], base["torch_version"]):
         assert word in report
     assert "recommended:" in result.stdout and "pipeline finished in" in result.stdout
+
+
+def test_end_to_end_and_detector_sections(project):
+    """Steps 6 and 7: the deployable model end to end vs the naive baseline, the good-only detector vs the classifier,
+    in the CSV (same run) and in sections 8 and 9 of the report."""
+    rows, report = project["all_rows"], project["report"]
+    assert len({r["run_id"] for r in rows}) == 1 and {r["section"] for r in rows} == {"variant", "end_to_end",
+                                                                                        "detector"}
+    naive, pipe = [r for r in rows if r["section"] == "end_to_end"]
+    deployed = next(r for r in rows if r["deployed_as"])
+    assert naive["variant"] == "naive-pytorch-fp32" and pipe["variant"] == deployed["variant"]
+    assert int(pipe["n_images"]) == 24 and pipe["runs"] == "1"
+    assert float(pipe["end_to_end_speedup"]) == pytest.approx(
+        float(pipe["end_to_end_img_s"]) / float(naive["end_to_end_img_s"]), rel=1e-6)
+    det = {r["defect_type"]: r for r in rows if r["section"] == "detector"}
+    assert {"all", "crack", "common test images: classifier", "common test images: detector"} <= set(det)
+    assert det["common test images: classifier"]["n_test"] == det["common test images: detector"]["n_test"]
+    assert float(det["all"]["image_auroc"]) > 0.5 and det["all"]["pixel_auroc"] != ""
+    assert "## 8. De bout en bout" in report and "## 9. Détecteur" in report
+    assert f"| `{pipe['variant']}` |" in report.split("## 8.")[1].split("## 9.")[0]
+    assert "| détecteur (" in report and "| classifieur supervisé (" in report
+    assert (project["cwd"] / "modeles" / "detector_bottle.safetensors").is_file()
 
 
 def report_numbers(text):
@@ -172,10 +200,10 @@ def table_mismatches(report, rows):
 def test_every_number_in_the_report_is_in_the_csv(project):
     numbers = report_numbers(project["report"])
     assert len(numbers) > 80  # the table and the text quote the measurements
-    missing = sorted({n for n in numbers if not in_csv(n, project["rows"])})
+    missing = sorted({n for n in numbers if not in_csv(n, project["all_rows"])})
     assert not missing, f"numbers in rapport.md that are not in the CSV: {missing}"
     # the checker itself catches an invented number
-    assert not in_csv("12345,678", project["rows"])
+    assert not in_csv("12345,678", project["all_rows"])
 
 
 def test_each_table_cell_is_its_own_column_rounded_cautiously(project):
@@ -228,7 +256,7 @@ def test_resume_reuses_the_models_and_keeps_previous_outputs(project):
     assert "student: reusing" in second.stdout and "PyTorch int8: reusing" in second.stdout
     assert "fine-tuning" not in second.stdout and "epoch 1/1" not in second.stdout + second.stderr
     assert (cwd / "modeles" / "model_cpu_bottle.pth").stat().st_mtime_ns == project["ckpt_mtime"]
-    rows = read_rows(cwd / "resultats" / "optimization_report.csv")
+    rows = variant_rows(read_rows(cwd / "resultats" / "optimization_report.csv"))
     assert len({r["run_id"] for r in rows}) == 2 and len(rows) == 2 * len(VARIANTS)
     assert [r["reused"] for r in rows[len(VARIANTS):] if r["variant"] == "pytorch-fp32"] == ["True"]
     # earlier report, figure and sidecar kept with their timestamp, not overwritten
@@ -241,16 +269,18 @@ def test_resume_reuses_the_models_and_keeps_previous_outputs(project):
 def test_demo_mode_with_skipped_steps(tmp_path, run):
     result = run("optimization_pipeline.py", "--demo", "--data-dir", tmp_path / "syn", "--epochs", "1",
                  "--student-epochs", "1", "--runs", "2", "--warmup", "0", "--num-threads", "1", "--skip-torch-int8",
-                 "--skip-onnx", "--skip-openvino", cwd=tmp_path)
+                 "--skip-onnx", "--skip-openvino", "--skip-detector", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "syn" / "bottle" / "test" / "crack").is_dir()  # synthetic tree written
     rows = read_rows(tmp_path / "resultats" / "optimization_report.csv")
-    assert [r["variant"] for r in rows] == ["pytorch-fp32", "student-pytorch-fp32"]
+    assert [r["variant"] for r in rows] == ["pytorch-fp32", "student-pytorch-fp32"]  # no end-to-end, no detector
     assert {r["mode"] for r in rows} == {"demo"}
     assert (rows[0]["model_name"], rows[1]["model_name"]) == ("offline-vit-small", "offline-vit-tiny")
     report = (tmp_path / "rapport.md").read_text(encoding="utf-8")
     assert "Mode démo" in report and "aléatoirement" in report and "RANDOM INIT" in result.stdout
     assert not (tmp_path / "modeles" / "model_final.onnx").exists()
+    assert "[6] end to end: skipped, no deployable model" in result.stdout
+    assert "## 8. De bout en bout" in report and report.count("Non mesuré dans cette exécution") == 2
 
 
 @pytest.mark.parametrize("args, message", [
