@@ -428,8 +428,10 @@ def ort_threads(requested: int | None) -> int | None:
 # The good-only patch detector of anomaly_detector.py, served without PyTorch
 # --------------------------------------------------------------------------------------------------
 DETECTOR_FORMAT = "tp4-patch-detector-v1"
-DETECTOR_SCORE_TEXT = "largest distance of a patch to its nearest good patch >= threshold; threshold = highest " \
-                      "score of good training images held out of the memory bank"
+DETECTOR_SCORE_TEXT = "image score = mean of the largest patch distances to the nearest good patch (the top share " \
+                      "image_score_top, 0 = the largest alone) >= threshold; threshold = highest score of good " \
+                      "training images held out of the memory bank"
+IMAGE_SCORE_TOP = 0.01   # image score = mean of the top 1 % patch distances (AnomalyDINO's rule)
 SIGMA_PATCHES = 0.5      # Gaussian smoothing of the map, in patches (PatchCore: sigma 4 px at 224 px / 8 px patches)
 MAP_SIZE = 256           # anomaly maps (and the masks they are judged against) are 256 x 256
 
@@ -446,6 +448,57 @@ def nearest_distances(features: np.ndarray, bank: np.ndarray, chunk: int = 2048)
         d2 = (part * part).sum(1, keepdims=True) - 2.0 * (part @ bank.T) + bank_sq
         best[i:i + chunk] = d2.min(1)
     return np.sqrt(np.maximum(best, 0.0)).reshape(features.shape[:2])
+
+
+class NearestPatches:
+    """Distance of every patch [N, P, D] to its nearest bank patch, [N, P] float32: an OpenVINO graph holding the
+    bank (f32, explicit: 2.4x faster than numpy on the dev kit's 7373-patch bank, same distances to 1e-5), or
+    nearest_distances in numpy where OpenVINO is not installed."""
+
+    def __init__(self, bank: np.ndarray, threads: int | None = None):
+        self.bank = np.ascontiguousarray(bank, dtype=np.float32)
+        self.engine = ENGINE_OV if _has_openvino() else "numpy"
+        if self.engine == ENGINE_OV:
+            import openvino as ov
+
+            config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = int(threads)
+            self._request = ov.Core().compile_model(_nearest_graph(self.bank), "CPU", config).create_infer_request()
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        if self.engine != ENGINE_OV or not len(features):
+            return nearest_distances(features, self.bank)
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        per = max(1, self.CHUNK_ROWS // x.shape[1])  # images per call: the distance matrix stays small
+        return np.concatenate([self._request.infer({0: x[i:i + per]})[0].copy() for i in range(0, len(x), per)])
+
+    CHUNK_ROWS = 4096  # patches per call: a [4096, bank] float32 distance matrix (~270 MB at 16 589 patches)
+
+
+def _nearest_graph(bank: np.ndarray):
+    """features [N, P, D] -> sqrt(min_b |a|^2 - 2 a.b + |b|^2) [N, P], the bank as a constant."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    d = bank.shape[1]
+    features = ops.parameter([-1, -1, d], np.float32, name="features")
+    flat = ops.reshape(features, ops.constant(np.array([-1, d], np.int64)), special_zero=False)
+    dots = ops.matmul(flat, ops.constant(np.ascontiguousarray(bank.T)), False, False)
+    axis = ops.constant(np.array([1], np.int64))
+    a_sq = ops.reduce_sum(ops.multiply(flat, flat), axis, keep_dims=True)
+    b_sq = ops.constant((bank * bank).sum(1, dtype=np.float32)[None, :])
+    d2 = ops.add(ops.add(ops.multiply(dots, ops.constant(np.float32(-2.0))), b_sq), a_sq)
+    best = ops.sqrt(ops.maximum(ops.reduce_min(d2, axis, keep_dims=False), ops.constant(np.float32(0.0))))
+    grid = ops.slice(ops.shape_of(features), np.array([0]), np.array([2]), np.array([1]))
+    return ov.Model([ops.reshape(best, grid, special_zero=False)], [features], "nearest_patches")
+
+
+def image_scores(patch_distances: np.ndarray, top: float = IMAGE_SCORE_TOP) -> np.ndarray:
+    """[N, P] -> [N]: the mean of the `top` share of the largest patch distances (at least one patch; 0 = the
+    largest alone). Averaging a few patches is steadier than the single largest one at fine grids."""
+    k = max(1, int(top * patch_distances.shape[1]))
+    return np.sort(patch_distances, axis=1)[:, -k:].mean(axis=1)
 
 
 def _map_matrix(n_in: int, n_out: int, sigma: float) -> np.ndarray:
@@ -523,6 +576,7 @@ class PatchDetector:
         path = Path(path)
         bank, self.config = read_detector(path)
         self.bank = bank.astype(np.float32)
+        self.nearest = NearestPatches(self.bank, threads or None)
         backbone = self.config.get("backbone_file")
         if not backbone or not (path.parent / backbone).is_file():
             raise UserError(f"{path}: its backbone {backbone or '(none recorded)'} is not beside it: keep the files "
@@ -538,6 +592,7 @@ class PatchDetector:
         self.runner = Runner(backbone_path, engine, threads or None)
         self.grid = tuple(self.config["grid"])
         self.threshold = float(self.config["threshold"])
+        self.score_top = float(self.config.get("image_score_top", 0.0))  # detectors saved before it: the maximum
         self.preprocessing = self.config["preprocessing"]
         self.labels = list(LABELS)
         self.max_batch = None
@@ -554,13 +609,16 @@ class PatchDetector:
 
     def patch_distances(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, 3, H, W] -> [N, gh * gw] distance of each patch to the nearest good patch."""
-        return nearest_distances(self.runner.run(batch), self.bank)
+        return self.nearest(self.runner.run(batch))
 
     def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(image scores [N] = the largest patch distance, anomaly maps [N, MAP_SIZE, MAP_SIZE])."""
+        """(image scores [N] (image_scores), anomaly maps [N, MAP_SIZE, MAP_SIZE])."""
         patches = self.patch_distances(batch)
-        return patches.max(1), anomaly_maps(patches, self.grid, self.config.get("map_size", MAP_SIZE),
+        return self.image_scores(patches), anomaly_maps(patches, self.grid, self.config.get("map_size", MAP_SIZE),
                                             self.config.get("sigma_patches", SIGMA_PATCHES))
+
+    def image_scores(self, patch_distances: np.ndarray) -> np.ndarray:
+        return image_scores(patch_distances, self.score_top)
 
     def label_for(self, score: float) -> str:
         return "anomaly" if score >= self.threshold else next(n for n in self.labels if n != "anomaly")

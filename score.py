@@ -202,7 +202,7 @@ def maps_requested(request, body: bytes) -> bool:
 def detector_reply(patches: np.ndarray) -> dict:
     """One image's answer of the good-only detector: its decision, score and the map at the patch grid
     (rows top to bottom; upsample it to the image for display, as predict.py --heatmaps does)."""
-    score = float(patches.max())
+    score = float(_detector.image_scores(patches[None])[0])
     gh, gw = _detector.grid
     return {"label": _detector.label_for(score), "anomaly_score": score, "threshold": _detector.threshold,
             "anomaly_map": {"grid": [gh, gw], "unit": "patch distance",

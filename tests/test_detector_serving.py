@@ -23,8 +23,10 @@ def test_served_detector_equals_the_pytorch_one(detector_files, test_paths):
     served = PatchDetector(detector_files / "detector_bottle.safetensors", threads=1)
     bank, config = ad.load_detector(detector_files / "detector_bottle.safetensors")
     model, pre, _ = ad.load_backbone(config["model_name"], 0)
+    pre = {**pre, **config["preprocessing"]}  # the input size the detector was fitted at
     reference = ad.Detector(model, pre, config["model_name"], config["layers"], bank=bank,
                             threshold=config["threshold"])
+    reference.score_top = config["image_score_top"]
     ref_scores, ref_maps = reference.score_features(ad.extract(reference.extractor, test_paths, pre, 16, "ref"))
 
     batch = np.stack([preprocess(load_rgb(p), served.preprocessing) for p in test_paths])
@@ -103,3 +105,16 @@ def test_numpy_maps_equal_torch_upsampling_and_blur():
     feats, bank = torch.randn(2, 10, 8, generator=g), torch.randn(50, 8, generator=g)
     expected = torch.cdist(feats.reshape(-1, 8), bank).min(1).values.reshape(2, 10)
     assert np.abs(nearest_distances(feats.numpy(), bank.numpy()) - expected.numpy()).max() < 1e-5
+
+
+def test_openvino_nearest_patches_equal_numpy():
+    from inference import NearestPatches, nearest_distances
+
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((300, 24)).astype(np.float32)
+    feats = rng.standard_normal((3, 20, 24)).astype(np.float32)
+    nearest = NearestPatches(bank, threads=1)
+    assert nearest.engine == "openvino"
+    got = nearest(feats)
+    assert got.shape == (3, 20) and np.abs(got - nearest_distances(feats, bank)).max() < 1e-4
+    assert nearest(feats[:1]).shape == (1, 20)  # any batch
