@@ -130,7 +130,7 @@ def test_end_to_end_and_detector_sections(project):
     assert naive["variant"] == "naive-pytorch-fp32" and pipe["variant"] == deployed["variant"]
     assert int(pipe["n_images"]) == 24 and pipe["runs"] == "1"
     assert float(pipe["end_to_end_speedup"]) == pytest.approx(
-        float(pipe["end_to_end_img_s"]) / float(naive["end_to_end_img_s"]), rel=1e-6)
+        float(pipe["end_to_end_img_s"]) / float(naive["end_to_end_img_s"]), rel=1e-4)  # the CSV keeps 6 digits
     det = {r["defect_type"]: r for r in rows if r["section"] == "detector"}
     assert {"all", "crack", "common test images: classifier", "common test images: detector"} <= set(det)
     assert det["common test images: classifier"]["n_test"] == det["common test images: detector"]["n_test"]
