@@ -245,6 +245,14 @@ def load_detector(path: str | Path) -> tuple[torch.Tensor, dict]:
     return torch.from_numpy(bank), config
 
 
+def default_image_size(model_name: str, pre: dict, patch: int) -> int:
+    """GRID_PATCHES patches per side for a pretrained backbone; the offline presets (random init, the demo's 96-px
+    synthetic images) keep their own input size: no pretrained feature is there to resolve finer defects."""
+    if model_name in OFFLINE_PRESETS:
+        return int(pre["image_size"][0])
+    return GRID_PATCHES * patch
+
+
 def load_backbone(model_name: str, seed: int):
     """A hub id / local folder / preset (load_pretrained), or a fine-tuned checkpoint of this lab (.pth)."""
     if model_name.endswith(".pth"):
@@ -409,7 +417,7 @@ def parse_args(argv=None):
                    "of the depth) or numbers like 4,8")
     p.add_argument("--image-size", type=int, default=None,
                    help=f"input side in pixels, a multiple of the patch size (default: {GRID_PATCHES} patches per side, "
-                        "336 for DINOv2 /14, 384 for ViT /16)")
+                        "336 for DINOv2 /14, 384 for ViT /16; an offline preset: its own size)")
     p.add_argument("--coreset", type=float, default=0.1,
                    help="share of the good patches kept in the memory bank by greedy coreset selection (default 0.1)")
     p.add_argument("--score-top", type=float, default=IMAGE_SCORE_TOP,
@@ -456,7 +464,7 @@ def evaluate(args, rid: str | None = None) -> dict:
     split = official_split(args.data_dir, args.category)
     model, pre, model_name = load_backbone(args.model_name, args.seed)
     patch = int(getattr(model.config, "patch_size", 16))
-    side = args.image_size or GRID_PATCHES * patch
+    side = args.image_size or default_image_size(model_name, pre, patch)
     if side % patch:
         raise UserError(f"--image-size {side} is not a multiple of the patch size {patch}.")
     pre = {**pre, "image_size": [side, side]}

@@ -47,7 +47,7 @@ def test_fit_evaluate_and_outputs(fitted):
     bank, config = ad.load_detector(cwd / "modeles" / "detector_bottle.safetensors")
     assert bank.dtype == torch.float16 and bank.shape[0] == int(overall["bank_patches"])
     assert config["threshold"] == pytest.approx(float(overall["threshold"]), rel=1e-5)  # the CSV keeps 6 digits
-    assert config["layers"] == [2, 4] and config["preprocessing"]["image_size"] == [ad.GRID_PATCHES * 8] * 2  # 24 patches of 8 px
+    assert config["layers"] == [2, 4] and config["preprocessing"]["image_size"] == [64, 64]  # an offline preset: its own
 
 
 def test_without_masks_gives_image_metrics_only(tmp_path, synthetic_root, run):
@@ -86,3 +86,9 @@ def test_a_foreign_file_is_not_a_detector(tmp_path):
         ad.load_detector(bad)
     with pytest.raises(UserError, match="not found"):
         ad.load_detector(tmp_path / "missing.safetensors")
+
+
+def test_default_input_is_24_patches_for_a_pretrained_backbone():
+    assert ad.default_image_size("/models/dinov2-small", {"image_size": [224, 224]}, 14) == 336
+    assert ad.default_image_size("google/vit-base-patch16-224-in21k", {"image_size": [224, 224]}, 16) == 384
+    assert ad.default_image_size("offline-vit-tiny", {"image_size": [64, 64]}, 8) == 64  # random init: its own
