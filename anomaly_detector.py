@@ -221,7 +221,8 @@ class Detector:
         return {"format": DETECTOR_FORMAT, "model_name": self.model_name, "layers": self.layers,
                 "preprocessing": {k: self.pre[k] for k in ("image_size", "mean", "std")}, "grid": list(self.grid),
                 "threshold": self.threshold, "image_score_top": self.score_top,
-                "features": "each block's patch tokens L2-normalised, concatenated, L2-normalised", "sigma_patches": SIGMA_PATCHES,
+                "features": "each block's patch tokens L2-normalised, concatenated, L2-normalised",
+                "sigma_patches": SIGMA_PATCHES,
                 "map_size": MAP_SIZE, "bank_patches": int(len(self.bank)), "bank_dtype": str(self.bank.dtype),
                 "engine": self.engine, "backbone_file": self.backbone_file.name if self.backbone_file else None,
                 "backbone_sha256": files_sha256(self.backbone_file) if self.backbone_file else None}
@@ -416,8 +417,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", default="auto", help="transformer blocks whose patch tokens are used: auto (1/3 and 2/3 "
                    "of the depth) or numbers like 4,8")
     p.add_argument("--image-size", type=int, default=None,
-                   help=f"input side in pixels, a multiple of the patch size (default: {GRID_PATCHES} patches per side, "
-                        "336 for DINOv2 /14, 384 for ViT /16; an offline preset: its own size)")
+                   help=f"input side in pixels, a multiple of the patch size (default: {GRID_PATCHES} patches per "
+                        "side, 336 for DINOv2 /14, 384 for ViT /16; an offline preset: its own size)")
     p.add_argument("--coreset", type=float, default=0.1,
                    help="share of the good patches kept in the memory bank by greedy coreset selection (default 0.1)")
     p.add_argument("--score-top", type=float, default=IMAGE_SCORE_TOP,

@@ -27,6 +27,7 @@ TARGET_MAX_SIZE_MB = 30.0          # model file < 30 MB (10^6 bytes)
 TARGET_MIN_ACCURACY = 0.95         # test accuracy > 95 %
 TARGET_MAX_LOSS_PT = 1.0           # accuracy loss of a quantized model vs its fp32 source < 1 point
 TARGET_END_TO_END_SPEEDUP = 8.0    # predict.py: image files -> labels >= 8x faster than the naive baseline (issue 10)
+END_TO_END_IMAGES, END_TO_END_REPEATS = 200, 3  # how the end-to-end speed is measured (predict.py, pipeline)
 PARITY_MIN_AGREEMENT = 0.995       # a converted fp32 graph agrees with PyTorch on >= 99.5 % of the test images
 PARITY_MAX_ACCURACY_DIFF_PT = 0.5  # ... and its accuracy differs by < 0.5 point
 # An int8 model whose predictions differ from fp32 on <= 1 % of images cannot lose >= 1 pt on them: the mixed-precision

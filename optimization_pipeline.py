@@ -48,8 +48,8 @@ from inference import (ENGINE_ORT, Runner, benchmark_runner, onnx_opset, runner_
                        write_sidecar)
 from lab_io import (UserError, append_csv_rows, atomic_write, cpu_has_bf16, environment_columns, format_table,
                     keep_previous, run_cli, run_id, size_on_disk_mb)
-from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, GPU_PRICE, GPU_VM, LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE,
-                         QUANTIZATION, TARGETS, choose_deployable, format_accuracy, guard_columns, guard_kind,
+from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, END_TO_END_IMAGES, END_TO_END_REPEATS, GPU_PRICE, GPU_VM,
+                         LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE, QUANTIZATION, TARGETS, choose_deployable, format_accuracy, guard_columns, guard_kind,
                          judge_logits, measured_columns, recommend, targets_met, variant_passes)
 from load_model_hf import (HUB_PRESETS, OFFLINE_PRESETS, checkpoint_threshold, count_parameters, load_pretrained,
                            model_from_checkpoint, read_checkpoint, save_checkpoint)
@@ -142,9 +142,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-end-to-end", action="store_true",
                    help="skip step 6 (image files -> labels: the deployable model through predict.py's pipeline vs "
                         "the naive baseline, PIL + PyTorch fp32 batch 1)")
-    p.add_argument("--end-to-end-images", type=int, default=200,
+    p.add_argument("--end-to-end-images", type=int, default=END_TO_END_IMAGES,
                    help="test images timed end to end (default: %(default)s)")
-    p.add_argument("--end-to-end-repeats", type=int, default=3,
+    p.add_argument("--end-to-end-repeats", type=int, default=END_TO_END_REPEATS,
                    help="timed passes of each path, alternately (default: %(default)s)")
     p.add_argument("--skip-detector", action="store_true",
                    help="skip step 7 (the good-only detector of anomaly_detector.py on the baseline's pretrained "

@@ -56,7 +56,7 @@ from inference import (IMAGE_EXTENSIONS, Classifier, ImageError, PatchDetector, 
                        is_image_file, load_rgb, normalize, ort_threads, preprocess, resize_uint8)
 from lab_io import (UserError, append_csv_rows, atomic_write, cpu_flags, cpu_name, environment_columns,
                     format_table, keep_previous, run_cli, run_id)
-from lab_targets import TARGET_END_TO_END_SPEEDUP, check_result_columns
+from lab_targets import END_TO_END_IMAGES, END_TO_END_REPEATS, TARGET_END_TO_END_SPEEDUP, check_result_columns
 
 PREDICTION_COLUMNS = ("path", "label", "anomaly_probability", "anomaly_score", "threshold", "variant", "model_sha256",
                       "weights_sha256", "error", "image_width", "image_height", "file_bytes", "file_mtime_ns",
@@ -555,8 +555,8 @@ class _NaiveBaseline:
 
 def benchmark_end_to_end(model, images, *, baseline_checkpoint: str | Path | None = None, batch_size: int = 16,
                          workers: int | None = None, pool: str = "thread", threads: int | None = None,
-                         repeats: int = 3, max_images: int | None = 200, category: str | None = None,
-                         rid: str | None = None, verbose: bool = True) -> list[dict]:
+                         repeats: int = END_TO_END_REPEATS, max_images: int | None = END_TO_END_IMAGES,
+                         category: str | None = None, rid: str | None = None, verbose: bool = True) -> list[dict]:
     """End-to-end images/s (image file -> label) of the served model through this pipeline vs the naive baseline
     (PIL decode + the fine-tuned PyTorch fp32 checkpoint, batch 1, one image after the other).
 
@@ -758,9 +758,9 @@ def parse_args(argv=None):
     p.add_argument("--benchmark", action="store_true",
                    help="also time this pipeline against the naive baseline (PIL + PyTorch fp32, batch 1) on the same "
                         "images; rows appended to RESULTS_DIR/end_to_end.csv")
-    p.add_argument("--benchmark-images", type=int, default=200,
+    p.add_argument("--benchmark-images", type=int, default=END_TO_END_IMAGES,
                    help="readable images of the input used by --benchmark (default: %(default)s)")
-    p.add_argument("--benchmark-repeats", type=int, default=3,
+    p.add_argument("--benchmark-repeats", type=int, default=END_TO_END_REPEATS,
                    help="timed passes of each path, alternately (default: %(default)s)")
     p.add_argument("--baseline-checkpoint", default=None,
                    help="PyTorch checkpoint of the naive baseline (default: model_cpu_<category>.pth beside the "
