@@ -7,8 +7,8 @@
 Steps: check the sidecar (format, ONNX file, sha256, via score.read_sidecar: what the server will accept), copy
 the model pair and the scoring code (score.py + the torch-free modules it imports) into azureml/build/{model,code}
 (only those files are uploaded), build the endpoint and deployment with the SDK (ManagedOnlineEndpoint,
-ManagedOnlineDeployment, Model, Environment, CodeConfiguration, OnlineRequestSettings, ProbeSettings), load azureml/endpoint.yml and deployment.yml with the
-SDK and check they describe the same deployment (so `az ml online-deployment create -f azureml/deployment.yml`
+ManagedOnlineDeployment, Model, Environment, CodeConfiguration, OnlineRequestSettings, ProbeSettings), load
+azureml/endpoint.yml and deployment.yml with the SDK and check they describe the same deployment (so `az ml online-deployment create -f azureml/deployment.yml`
 deploys the same thing), print the specification. Without --dry-run, create or update the endpoint, the
 deployment, and route the traffic to it.
 """

@@ -14,6 +14,7 @@ Imports numpy and Pillow; onnxruntime, openvino, onnx and safetensors only insid
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import io
 import json
 from pathlib import Path
@@ -409,11 +410,17 @@ class Classifier:
         return self.label_for(probabilities[self.anomaly_index])
 
     def label_for(self, score: float) -> str:
-        return "anomaly" if score >= self.threshold else next(n for n in self.labels if n != "anomaly")
+        return decide(score, self.threshold, self.labels)
 
     def score(self, batch: np.ndarray) -> tuple[np.ndarray, None]:
         """(P(anomaly) [N], no map): the interface PatchDetector shares."""
         return self.predict(batch)[:, self.anomaly_index], None
+
+
+def decide(score: float, threshold: float, labels: list[str]) -> str:
+    """'anomaly' at or above the threshold, else the other label: the one decision rule of the classifier and the
+    detector."""
+    return "anomaly" if score >= threshold else next(n for n in labels if n != "anomaly")
 
 
 def ort_threads(requested: int | None) -> int | None:
@@ -501,6 +508,7 @@ def image_scores(patch_distances: np.ndarray, top: float = IMAGE_SCORE_TOP) -> n
     return np.sort(patch_distances, axis=1)[:, -k:].mean(axis=1)
 
 
+@functools.lru_cache(maxsize=8)  # a handful of (grid, size) per process: built once, not per batch
 def _map_matrix(n_in: int, n_out: int, sigma: float) -> np.ndarray:
     """[n_out, n_in]: bilinear upsampling (align_corners=False, as torch's interpolate) then a Gaussian blur of
     `sigma` output pixels with reflected borders, as one matrix: map = Ay @ grid @ Ax.T."""
@@ -575,8 +583,6 @@ class PatchDetector:
     def __init__(self, path: str | Path, threads: int = 0):
         path = Path(path)
         bank, self.config = read_detector(path)
-        self.bank = bank.astype(np.float32)
-        self.nearest = NearestPatches(self.bank, threads or None)
         backbone = self.config.get("backbone_file")
         if not backbone or not (path.parent / backbone).is_file():
             raise UserError(f"{path}: its backbone {backbone or '(none recorded)'} is not beside it: keep the files "
@@ -590,12 +596,12 @@ class PatchDetector:
         # (faster than ONNX Runtime on the dev kit's DINOv2-S), else on ONNX Runtime
         engine = ENGINE_OV if backbone_path.suffix == ".xml" or _has_openvino() else ENGINE_ORT
         self.runner = Runner(backbone_path, engine, threads or None)
+        self.nearest = NearestPatches(bank.astype(np.float32), threads or None)
         self.grid = tuple(self.config["grid"])
         self.threshold = float(self.config["threshold"])
         self.score_top = float(self.config.get("image_score_top", 0.0))  # detectors saved before it: the maximum
         self.preprocessing = self.config["preprocessing"]
         self.labels = list(LABELS)
-        self.max_batch = None
         detector_sha = sha256_file(path)
         self.meta = {"onnx_path": str(path), "engine": self.runner.engine, "sha256": detector_sha,
                      "weights_sha256": backbone_sha, "anomaly_map": True,
@@ -621,7 +627,7 @@ class PatchDetector:
         return image_scores(patch_distances, self.score_top)
 
     def label_for(self, score: float) -> str:
-        return "anomaly" if score >= self.threshold else next(n for n in self.labels if n != "anomaly")
+        return decide(score, self.threshold, self.labels)
 
 
 def _has_openvino() -> bool:
@@ -630,8 +636,3 @@ def _has_openvino() -> bool:
     except ImportError:
         return False
     return True
-
-
-def load_scorer(path: str | Path, threads: int = 0):
-    """A Classifier (its sidecar .json) or a PatchDetector (.safetensors): what predict.py and score.py serve."""
-    return PatchDetector(path, threads) if is_detector_file(path) else Classifier(path, threads)

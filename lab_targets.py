@@ -432,9 +432,9 @@ RESULT_COLUMNS = {
                                          "be read"),
     "anomaly_probability": ("probability", NEUTRAL, "prediction", "P(anomaly) = softmax(logits)[anomaly] (a "
                                                                   "classifier; empty for a detector)"),
-    "anomaly_score": ("patch distance", NEUTRAL, "prediction", "the good-only detector's image score: largest "
-                                                             "distance of a patch to the nearest good patch (empty "
-                                                             "for a classifier)"),
+    "anomaly_score": ("patch distance", NEUTRAL, "prediction", "the good-only detector's image score: mean of "
+                                                             "the top 1 % patch distances to the nearest good patch "
+                                                             "(empty for a classifier)"),
     "error": ("", NEUTRAL, "prediction", "why the image could not be scored (empty = scored)"),
     "image_width": ("pixels", NEUTRAL, "prediction", "width of the image file as decoded"),
     "image_height": ("pixels", NEUTRAL, "prediction", "height of the image file as decoded"),

@@ -49,7 +49,8 @@ from inference import (ENGINE_ORT, Runner, benchmark_runner, onnx_opset, runner_
 from lab_io import (UserError, append_csv_rows, atomic_write, cpu_has_bf16, environment_columns, format_table,
                     keep_previous, run_cli, run_id, size_on_disk_mb)
 from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, END_TO_END_IMAGES, END_TO_END_REPEATS, GPU_PRICE, GPU_VM,
-                         LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE, QUANTIZATION, TARGETS, choose_deployable, format_accuracy, guard_columns, guard_kind,
+                         LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE, QUANTIZATION, TARGETS, choose_deployable,
+                         format_accuracy, guard_columns, guard_kind,
                          judge_logits, measured_columns, recommend, targets_met, variant_passes)
 from load_model_hf import (HUB_PRESETS, OFFLINE_PRESETS, checkpoint_threshold, count_parameters, load_pretrained,
                            model_from_checkpoint, read_checkpoint, save_checkpoint)

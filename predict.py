@@ -18,9 +18,9 @@ waits on no single image. Results come back in input order.
 
 Output (--output, default resultats/predictions.csv): one row per image (path, label, anomaly_probability (a
 classifier) or anomaly_score (a detector), threshold, variant, model_sha256, error...). An unreadable file gets its
-error in its row and the run goes on. The CSV is rewritten atomically every --save-every images and at the end: an interrupted run (Ctrl+C, SIGTERM, crash)
-leaves the last complete version, and the same command resumes: images already scored by the same model (same
-path, size and modification time) are skipped, failed ones are tried again. An output written by another model
+error in its row and the run goes on. The CSV is rewritten atomically every --save-every images and at the end:
+an interrupted run (Ctrl+C, SIGTERM, crash) leaves the last complete version, and the same command resumes: images
+already scored by the same model (same path, size and modification time) are skipped, failed ones are tried again. An output written by another model
 (variant or sha256) is kept under a timestamped name and every image is scored again (a note says so).
 
 Exit codes: 0 every image scored; 3 some images could not be read (their row has an "error"); 2 bad usage (no

@@ -252,8 +252,9 @@ def end_to_end_section(w, e2e: list[dict], base: dict) -> None:
     target = pipe.get("target_end_to_end_8x", "")
     verdict_text = ("atteint" if yes(target) else "**non atteint**") if target else \
         "non jugé (d'autres processus occupaient le CPU pendant la mesure)"
-    w(f"\nObjectif « ×{TARGET_END_TO_END_SPEEDUP:g} de bout en bout » : {verdict_text} ({num(pipe, 'end_to_end_speedup', 2)}x). Les décisions "
-      f"des deux chemins sont identiques sur {num(pipe, 'agreement', 1, 100)} % des images. Le décodage et le "
+    w(f"\nObjectif « ×{TARGET_END_TO_END_SPEEDUP:g} de bout en bout » : {verdict_text} "
+      f"({num(pipe, 'end_to_end_speedup', 2)}x). Les décisions des deux chemins sont identiques sur "
+      f"{num(pipe, 'agreement', 1, 100)} % des images. Le décodage et le "
       "redimensionnement sont faits en parallèle du modèle : quand le modèle est rapide, ils deviennent la limite "
       "(comparer le temps de décodage au temps du modèle ci-dessus) ; plus de cœurs décodent plus d'images à la "
       "fois.\n")

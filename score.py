@@ -20,8 +20,8 @@ Maps (optional): when the model folder also holds the good-only detector of the 
 a request with ?maps=1 (or "maps": true in the JSON) gets, per image, "detector": {"label", "anomaly_score",
 "threshold", "anomaly_map": {"grid": [h, w], "values": [[...]]}} (patch distances on the patch grid) and
 "detector_ms"; without a detector such a request is a 400 "no_detector".
-GET /score: the model's (and detector's) description and these limits. Bad requests get {"error": {"status", "code", "message"}}
-with a 4xx status (400 unreadable input, 413 too large, 415 unsupported Content-Type), never a 500.
+GET /score: the model's (and detector's) description and these limits. Bad requests get
+{"error": {"status", "code", "message"}} with a 4xx status (400 unreadable input, 413 too large, 415 unsupported Content-Type), never a 500.
 Limits (environment variables): TP4_MAX_BODY_MB (10), TP4_MAX_IMAGES (16 per request), TP4_MAX_PIXELS (40e6 per
 image); TP4_ORT_THREADS sets ONNX Runtime's intra-op threads (default: ONNX Runtime's choice).
 
@@ -143,7 +143,8 @@ def _drain(stream, max_bytes: int) -> None:
         read += len(chunk)
 
 
-def parse_images(body: bytes, mimetype: str, lim: dict) -> list[Image.Image]:
+def parse_images(body: bytes, mimetype: str, lim: dict) -> tuple[list[Image.Image], bool]:
+    """(the request's images, whether its JSON asks for maps: "maps": true)."""
     mimetype = (mimetype or "").lower()
     if mimetype in SNIFF_TYPES:  # no usable Content-Type: JSON if it looks like JSON, else image bytes
         mimetype = "application/json" if body.lstrip()[:1] == b"{" else "application/octet-stream"
@@ -152,13 +153,13 @@ def parse_images(body: bytes, mimetype: str, lim: dict) -> list[Image.Image]:
     if mimetype.startswith("image/") or mimetype == "application/octet-stream":
         if not body:
             raise RequestError(400, "empty_body", "the request body is empty: send the image bytes")
-        return [decode_image(body, "the request body", lim["max_pixels"])]
+        return [decode_image(body, "the request body", lim["max_pixels"])], False
     raise RequestError(415, "unsupported_media_type",
                        f"Content-Type {mimetype!r} is not supported: send image bytes (image/png, image/jpeg) or "
                        'JSON (application/json) {"images": ["<base64>", ...]}')
 
 
-def _images_from_json(body: bytes, lim: dict) -> list[Image.Image]:
+def _images_from_json(body: bytes, lim: dict) -> tuple[list[Image.Image], bool]:
     if not body.strip():
         raise RequestError(400, "empty_body", 'the request body is empty: send {"images": ["<base64>", ...]}')
     try:
@@ -184,19 +185,7 @@ def _images_from_json(body: bytes, lim: dict) -> list[Image.Image]:
         except (binascii.Error, ValueError):
             raise RequestError(400, "invalid_base64", f"images[{i}] is not valid base64") from None
         decoded.append(decode_image(data, f"images[{i}]", lim["max_pixels"]))
-    return decoded
-
-
-def maps_requested(request, body: bytes) -> bool:
-    """?maps=1|true|yes in the URL, or "maps": true in a JSON body."""
-    if str(getattr(request, "args", {}).get("maps", "")).lower() in ("1", "true", "yes"):
-        return True
-    if body.lstrip()[:1] == b"{":
-        try:
-            return json.loads(body).get("maps") is True
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            return False
-    return False
+    return decoded, doc.get("maps") is True
 
 
 def detector_reply(patches: np.ndarray) -> dict:
@@ -248,8 +237,8 @@ def run(request):
             return _reply(200, {}, {"Allow": "GET, POST, OPTIONS"})
         if request.method != "POST":
             raise RequestError(405, "method_not_allowed", f"method {request.method} is not allowed: use POST")
-        body = read_body(request, lim["max_body_bytes"])
-        images, want_maps = parse_images(body, request.mimetype, lim), maps_requested(request, body)
+        images, json_maps = parse_images(read_body(request, lim["max_body_bytes"]), request.mimetype, lim)
+        want_maps = json_maps or request.args.get("maps", "").lower() in ("1", "true", "yes")  # or ?maps=1
         if want_maps and _detector is None:
             raise RequestError(400, "no_detector", "maps were requested but this deployment ships no good-only "
                                                    "detector (deploy_azure.py --detector modeles/detector_<category>"
