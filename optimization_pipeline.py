@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import onnx_optimization as oo
-import quantization_demo as qd
+import quantize as qz
 from inference import (ENGINE_ORT, Runner, benchmark_runner, onnx_opset, runner_predict_logits, save_final,
                        write_sidecar)
 from lab_io import (UserError, append_csv_rows, atomic_write, cpu_has_bf16, environment_columns, format_table,
@@ -56,7 +56,7 @@ from load_model_hf import (HUB_PRESETS, OFFLINE_PRESETS, checkpoint_threshold, c
                            model_from_checkpoint, read_checkpoint, save_checkpoint)
 from mvtec_dataset import make_loaders, make_synthetic_mvtec, prepare_split, split_from_manifest, write_manifest
 from rapport import REPORT_CSV, REPORT_PNG, write_report
-from train_utils import (OFFLINE_DEFAULT_EPOCHS, benchmark_torch_model, class_weights, classification_metrics,
+from train_utils import (OFFLINE_DEFAULT_EPOCHS, benchmark_batch, benchmark_torch_model, class_weights, classification_metrics,
                          default_lr, device_name, linear_probe_init, model_logits, pick_device, predict_logits,
                          set_seed, set_threads, train_model, training_recipe)
 
@@ -132,7 +132,7 @@ def parse_args(argv=None):
                    help="reuse earlier artefacts of the same category/model: modeles/model_cpu_<category>.pth "
                         "(e.g. from benchmark_gpu.py), the student checkpoint, model_quantized.pth and the ONNX "
                         "files when they are newer than the checkpoint they come from")
-    p.add_argument("--skip-torch-int8", action="store_true", help="skip step 2 (PyTorch dynamic int8)")
+    p.add_argument("--skip-torch-int8", action="store_true", help="skip step 2 (PyTorch int8: plain dynamic and the SmoothQuant fix)")
     p.add_argument("--skip-onnx", action="store_true", help="skip steps 3-4 and the student's ONNX form")
     p.add_argument("--skip-student", action="store_true", help="skip step 5 (distilled student)")
     p.add_argument("--skip-openvino", action="store_true",
@@ -324,20 +324,33 @@ def student_step(args, device, data: Data, teacher, teacher_ckpt, teacher_path: 
     return model, ckpt, path, False
 
 
-def torch_int8_step(args, model, ckpt, ckpt_path: Path):
-    """Step 2: torch.ao dynamic int8, saved as modeles/model_quantized.pth (reloaded with --resume when fresh)."""
-    path = Path(args.models_dir) / "model_quantized.pth"
+def torch_int8_step(args, data: Data, model, ckpt, ckpt_path: Path, *, smooth: bool, prefix: str = "model_"):
+    """Step 2: PyTorch int8 of one checkpoint, the plain torch.ao dynamic int8 (smooth=False, the lesson,
+    modeles/model_quantized.pth) or the per-token SmoothQuant fix (smooth=True, calibrated on train images, mixed
+    precision chosen on train + val, modeles/model_quantized_smoothquant.pth); reloaded with --resume when fresh."""
+    name = f"{prefix}quantized{'_smoothquant' if smooth else ''}.pth"
+    path, label = Path(args.models_dir) / name, "int8 SmoothQuant" if smooth else "int8 dynamic"
     if args.resume and is_fresh(path, ckpt_path):
-        with qd.quiet_quantization_warnings():
+        with qz.quiet_quantization_warnings():
             saved = read_checkpoint(path, args.category)
         if saved.get("source_checkpoint") == ckpt_path.name and saved.get("quantization"):
-            print(f"[2/5] PyTorch int8: reusing {path}")
-            return qd.load_quantized_checkpoint(path, args.category, args.models_dir)[0], path, True
-    engine = qd.select_engine("auto")
-    qmodel = qd.quantize_dynamic_int8(model, engine)
-    qd.save_quantized_checkpoint(path, qmodel, ckpt, quantization=qd.quantization_info(engine),
-                                 extra={"source_checkpoint": ckpt_path.name}, overwrite=args.overwrite)
-    print(f"[2/5] PyTorch int8: torch.ao quantize_dynamic (nn.Linear, engine '{engine}') -> {path}")
+            print(f"[2/5] PyTorch {label}: reusing {path}")
+            return qz.load_quantized_checkpoint(path, args.category, args.models_dir)[0], path, True
+    if smooth:
+        loaders = data.loaders(ckpt["preprocessing"], ("train", "val"), augment="none")
+        train, val = loaders["train"].dataset, loaders["val"].dataset
+        calibration = torch.stack([train[i][0] for i in range(min(qz.SMOOTH_CALIBRATION_IMAGES, len(train)))])
+        agreement = torch.stack([ds[i][0] for ds in (train, val) for i in range(len(ds))])
+        qmodel, info = qz.quantize_smooth_int8(model, calibration, agreement, checkpoint_threshold(ckpt))
+        note = (f"per token + SmoothQuant, {len(info['fp32_linears'])} nn.Linear kept fp32, agreement with fp32 on "
+                f"train+val {info['agreement'] * 100:.1f} %")
+    else:
+        engine = qz.select_engine("auto")
+        qmodel, info = qz.quantize_dynamic_int8(model, engine), qz.quantization_info(engine)
+        note = f"torch.ao quantize_dynamic (nn.Linear, engine '{engine}')"
+    qz.save_quantized_checkpoint(path, qmodel, ckpt, quantization=info, extra={"source_checkpoint": ckpt_path.name},
+                                 overwrite=args.overwrite)
+    print(f"[2/5] PyTorch {label}: {note} -> {path}")
     return qmodel, path, False
 
 
@@ -462,7 +475,7 @@ def time_variants(variants: list[Variant], args, threads: int) -> None:
     bench = dict(warmup=args.warmup, runs=args.runs, max_seconds=args.max_bench_seconds)
     for key, n in (("b1", 1), ("bn", args.bench_batch_size)):
         for v in variants:
-            batch = qd.benchmark_batch(v.loader.dataset, n)
+            batch = benchmark_batch(v.loader.dataset, n)
             desc = f"{v.name} batch {n}"
             if v.backend == "pytorch":
                 setattr(v, key, benchmark_torch_model(v.model, batch, v.device, desc=desc, **bench))
@@ -661,10 +674,11 @@ def main(argv=None) -> int:
     # 2. PyTorch int8
     quant_path = None
     if not args.skip_torch_int8:
-        qmodel, quant_path, reused = torch_int8_step(args, base_model, base_ckpt, base_path)
-        variants.append(torch_variant("pytorch-int8-dynamic", 2, "baseline", qmodel, test, precision="int8",
-                                      reference=base, reused=reused, params_m=base.params_m,
-                                      **{**same, "file": quant_path}))
+        for smooth, name in ((False, "pytorch-int8-dynamic"), (True, "pytorch-int8-smoothquant")):
+            qmodel, path, reused = torch_int8_step(args, data, base_model, base_ckpt, base_path, smooth=smooth)
+            quant_path = quant_path or path
+            variants.append(torch_variant(name, 2, "baseline", qmodel, test, precision="int8", reference=base,
+                                          reused=reused, params_m=base.params_m, **{**same, "file": path}))
     # 3-4. ONNX Runtime
     if not args.skip_onnx:
         print("[3-4/5] ONNX: export, ORT transformer fusion, dynamic int8")
@@ -688,6 +702,13 @@ def main(argv=None) -> int:
                                 model_name=student_ckpt["model_name"], threshold=checkpoint_threshold(student_ckpt),
                                 reused=s_reused)
         variants.append(student)
+        if not args.skip_torch_int8:
+            qmodel, path, reused = torch_int8_step(args, data, s_model, student_ckpt, s_path, smooth=True,
+                                                   prefix="model_student_")
+            variants.append(torch_variant("student-pytorch-int8-smoothquant", 5, "student", qmodel, student.loader,
+                                          precision="int8", reference=student, reused=reused,
+                                          params_m=student.params_m, file=path, model_name=student.model_name,
+                                          threshold=student.threshold))
         if not args.skip_onnx:
             files = onnx_files(args, s_model, student_ckpt, s_path, "model_student_", optimize=False)
             variants.append(engine_variant("student-ort-int8-dynamic", 5, "student", files["int8"], student,

@@ -140,18 +140,23 @@ def _pool(hidden: torch.Tensor, pooling: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def frozen_features(model, loader, device, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+def frozen_features(model, loader, device, desc: str = "features", batch_size: int | None = None,
+                    flip_dims: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
     """Pooled head inputs at every depth of the frozen backbone: ([N, depth, dim], labels [N]). The loader's
-    augmentation is switched off while the features are computed."""
+    augmentation is switched off while the features are computed; batch_size: the loader's unless given;
+    flip_dims: the images are flipped along these tensor dims first (-1 horizontal, -2 vertical)."""
     base, pooling = base_model_of(model)
     dataset = loader.dataset
     augment, dataset.augment = getattr(dataset, "augment", None), None
     feats, labels = [], []
     try:
         model.eval().to(device)
-        for i in tqdm(range(0, len(dataset), loader.batch_size), desc=desc, leave=False, unit="batch"):
-            items = [dataset[j] for j in range(i, min(len(dataset), i + loader.batch_size))]
+        step = batch_size or loader.batch_size
+        for i in tqdm(range(0, len(dataset), step), desc=desc, leave=False, unit="batch"):
+            items = [dataset[j] for j in range(i, min(len(dataset), i + step))]
             pixels = torch.stack([x for x, _ in items]).to(device)
+            if flip_dims:
+                pixels = pixels.flip(flip_dims)
             hidden = base(pixel_values=pixels, output_hidden_states=True).hidden_states[1:]
             feats.append(torch.stack([_pool(base.layernorm(h), pooling) for h in hidden], 1).float().cpu())
             labels += [int(y) for _, y in items]
@@ -172,17 +177,46 @@ def truncate_backbone(model, depth: int) -> None:
         config.set_output_features_output_indices(out_features=[f"stage{depth}"], out_indices=None)
 
 
+PROBE_C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+PROBE_SCALINGS = ("raw", "standardised")
+PROBE_ORIENTATIONS = (((), ""), ((-1,), ", flipped"), ((-2,), ", upside down"), ((-2, -1), ", rotated 180"))
+
+
+def _log_loss(proba: np.ndarray, labels: np.ndarray) -> float:
+    proba = proba.clip(1e-7, 1 - 1e-7)
+    return float(-np.mean(np.where(labels == 1, np.log(proba), np.log(1 - proba))))
+
+
+def int8_perturbed_copy(model):
+    """A copy of `model` whose backbone has the plain dynamic int8 of part 2 (the classifier stays fp32): the
+    strongest perturbation of the features that a shipped variant applies, used to choose a head that survives it."""
+    import copy
+
+    from quantize import quantize_dynamic_int8  # here, not at the top: quantize -> load_model_hf -> train_utils
+
+    base, _ = base_model_of(model)
+    perturbed = copy.deepcopy(model)
+    for attr in ("dinov2", "vit", "deit"):
+        if getattr(model, attr, None) is base:
+            setattr(perturbed, attr, quantize_dynamic_int8(base))
+    return perturbed.eval()
+
+
 def linear_probe_init(model, train_loader, val_loader, device, *, depth: str | int = "auto",
                       desc: str = "probe") -> dict:
     """LP of LP-FT (Kumar et al. 2022): fit a logistic regression on the frozen features of the train split and
     copy it into the new head, so that fine-tuning starts from a good classifier instead of a random one (a
     random head sends large, wrong gradients into the pretrained backbone for the first steps).
 
-    depth='auto' also chooses how many transformer blocks to keep: small local defects are better described by
-    intermediate blocks than by the last one, which is tuned to its pre-training task (measured on real MVTec
-    screw with DINOv2-S: logistic regression test accuracy 0.85 at 12 blocks, 0.90 at 7-8). Depth (upper half of
-    the blocks) and the regularisation C are chosen together by the validation log-loss; test is never seen.
-    Returns what was chosen and measured, or {"applied": False, "reason"} for an architecture it does not know."""
+    depth='auto' also chooses how many transformer blocks to keep (upper half of the blocks): small local defects
+    are often better described by intermediate blocks than by the last one.
+
+    The head must survive what comes after it: int8 rounding of the backbone and fine-tuning steps both move the
+    features a little, and a head that leans on directions where the images barely differ flips its decisions.
+    So each candidate (depth, feature scaling: raw units or standardised, C) is judged by its worse validation
+    log-loss of two: on the fp32 features and on the features of the same validation images through the plain
+    dynamic-int8 backbone (image by image). The lowest wins; test is never seen. Returns what was chosen and
+    measured, or {"applied": False, "reason"} for an architecture it does not know."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -192,10 +226,17 @@ def linear_probe_init(model, train_loader, val_loader, device, *, depth: str | i
     if isinstance(getattr(model, "cls_classifier", None), torch.nn.Module):
         return {"applied": False, "reason": "two-head distilled DeiT: head left at its init"}
     t0 = time.perf_counter()
-    x_train, y_train = frozen_features(model, train_loader, device, desc=f"{desc} train features")
+    # the four orientations that fine-tuning's flips produce: the head starts fitted to what the epochs will show
+    train = [frozen_features(model, train_loader, device, desc=f"{desc} train features{tag}", flip_dims=dims)
+             for dims, tag in PROBE_ORIENTATIONS]
+    x_train, y_train = np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])
     x_val, y_val = frozen_features(model, val_loader, device, desc=f"{desc} val features")
     if len(np.unique(y_train)) < 2:
         return {"applied": False, "reason": "the train split has a single class"}
+    has_val = len(y_val) > 0 and len(np.unique(y_val)) == 2
+    # image by image: dynamic int8 takes one activation scale over the whole batch
+    x_val_int8 = frozen_features(int8_perturbed_copy(model.cpu()), val_loader, "cpu", batch_size=1,
+                                 desc=f"{desc} val features, int8 backbone")[0] if has_val else x_val
     n_layers = x_train.shape[1]
     if depth == "auto":
         depths = list(range(max(1, (n_layers + 1) // 2), n_layers + 1))
@@ -203,32 +244,40 @@ def linear_probe_init(model, train_loader, val_loader, device, *, depth: str | i
         depths = [n_layers if depth in ("full", None) else int(depth)]
         if not 1 <= depths[0] <= n_layers:
             raise UserError(f"--depth {depth}: the model has {n_layers} blocks.")
-    has_val = len(y_val) > 0 and len(np.unique(y_val)) == 2
     best = None
     for d in depths:
-        scaler = StandardScaler().fit(x_train[:, d - 1])
-        for c in (0.01, 0.03, 0.1, 0.3, 1.0):
-            clf = LogisticRegression(C=c, max_iter=5000, class_weight="balanced")
-            clf.fit(scaler.transform(x_train[:, d - 1]), y_train)
-            if has_val:
-                proba = clf.predict_proba(scaler.transform(x_val[:, d - 1]))[:, 1].clip(1e-7, 1 - 1e-7)
-                nll = float(-np.mean(np.where(y_val == 1, np.log(proba), np.log(1 - proba))))
-            else:
-                nll = 0.0 if (d, c) == (depths[-1], 0.1) else 1.0  # no val: full depth, default C
-            if best is None or nll < best[0]:
-                best = (nll, d, c, clf, scaler)
-    nll, d, c, clf, scaler = best
-    weight = clf.coef_[0] / scaler.scale_                  # fold the standardisation into the head
+        for scaling in PROBE_SCALINGS:
+            scaler = StandardScaler(with_std=scaling == "standardised").fit(x_train[:, d - 1])
+            for c in PROBE_C_GRID:
+                clf = LogisticRegression(C=c, max_iter=5000, class_weight="balanced")
+                clf.fit(scaler.transform(x_train[:, d - 1]), y_train)
+                if has_val:
+                    nll = _log_loss(clf.predict_proba(scaler.transform(x_val[:, d - 1]))[:, 1], y_val)
+                    nll_int8 = _log_loss(clf.predict_proba(scaler.transform(x_val_int8[:, d - 1]))[:, 1], y_val)
+                else:  # no val: full depth, raw units, C = 0.1
+                    nll = nll_int8 = 0.0 if (d, scaling, c) == (depths[-1], "raw", 0.1) else 1.0
+                key = max(nll, nll_int8)
+                if best is None or key < best["key"]:
+                    best = dict(key=key, nll=nll, nll_int8=nll_int8, depth=d, scaling=scaling, C=c, clf=clf,
+                                scaler=scaler)
+    clf, scaler, d = best["clf"], best["scaler"], best["depth"]
+    scale = scaler.scale_ if scaler.scale_ is not None else np.ones(x_train.shape[2])
+    weight = clf.coef_[0] / scale                  # fold the scaling into the head
     bias = clf.intercept_[0] - float((weight * scaler.mean_).sum())
+    flips = int(((x_val[:, d - 1] @ weight + bias >= 0) != (x_val_int8[:, d - 1] @ weight + bias >= 0)).sum())
     if d < n_layers:
         truncate_backbone(model, d)
     with torch.no_grad():  # logits [-z/2, z/2]: softmax gives P(anomaly) = sigmoid(z), the probe's probability
         model.classifier.weight.copy_(torch.tensor(np.stack([-weight / 2, weight / 2]), dtype=torch.float32))
         model.classifier.bias.copy_(torch.tensor([-bias / 2, bias / 2], dtype=torch.float32))
-    info = {"applied": True, "depth": d, "depth_of": n_layers, "C": c, "val_log_loss": nll,
-            "depths_tried": depths, "seconds": time.perf_counter() - t0}
-    print(f"[{desc}] linear probe on frozen features: kept {d}/{n_layers} blocks, C={c} (val log-loss "
-          f"{nll:.3f}), head initialised ({info['seconds']:.1f} s)")
+    train_proba = 1 / (1 + np.exp(-(x_train[:, d - 1] @ weight + bias)))  # over the four orientations
+    info = {"applied": True, "depth": d, "depth_of": n_layers, "C": best["C"], "scaling": best["scaling"],
+            "val_log_loss": best["nll"], "val_log_loss_int8": best["nll_int8"], "val_flips_int8": flips,
+            "train_log_loss": _log_loss(train_proba, y_train), "depths_tried": depths,
+            "seconds": time.perf_counter() - t0}
+    print(f"[{desc}] linear probe on frozen features: kept {d}/{n_layers} blocks, {best['scaling']} features, "
+          f"C={best['C']} (val log-loss {best['nll']:.3f} fp32 / {best['nll_int8']:.3f} through an int8 backbone, "
+          f"{flips}/{len(y_val)} val decisions moved at P=0.5), head initialised ({info['seconds']:.1f} s)")
     return info
 
 
@@ -308,8 +357,8 @@ def train_model(model, train_loader, val_loader, *, epochs: int, lr: float, devi
             best.update(key=key, epoch=epoch, threshold=threshold,
                         state={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
 
-    if keep_initial:
-        validate(0, float("nan"), 0.0)
+    if keep_initial:  # epoch 0 = the starting weights, with their loss on the (augmented) train batches
+        validate(0, loader_loss(model, train_loader, device, weight, desc=f"{desc} epoch 0 train"), 0.0)
     for epoch in range(1, epochs + 1):
         model.train()
         sync(device)
@@ -345,6 +394,18 @@ def train_model(model, train_loader, val_loader, *, epochs: int, lr: float, devi
         model.load_state_dict(best["state"])
     return {"history": history, "best_epoch": best["epoch"], "train_seconds": float(sum(epoch_seconds)),
             "epoch_seconds": epoch_seconds, "threshold": best["threshold"]}
+
+
+@torch.inference_mode()
+def loader_loss(model, loader, device, weight=None, desc: str = "loss") -> float:
+    """Mean weighted cross-entropy of `model` (eval mode) over a loader, the loss the training epochs print."""
+    model.eval()
+    total, seen = 0.0, 0
+    for pixels, labels in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        logits = model_logits(model, pixels.to(device)).float()
+        total += float(F.cross_entropy(logits, labels.to(device), weight=weight).item()) * labels.size(0)
+        seen += labels.size(0)
+    return total / max(1, seen)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,6 +479,14 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def benchmark_batch(dataset, batch_size: int) -> torch.Tensor:
+    """A fixed batch of real test images (repeated when the split is smaller than the batch)."""
+    if len(dataset) == 0:
+        raise UserError("the saved test split is empty: nothing to evaluate.")
+    return torch.stack([dataset[i % len(dataset)][0] for i in range(batch_size)])
+
 
 
 def benchmark_torch_model(model, example: torch.Tensor, device="cpu", **kwargs) -> dict:

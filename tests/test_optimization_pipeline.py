@@ -14,9 +14,10 @@ FAST = ("--baseline-model", "offline-vit-tiny", "--student-model", "offline-vit-
         "--student-epochs", "1", "--runs", "3", "--warmup", "1", "--bench-batch-size", "2", "--num-threads", "1",
         "--end-to-end-images", "24", "--end-to-end-repeats", "1")
 BF16 = cpu_has_bf16()  # the bf16 variants exist only where the CPU computes bf16 in hardware
-VARIANTS = ["pytorch-fp32", *["pytorch-bf16"] * BF16, "pytorch-int8-dynamic", "ort-fp32-optimized", "ort-int8-dynamic",
+VARIANTS = ["pytorch-fp32", *["pytorch-bf16"] * BF16, "pytorch-int8-dynamic", "pytorch-int8-smoothquant",
+            "ort-fp32-optimized", "ort-int8-dynamic",
             "ov-fp32", *["ov-bf16"] * BF16, "ov-int8-nncf", *["ov-int8-nncf-bf16"] * BF16, "student-pytorch-fp32",
-            "student-ort-int8-dynamic", "student-ov-fp32", *["student-ov-bf16"] * BF16, "student-ov-int8-nncf",
+            "student-pytorch-int8-smoothquant", "student-ort-int8-dynamic", "student-ov-fp32", *["student-ov-bf16"] * BF16, "student-ov-int8-nncf",
             *["student-ov-int8-nncf-bf16"] * BF16]
 TARGETS = ["target_time_80", "target_cost_70", "target_size_30mb", "target_accuracy_95", "target_loss_1pt",
            "target_onnx_parity"]
@@ -253,7 +254,8 @@ def test_resume_reuses_the_models_and_keeps_previous_outputs(project):
     cwd, second = project["cwd"], project["second"]
     assert second.returncode == 0, second.stderr[-3000:]
     assert "[1/5] baseline: reusing modeles/model_cpu_bottle.pth" in second.stdout
-    assert "student: reusing" in second.stdout and "PyTorch int8: reusing" in second.stdout
+    assert "student: reusing" in second.stdout and "PyTorch int8 dynamic: reusing" in second.stdout \
+        and "PyTorch int8 SmoothQuant: reusing" in second.stdout
     assert "fine-tuning" not in second.stdout and "epoch 1/1" not in second.stdout + second.stderr
     assert (cwd / "modeles" / "model_cpu_bottle.pth").stat().st_mtime_ns == project["ckpt_mtime"]
     rows = variant_rows(read_rows(cwd / "resultats" / "optimization_report.csv"))

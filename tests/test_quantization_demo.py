@@ -1,4 +1,5 @@
-"""quantization_demo.py: int8 checkpoint, comparison CSV/plot, objectives, weights_only round trip, errors."""
+"""quantization_demo.py and quantize.py: the plain dynamic int8 and the per-token SmoothQuant fix, their checkpoints
+(weights_only round trip), comparison CSV/plot, objectives, batch independence, errors."""
 import csv
 import math
 import re
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import load_model_hf as lm
-import quantization_demo as qd
+import quantize as qd
 from mvtec_dataset import prepare_split
 from lab_io import UserError
 from train_utils import model_logits
@@ -47,11 +48,18 @@ def test_end_to_end_outputs(demo):
     # the untrained model is far from 95 %: the FAIL must say why and what to do
     assert "[FAIL] accuracy > 95 %" in out and "RANDOM weights" in out
     assert (cwd / "modeles" / "model_quantized.pth").is_file()
+    assert (cwd / "modeles" / "model_quantized_smoothquant.pth").is_file()
+    assert re.search(r"pytorch-int8-smoothquant: calibrated on \d+ train images; .* kept fp32", out), out
     assert (cwd / "resultats" / "quantization_comparison.png").stat().st_size > 10_000
 
     with open(cwd / "resultats" / "quantization_results.csv", newline="") as f:
-        rows = {r["precision"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"fp32", "int8"} and rows["int8"]["variant"] == "pytorch-int8-dynamic"
+        by_variant = {r["variant"]: r for r in csv.DictReader(f)}
+    assert set(by_variant) == {"pytorch-fp32", "pytorch-int8-dynamic", "pytorch-int8-smoothquant"}
+    smooth = by_variant["pytorch-int8-smoothquant"]
+    assert smooth["precision"] == "int8" and float(smooth["roundtrip_max_abs_diff"]) == 0
+    assert float(smooth["size_mb"]) == pytest.approx(
+        (cwd / "modeles/model_quantized_smoothquant.pth").stat().st_size / 1e6, rel=1e-4)
+    rows = {"fp32": by_variant["pytorch-fp32"], "int8": by_variant["pytorch-int8-dynamic"]}
     for col in ("run_id", "script", "category", "variant", "backend", "precision", "device", "device_name",
                 "batch_size", "threads", "size_mb", "latency_median_ms", "latency_p95_ms", "latency_p99_ms",
                 "throughput_img_s", "accuracy", "precision_score", "recall", "f1", "auroc", "n_test",
@@ -123,6 +131,44 @@ def test_round_trip_same_logits(tmp_path, synthetic_root, per_channel):
     assert saved["split"] == ckpt["split"]
 
 
+def test_smooth_int8_is_batch_independent_and_reloads(tmp_path, synthetic_root):
+    """The fix: one activation scale per token, so an image's logits do not depend on its batch-mates (the plain
+    dynamic int8 takes one scale per batch tensor); closer to fp32 than it; saved and reloaded weights_only."""
+    fp32, ckpt = lm.load_checkpoint(_checkpoint(tmp_path, synthetic_root))
+    torch.manual_seed(0)
+    calibration, images = torch.randn(4, 3, *ckpt["preprocessing"]["image_size"]), \
+        torch.randn(12, 3, *ckpt["preprocessing"]["image_size"])
+    smooth, info = qd.quantize_smooth_int8(fp32, calibration, images, threshold=0.5)
+    assert info["method"] == qd.SMOOTH_METHOD and info["agreement_images"] == 12 and info["tried"]
+    assert sum(isinstance(m, qd.Int8Linear) for m in smooth.modules()) == info["int8_linears"] > 0
+    assert not any(isinstance(m, qd.Int8Linear) for m in fp32.modules())  # the fp32 model is untouched
+    mixed = images.clone()
+    mixed[1:] *= 50  # loud batch-mates
+    with torch.inference_mode():
+        alone = model_logits(smooth, images[:1])
+        assert torch.allclose(model_logits(smooth, mixed)[:1], alone, atol=1e-5)
+        dynamic = qd.quantize_dynamic_int8(fp32)
+        ref = model_logits(fp32, images)
+        assert (model_logits(smooth, images) - ref).abs().max() <= (model_logits(dynamic, images) - ref).abs().max()
+    path = qd.save_quantized_checkpoint(tmp_path / "s.pth", smooth, ckpt, quantization=info)
+    reloaded, saved = qd.load_quantized_checkpoint(path)
+    assert saved["quantization"]["fp32_linears"] == info["fp32_linears"]
+    with torch.inference_mode():
+        assert torch.equal(model_logits(smooth, images), model_logits(reloaded, images))
+
+
+def test_int8_linear_matches_float_reference():
+    """Int8Linear = its own integer arithmetic done in float (rounding per token and per output channel)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(2, 7, 64)
+    x[..., 3] *= 30  # an outlier channel, as in ViT activations
+    q = qd.Int8Linear.from_linear(linear, x.abs().reshape(-1, 64).amax(0))
+    with torch.inference_mode():
+        rel = (q(x) - linear(x)).norm() / linear(x).norm()
+    assert q(x).shape == (2, 7, 32) and rel < 0.02, float(rel)
+
+
 @pytest.mark.slow
 def test_error_paths(tmp_path, synthetic_root, run):
     (tmp_path / "modeles").mkdir()
@@ -134,6 +180,7 @@ def test_error_paths(tmp_path, synthetic_root, run):
         (["--model-path", "foreign.pth"], "not a checkpoint of this lab"),
         (["--data-dir", tmp_path / "no_data"], "no dataset folder"),
         (["--runs", "0"], "--runs must be >= 1"),
+        (["--num-threads", "0"], "--num-threads must be >= 1"),
     ]
     for args, message in cases:
         proc = run("quantization_demo.py", "--data-dir", synthetic_root, *args, cwd=tmp_path)

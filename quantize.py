@@ -1,0 +1,360 @@
+"""PyTorch int8 of the lab (part 2 and the pipeline): the plain torch.ao dynamic quantization of nn.Linear (the
+lesson), the measured fix (mixed precision chosen by sensitivity, label-free, run image by image), and the int8
+checkpoint (written with plain tensors, reloaded with torch.load(weights_only=True)).
+
+Nothing here parses command-line arguments; quantization_demo.py is the script.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import platform
+import tempfile
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from lab_io import UserError, atomic_write, keep_previous, library_versions, size_on_disk_mb
+from load_model_hf import count_parameters, model_skeleton, read_checkpoint, resolve_model_path
+
+QUANT_METHOD = "dynamic-int8"
+ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_quantization_warnings():
+    """torch.ao.quantization still works in torch 2.14 but warns on every call that it is deprecated (in favour
+    of torchao's quantize_, which is far slower on CPUs without AVX-512/VNNI); loading qint8 tensors also warns
+    about TypedStorage. Silence exactly those three warnings, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"torch\.ao\.quantization is deprecated", DeprecationWarning)
+        warnings.filterwarnings("ignore", r"torch\.quantize_per_tensor, torch\.quantize_per_channel", UserWarning)
+        warnings.filterwarnings("ignore", r"TypedStorage is deprecated", UserWarning)
+        yield
+
+
+def default_engine() -> str:
+    """The quantized kernels to use: qnnpack on ARM, x86 (fbgemm + oneDNN) or fbgemm on Intel/AMD."""
+    supported = torch.backends.quantized.supported_engines
+    is_arm = platform.machine().lower().startswith(("arm", "aarch64"))
+    for engine in (("qnnpack",) if is_arm else ()) + ("x86", "fbgemm", "qnnpack"):
+        if engine in supported:
+            return engine
+    raise UserError(f"this PyTorch build has no quantized engine (supported: {supported}).")
+
+
+def select_engine(engine: str | None = "auto") -> str:
+    """Validate and activate a quantized engine ('auto' = default_engine()); returns its name."""
+    engine = default_engine() if engine in (None, "", "auto") else engine
+    supported = torch.backends.quantized.supported_engines
+    if engine not in supported:
+        raise UserError(f"quantized engine '{engine}' is not available in this PyTorch build "
+                        f"(available: {', '.join(e for e in supported if e != 'none')}); use --engine auto.")
+    torch.backends.quantized.engine = engine
+    return engine
+
+
+def quantize_dynamic_int8(model, engine: str | None = "auto", per_channel: bool = False):
+    """A copy of `model` whose nn.Linear layers have int8 weights (dynamic quantization); `model` is untouched.
+
+    The weights are packed for the active engine, so the engine is selected first."""
+    select_engine(engine)
+    with quiet_quantization_warnings():
+        from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+        qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+        return quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear: qconfig}, dtype=torch.qint8)
+
+
+def quantization_info(engine: str, per_channel: bool = False) -> dict:
+    return {"method": QUANT_METHOD, "modules": ["Linear"], "engine": engine, "dtype": "qint8",
+            "qscheme": "per_channel" if per_channel else "per_tensor"}
+
+
+def linear_share(model) -> float:
+    """Share of the parameters that sit in nn.Linear layers (what dynamic quantization turns into int8)."""
+    n_linear = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
+    return n_linear / max(1, count_parameters(model))
+
+
+# --------------------------------------------------------------------------------------------------
+# The int8 checkpoint
+# --------------------------------------------------------------------------------------------------
+def _checkpoint_dict(source_ckpt: dict, state_dict: dict, **entries) -> dict:
+    """The lab's checkpoint layout (same keys as load_model_hf.save_checkpoint) around another state_dict."""
+    ckpt = {k: v for k, v in source_ckpt.items() if k != "state_dict"}
+    # the state_dict object itself: its _metadata holds the module versions that the quantized Linear's
+    # _load_from_state_dict needs to read the packed int8 format
+    ckpt.update(state_dict=state_dict, versions=library_versions(), **entries)
+    return ckpt
+
+
+def save_quantized_checkpoint(path: str | Path, qmodel, source_ckpt: dict, *, quantization: dict,
+                              metrics: dict | None = None, extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Write the int8 model as a lab checkpoint (config, preprocessing, category, split... of `source_ckpt`)
+    plus its "quantization" entry. Plain tensors and containers only: reloads with weights_only=True."""
+    ckpt = _checkpoint_dict(source_ckpt, qmodel.state_dict(), quantization=quantization,
+                            metrics=metrics if metrics is not None else {},
+                            source_metrics=source_ckpt.get("metrics", {}), **(extra or {}))
+    keep_previous(path, overwrite)
+    with quiet_quantization_warnings():
+        return atomic_write(path, lambda p: torch.save(ckpt, p))
+
+
+def checkpoint_size_mb(source_ckpt: dict, state_dict: dict, **entries) -> float:
+    """Bytes on disk / 10^6 of a checkpoint holding `state_dict`, written exactly like the int8 one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pth"
+        with quiet_quantization_warnings():
+            torch.save(_checkpoint_dict(source_ckpt, state_dict, **entries), path)
+        return size_on_disk_mb(path)
+
+
+def load_quantized_checkpoint(path: str | Path, expected_category: str | None = None,
+                              models_dir: str | Path = "modeles", engine: str | None = None):
+    """Reload model_quantized.pth safely: weights_only=True, architecture rebuilt from the config, the same
+    quantize_dynamic applied, then the int8 state_dict loaded. Returns (int8 model in eval mode, checkpoint).
+
+    `engine`: None = the one it was saved with when available here, else the default one."""
+    path = resolve_model_path(path, models_dir)
+    with quiet_quantization_warnings():
+        ckpt = read_checkpoint(path, expected_category)
+    quant = ckpt.get("quantization")
+    if not isinstance(quant, dict) or quant.get("method") not in (QUANT_METHOD, SMOOTH_METHOD):
+        raise UserError(f"{path} is not an int8 checkpoint of this lab (no '{QUANT_METHOD}' or '{SMOOTH_METHOD}' "
+                        f"quantization entry): quantize it first with `python quantization_demo.py --model-path "
+                        f"{path.name}`.")
+    if quant["method"] == SMOOTH_METHOD:
+        qmodel = per_token_skeleton(model_skeleton(ckpt, path), quant)
+    else:
+        if engine is None:
+            engine = quant.get("engine") if quant.get("engine") in torch.backends.quantized.supported_engines \
+                else "auto"
+        qmodel = quantize_dynamic_int8(model_skeleton(ckpt, path), engine, quant.get("qscheme") == "per_channel")
+    expected, state = qmodel.state_dict(), ckpt["state_dict"]
+    if getattr(state, "_metadata", None) is None:  # module versions lost (e.g. re-saved as a plain dict)
+        state = OrderedDict(state)
+        state._metadata = expected._metadata
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{path}: int8 weights do not match the model ({len(missing)} missing, {len(unexpected)} "
+                        f"unexpected, e.g. {(missing + unexpected)[0]}).")
+    try:
+        with quiet_quantization_warnings():
+            qmodel.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, ValueError, KeyError) as exc:
+        raise UserError(f"{path}: int8 weights do not match the model ({str(exc).splitlines()[0]}).") from None
+    return qmodel.eval(), ckpt
+
+
+
+
+# --------------------------------------------------------------------------------------------------
+# The measured fix: int8 per token with SmoothQuant, mixed precision chosen without labels
+# --------------------------------------------------------------------------------------------------
+SMOOTH_METHOD = "per-token-int8-smoothquant"
+SMOOTH_ALPHA = 0.5            # SmoothQuant's default migration strength (Xiao et al. 2023)
+SMOOTH_CALIBRATION_IMAGES = 32
+MAX_FP32_LINEARS = (0, 2, 4, 8)  # candidates: that many of the most sensitive nn.Linear stay fp32
+
+
+class Int8Linear(torch.nn.Module):
+    """nn.Linear with int8 weights (one scale per output channel) and int8 activations quantized at each call with
+    one scale per token (per row of the input): an image's result never depends on the other images of its batch,
+    and one token with large values does not coarsen the others. `smooth` (SmoothQuant) divides each input
+    channel by a factor calibrated on training images and multiplies the weights by it, so that the few channels
+    with large activations are rounded on the weights' side, where one scale per output channel absorbs them.
+
+    The int8 x int8 -> int32 product runs on torch._int_mm; where this build has no CPU kernel for it the same
+    integers are multiplied in float32 (same result up to float rounding, slower)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(in_features, out_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("smooth", torch.ones(in_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, input_absmax: torch.Tensor | None = None,
+                    alpha: float = SMOOTH_ALPHA) -> "Int8Linear":
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        w = linear.weight.detach().float()
+        if input_absmax is not None:  # s_j = max|x_j|^a / max|w_j|^(1-a)
+            s = input_absmax.clamp(min=1e-5).pow(alpha) / w.abs().amax(0).clamp(min=1e-5).pow(1 - alpha)
+            s = s.clamp(min=1e-5)
+            w = w * s[None]
+            out.smooth.copy_(1.0 / s)
+        scale = w.abs().amax(1).clamp(min=1e-12) / 127
+        out.weight_int8.copy_((w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).t())
+        out.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias.detach())
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = (x.reshape(-1, shape[-1]) * self.smooth).float()
+        scale = rows.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+        q = (rows / scale).round_().clamp_(-127, 127)
+        y = _int8_matmul(q.to(torch.int8), self.weight_int8).float() * (scale * self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per token"
+
+
+_INT_MM_OK: bool | None = None
+
+
+def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    global _INT_MM_OK
+    if _INT_MM_OK is not False:
+        try:
+            out = torch._int_mm(a, b)
+            _INT_MM_OK = True
+            return out
+        except (RuntimeError, NotImplementedError):
+            _INT_MM_OK = False
+    return a.float() @ b.float()
+
+
+def backbone_linears(model) -> list[str]:
+    """Names of the nn.Linear layers the fix quantizes: all but the classifier heads (2 x hidden weights, where the
+    decision is made: kept fp32)."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and not n.split(".")[-1].endswith("classifier")]
+
+
+def _replace(model, names, make) -> None:
+    modules = dict(model.named_modules())
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, make(name, modules[name]))
+
+
+@torch.inference_mode()
+def linear_input_absmax(model, images: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """Largest |input| of each input channel of the named nn.Linear over `images` (one image per call)."""
+    absmax, hooks = {}, []
+    modules = dict(model.named_modules())
+
+    def hook(name):
+        def record(_module, inputs, _output):
+            x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0).float()
+            absmax[name] = torch.maximum(absmax[name], x) if name in absmax else x
+        return record
+
+    for name in names:
+        hooks.append(modules[name].register_forward_hook(hook(name)))
+    try:
+        from train_utils import model_logits
+        for i in range(len(images)):
+            model_logits(model.eval(), images[i:i + 1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return absmax
+
+
+@torch.inference_mode()
+def linear_sensitivity(model, images: torch.Tensor, names: list[str], absmax: dict) -> dict[str, float]:
+    """Relative output error of each nn.Linear when it alone is int8 (on its fp32 inputs), averaged over images:
+    the order in which layers are kept fp32. One fp32 pass; no label."""
+    errors, hooks = {n: 0.0 for n in names}, []
+    modules = dict(model.named_modules())
+    quantized = {n: Int8Linear.from_linear(modules[n], absmax[n]) for n in names}
+
+    def hook(name):
+        def record(_module, inputs, output):
+            errors[name] += float((quantized[name](inputs[0]) - output).norm() / output.norm().clamp(min=1e-12))
+        return record
+
+    for name in names:
+        hooks.append(modules[name].register_forward_hook(hook(name)))
+    try:
+        from train_utils import model_logits
+        for i in range(len(images)):
+            model_logits(model.eval(), images[i:i + 1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: e / max(1, len(images)) for n, e in errors.items()}
+
+
+def quantize_per_token_int8(model, absmax: dict, keep_fp32=(), alpha: float = SMOOTH_ALPHA):
+    """A copy of `model` whose backbone nn.Linear layers are Int8Linear (SmoothQuant factors from `absmax`), but
+    those named in keep_fp32; `model` is untouched."""
+    qmodel = copy.deepcopy(model).eval()
+    names = [n for n in backbone_linears(qmodel) if n not in set(keep_fp32)]
+    _replace(qmodel, names, lambda n, lin: Int8Linear.from_linear(lin, absmax[n], alpha))
+    return qmodel
+
+
+def per_token_skeleton(model, quant: dict):
+    """`model` with empty Int8Linear layers where the saved per-token int8 model has them (weights loaded next)."""
+    keep = set(quant.get("fp32_linears", []))
+    names = [n for n in backbone_linears(model) if n not in keep]
+    _replace(model, names, lambda n, lin: Int8Linear(lin.in_features, lin.out_features, lin.bias is not None))
+    return model.eval()
+
+
+def smooth_quant_info(keep_fp32, n_linears: int, **measured) -> dict:
+    return {"method": SMOOTH_METHOD, "modules": ["Linear"], "dtype": "qint8", "qscheme": "per_token_act/per_channel_w",
+            "alpha": SMOOTH_ALPHA, "fp32_linears": list(keep_fp32), "int8_linears": n_linears - len(keep_fp32),
+            **measured}
+
+
+def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: torch.Tensor, threshold: float,
+                         *, batch_size: int = 16, desc: str = "int8 per token") -> tuple[torch.nn.Module, dict]:
+    """The fix of part 2: per-token int8 with SmoothQuant (Int8Linear), calibrated on `calibration` (training
+    images), and mixed precision chosen without labels: the 0, 2, 4, 8 nn.Linear layers with the largest
+    int8 error (linear_sensitivity) stay fp32, and the first candidate whose decisions (at `threshold`) agree with
+    the fp32 model's on lab_targets.INT8_MIN_AGREEMENT of `agreement_images` (train + val) is kept, else the one
+    that agrees most (within one image: fewer fp32 layers, it is faster). Returns (int8 model, info)."""
+    import time
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from lab_targets import INT8_MIN_AGREEMENT, predict_labels
+    from train_utils import model_logits
+
+    t0 = time.perf_counter()
+    model = model.eval()
+    names = backbone_linears(model)
+    absmax = linear_input_absmax(model, calibration, names)
+    sensitivity = linear_sensitivity(model, calibration, names, absmax)
+    order = sorted(names, key=lambda n: -sensitivity[n])
+
+    @torch.inference_mode()
+    def decisions(m, label):
+        logits = [model_logits(m, agreement_images[i:i + batch_size]).float().numpy()
+                  for i in tqdm(range(0, len(agreement_images), batch_size), desc=label, leave=False, unit="batch")]
+        return predict_labels(np.concatenate(logits), threshold)
+
+    reference = decisions(model, f"{desc}: fp32 decisions")
+    best, tried = None, []
+    for k in MAX_FP32_LINEARS:
+        if k >= len(names):
+            break
+        qmodel = quantize_per_token_int8(model, absmax, order[:k])
+        agreement = float((decisions(qmodel, f"{desc}: {k} fp32 layer(s)") == reference).mean())
+        tried.append((k, agreement))
+        if best is None or agreement > best[1] + 1.0 / len(reference):
+            best = (k, agreement, qmodel)
+        if agreement >= INT8_MIN_AGREEMENT:
+            break
+    k, agreement, qmodel = best
+    info = smooth_quant_info(order[:k], len(names), agreement=agreement, agreement_images=len(reference),
+                             calibration_images=len(calibration), tried=[list(t) for t in tried],
+                             seconds=time.perf_counter() - t0)
+    return qmodel, info
