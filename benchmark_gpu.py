@@ -52,7 +52,7 @@ def parse_args(argv=None):
                         "for the random-init offline presets)")
     p.add_argument("--batch-size", type=int, default=16, help="training / evaluation batch size (default: 16)")
     p.add_argument("--lr", type=float, default=None,
-                   help="AdamW learning rate of the top block (default: 1e-5 for a pretrained model, with layer-wise "
+                   help="AdamW learning rate of the top block (default: 1e-6 for a pretrained model, with layer-wise "
                         "decay 0.75 below it; 1e-3 for offline presets)")
     p.add_argument("--depth", default="auto",
                    help="pretrained models: transformer blocks to keep, 'auto' = chosen with the linear probe by the "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import time
 import warnings
 from contextlib import contextmanager
@@ -41,7 +42,8 @@ from train_utils import benchmark_torch_model, classification_metrics, model_log
 
 DEFAULT_OPSET = 17
 FILES = {"ort-fp32": "model_fp32.onnx", "ort-fp32-optimized": "model_fp32_optimized.onnx",
-         "ort-int8-dynamic": "model_int8.onnx", "ov-int8-nncf": "model_int8_nncf.xml"}
+         "ort-int8-dynamic": "model_int8.onnx", "ort-int8-mixed": "model_int8_mixed.onnx",
+         "ov-int8-nncf": "model_int8_nncf.xml"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,6 +200,81 @@ def quantize_onnx_int8(src: str | Path, dst: str | Path, *, overwrite: bool = Fa
 
     atomic_write(dst, write)
     return {"seconds": time.perf_counter() - t0}
+
+
+def onnx_linear_nodes(path: str | Path) -> dict[str, list[str]]:
+    """{PyTorch nn.Linear name: names of its MatMul/Gemm nodes} in a TorchScript export of this lab (node
+    '/model/dinov2/encoder/layer.2/mlp/fc2/MatMul' <- module 'dinov2.encoder.layer.2.mlp.fc2')."""
+    import onnx
+
+    nodes: dict[str, list[str]] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type in ("MatMul", "Gemm") and node.name.startswith("/model/"):
+            nodes.setdefault(".".join(node.name[len("/model/"):].split("/")[:-1]), []).append(node.name)
+    return nodes
+
+
+def quantize_onnx_int8_mixed(src: Path, dst: Path, model, datasets: dict, threshold: float, *,
+                             overwrite: bool = False, runner_threads: int | None = None) -> dict:
+    """ONNX Runtime dynamic int8 with the most sensitive nn.Linear kept fp32 (nodes_to_exclude), by the label-free
+    rule of the PyTorch fix: layers ranked by their int8 error on training images (quantize.linear_sensitivity,
+    one activation scale per tensor as ORT does), then 0, 2, 4, 8 of them kept fp32 until the decisions agree with
+    the fp32 model's on lab_targets.INT8_MIN_AGREEMENT of the train + val images (else the most agreeing; within
+    one image, fewer fp32 layers). A layer that matches no node of the graph is an error, not a silent int8."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from quantize import (MAX_FP32_LINEARS, SMOOTH_CALIBRATION_IMAGES, backbone_linears, dynamic_int8_linear,
+                          linear_sensitivity)
+
+    t0 = time.perf_counter()
+    train, val = datasets["train"], datasets["val"]
+    if len(train) == 0:
+        raise UserError("no training image to rank the layers for the mixed-precision int8.")
+    names = backbone_linears(model)
+    nodes = onnx_linear_nodes(src)
+    unmatched = [n for n in names if n not in nodes]
+    if unmatched:
+        raise UserError(f"{src}: {len(unmatched)} nn.Linear layer(s) have no MatMul node in the graph (e.g. "
+                        f"{unmatched[0]}): the exporter's node names changed, mixed precision cannot be applied.")
+    calibration = torch.stack([train[i][0] for i in range(min(SMOOTH_CALIBRATION_IMAGES, len(train)))])
+    sensitivity = linear_sensitivity(model, calibration, names, dynamic_int8_linear)
+    order = sorted(names, key=lambda n: -sensitivity[n])
+    images = np.stack([ds[i][0].numpy() for ds in (train, val) for i in range(len(ds))])
+    with torch.inference_mode():
+        reference = predict_labels(np.concatenate([model_logits(model.eval(), torch.from_numpy(images[i:i + 16]))
+                                                   .float().numpy() for i in range(0, len(images), 16)]), threshold)
+    best, tried = None, []
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".int8-mixed-") as tmp:
+        for k in MAX_FP32_LINEARS:
+            if k >= len(names):
+                break
+            path = Path(tmp) / f"k{k}.onnx"
+            with _quiet_logs():
+                quantize_dynamic(str(src), str(path), weight_type=QuantType.QInt8,
+                                 nodes_to_exclude=[x for n in order[:k] for x in nodes[n]],
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            runner = Runner(path, ENGINE_ORT, runner_threads)
+            # one image per call: ORT's dynamic int8 takes one activation scale per batch tensor
+            preds = predict_labels(np.concatenate([runner.run(images[i:i + 1]) for i in range(len(images))]),
+                                   threshold)
+            agreement = float((preds == reference).mean())
+            tried.append((k, agreement))
+            if best is None or agreement > best[1] + 1.0 / len(images):
+                best = (k, agreement, path)
+            if agreement >= INT8_MIN_AGREEMENT:
+                break
+
+        def write(tmp_dst: Path) -> None:
+            shutil.copyfile(best[2], tmp_dst)
+            onnx.checker.check_model(str(tmp_dst))
+            keep_previous(dst, overwrite)
+
+        atomic_write(dst, write)
+    return {"fp32_linears": order[:best[0]], "agreement": best[1], "agreement_images": len(images),
+            "tried": tried, "seconds": time.perf_counter() - t0}
 
 
 @contextmanager
@@ -460,7 +537,8 @@ def main(argv=None) -> int:
     ckpt_path = resolve_model_path(args.model_path, args.models_dir)
     preprocessing = ckpt["preprocessing"]
     split = split_from_manifest(ckpt["split"])
-    names = ("test",) if args.no_openvino else ("test", "train", "val")
+    # train + val images: NNCF's calibration and the label-free mixed-precision rules
+    names = ("test",) if args.no_openvino and args.no_int8 else ("test", "train", "val")
     loaders = make_loaders(args.data_dir, args.category, split, preprocessing, args.batch_size, names=names,
                            augment="none")
     loader = loaders["test"]
@@ -490,6 +568,15 @@ def main(argv=None) -> int:
         quantize_onnx_int8(files["ort-fp32"], models_dir / FILES["ort-int8-dynamic"], overwrite=args.overwrite)
         files["ort-int8-dynamic"] = models_dir / FILES["ort-int8-dynamic"]
         print(f"dynamic int8 (QInt8 weights) -> {files['ort-int8-dynamic']}")
+        files["ort-int8-mixed"] = models_dir / FILES["ort-int8-mixed"]
+        mixed = quantize_onnx_int8_mixed(files["ort-fp32"], files["ort-int8-mixed"], model,
+                                         {n: loaders[n].dataset for n in ("train", "val")},
+                                         checkpoint_threshold(ckpt), overwrite=args.overwrite,
+                                         runner_threads=threads_ort)
+        tried = ", ".join(f"{k} fp32: {a * 100:.1f} %" for k, a in mixed["tried"])
+        print(f"dynamic int8, mixed precision: decisions agreeing with fp32 on {mixed['agreement_images']} train+val "
+              f"images {tried} -> {len(mixed['fp32_linears'])} nn.Linear kept fp32 ({mixed['seconds']:.0f} s) -> "
+              f"{files['ort-int8-mixed']}")
     # variant -> (file, engine, OpenVINO precision hint)
     specs = {name: (path, ENGINE_ORT, "f32") for name, path in files.items()}
     if not args.no_openvino:

@@ -99,13 +99,13 @@ def parse_args(argv=None):
                         f"{OFFLINE_DEFAULT_EPOCHS} for an offline preset, {DEMO['epochs']} with --demo)")
     p.add_argument("--student-epochs", type=int, default=None,
                    help=f"student epochs (default: like --epochs; {DEMO['student_epochs']} with --demo)")
-    p.add_argument("--lr", type=float, default=None, help="baseline learning rate (default: 1e-5 pretrained, after "
+    p.add_argument("--lr", type=float, default=None, help="baseline learning rate (default: 1e-6 pretrained, after "
                    f"a linear probe, see train_utils.training_recipe; 1e-3 offline presets, {DEMO['lr']:g} with --demo)")
     p.add_argument("--depth", default="auto",
                    help="pretrained models: transformer blocks to keep, 'auto' = chosen with the linear probe on the "
                         "validation split, 'full' or a number (default: auto)")
     p.add_argument("--student-lr", type=float, default=None,
-                   help=f"student learning rate (default: 1e-5 pretrained, 1e-3 offline presets, "
+                   help=f"student learning rate (default: 1e-6 pretrained, 1e-3 offline presets, "
                         f"{DEMO['student_lr']:g} with --demo)")
     p.add_argument("--distill-alpha", type=float, default=0.5,
                    help="weight of the distillation term in the student's loss, 0-1 (default: 0.5)")
@@ -383,6 +383,20 @@ def onnx_files(args, model, ckpt, ckpt_path: Path, prefix: str, optimize: bool) 
         oo.quantize_onnx_int8(fp32, int8, overwrite=args.overwrite)  # int8 of the plain export: fastest on AVX2
     out["int8"] = int8
     return out
+
+
+def ort_int8_mixed_step(args, data: Data, model, ckpt, fp32: Path) -> Path:
+    """ONNX Runtime int8 with the most sensitive layers kept fp32 (label-free rule on train + val, see
+    onnx_optimization.quantize_onnx_int8_mixed); reused with --resume when newer than the fp32 export."""
+    path = Path(args.models_dir) / oo.FILES["ort-int8-mixed"]
+    if args.resume and is_fresh(path, fp32):
+        return path
+    loaders = data.loaders(ckpt["preprocessing"], ("train", "val"), augment="none")
+    info = oo.quantize_onnx_int8_mixed(fp32, path, model, {n: loader.dataset for n, loader in loaders.items()},
+                                       checkpoint_threshold(ckpt), overwrite=args.overwrite)
+    print(f"   ORT int8 mixed precision: {len(info['fp32_linears'])} nn.Linear kept fp32, agreement with fp32 on "
+          f"train+val {info['agreement'] * 100:.1f} % -> {path}")
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -690,6 +704,9 @@ def main(argv=None) -> int:
                                        fp32_graph=fp32_file))
         variants.append(engine_variant("ort-int8-dynamic", 4, "baseline", files["int8"], base, threads=threads,
                                        exporter=files["exporter"], fp32_graph=files["fp32"]))
+        variants.append(engine_variant("ort-int8-mixed", 4, "baseline",
+                                       ort_int8_mixed_step(args, data, base_model, base_ckpt, files["fp32"]), base,
+                                       threads=threads, exporter=files["exporter"], fp32_graph=files["fp32"]))
         if not args.skip_openvino:
             variants += openvino_step(args, data, base_ckpt, files["fp32"], base, 4, "model_", threads=threads,
                                       exporter=files["exporter"])

@@ -266,12 +266,13 @@ def linear_input_absmax(model, images: torch.Tensor, names: list[str]) -> dict[s
 
 
 @torch.inference_mode()
-def linear_sensitivity(model, images: torch.Tensor, names: list[str], absmax: dict) -> dict[str, float]:
-    """Relative output error of each nn.Linear when it alone is int8 (on its fp32 inputs), averaged over images:
-    the order in which layers are kept fp32. One fp32 pass; no label."""
+def linear_sensitivity(model, images: torch.Tensor, names: list[str], make_int8) -> dict[str, float]:
+    """Relative output error of each nn.Linear when it alone is int8 (make_int8(name, linear) -> its int8 form,
+    run on the layer's fp32 inputs), averaged over images: the order in which layers are kept fp32. One fp32
+    pass; no label."""
     errors, hooks = {n: 0.0 for n in names}, []
     modules = dict(model.named_modules())
-    quantized = {n: Int8Linear.from_linear(modules[n], absmax[n]) for n in names}
+    quantized = {n: make_int8(n, modules[n]) for n in names}
 
     def hook(name):
         def record(_module, inputs, output):
@@ -332,7 +333,7 @@ def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: tor
     model = model.eval()
     names = backbone_linears(model)
     absmax = linear_input_absmax(model, calibration, names)
-    sensitivity = linear_sensitivity(model, calibration, names, absmax)
+    sensitivity = linear_sensitivity(model, calibration, names, lambda n, lin: Int8Linear.from_linear(lin, absmax[n]))
     order = sorted(names, key=lambda n: -sensitivity[n])
 
     @torch.inference_mode()
@@ -358,3 +359,12 @@ def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: tor
                              calibration_images=len(calibration), tried=[list(t) for t in tried],
                              seconds=time.perf_counter() - t0)
     return qmodel, info
+
+
+def dynamic_int8_linear(_name: str, linear: torch.nn.Linear):
+    """One nn.Linear as the plain dynamic int8 quantizes it (one activation scale per tensor): the error model of
+    ONNX Runtime's dynamic int8 too, to rank its layers."""
+    with quiet_quantization_warnings():
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(torch.nn.Sequential(copy.deepcopy(linear)), {torch.nn.Linear}, dtype=torch.qint8)[0]

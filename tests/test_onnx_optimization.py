@@ -11,6 +11,7 @@ from PIL import Image
 import load_model_hf as lm
 import onnx_optimization as oo
 from inference import Runner, cpu_supports, make_session
+from lab_io import UserError
 from lab_targets import CONVERSION, choose_deployable, guard_kind, judge_logits, recommend, variant_passes
 from mvtec_dataset import image_to_tensor, split_from_manifest
 from train_utils import model_logits
@@ -40,7 +41,8 @@ def test_run_writes_models_sidecar_csv_and_plot(project):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "DeprecationWarning" not in result.stderr
     models = cwd / "modeles"
-    for name in ("model_fp32.onnx", "model_fp32_optimized.onnx", "model_int8.onnx", "model_int8_nncf.xml",
+    for name in ("model_fp32.onnx", "model_fp32_optimized.onnx", "model_int8.onnx", "model_int8_mixed.onnx",
+                 "model_int8_nncf.xml",
                  "model_int8_nncf.bin", "model_final.json"):
         assert (models / name).is_file(), name
     assert (cwd / "resultats" / "onnx_comparison.png").stat().st_size > 10_000
@@ -53,7 +55,7 @@ def test_run_writes_models_sidecar_csv_and_plot(project):
     assert set(sidecar) - {"weights_file", "weights_sha256"} == SIDECAR_KEYS
     assert sidecar["format"] == "tp4-onnx-sidecar-v1" and final.stem == "model_final"
     ov_bf16 = cpu_supports("bf16")
-    expected = ["pytorch-fp32", "ort-fp32", "ort-fp32-optimized", "ort-int8-dynamic", "ov-fp32",
+    expected = ["pytorch-fp32", "ort-fp32", "ort-fp32-optimized", "ort-int8-dynamic", "ort-int8-mixed", "ov-fp32",
                 *(["ov-bf16"] if ov_bf16 else []), "ov-int8-nncf", *(["ov-int8-nncf-bf16"] if ov_bf16 else [])]
     assert sidecar["variant"] in expected[1:]
     assert sidecar["engine"] == ("openvino" if sidecar["variant"].startswith("ov-") else "onnxruntime")
@@ -152,7 +154,8 @@ def test_second_run_keeps_previous_outputs(project, synthetic_root, run):
 
 def expected_variants():
     bf16 = cpu_supports("bf16")
-    return ["pytorch-fp32", "ort-fp32", "ort-fp32-optimized", "ort-int8-dynamic", "ov-fp32", *(["ov-bf16"] * bf16),
+    return ["pytorch-fp32", "ort-fp32", "ort-fp32-optimized", "ort-int8-dynamic", "ort-int8-mixed", "ov-fp32",
+            *(["ov-bf16"] * bf16),
             "ov-int8-nncf", *(["ov-int8-nncf-bf16"] * bf16)]
 
 
@@ -294,3 +297,25 @@ def test_score_serves_the_sidecar_this_script_wrote(project, synthetic_root, mon
     assert np.abs(got - probabilities).max() < 1e-5
     assert [p["label"] for p in served] == ["anomaly" if q >= sidecar["threshold"] else "good" for q in got]
     assert all(p["threshold"] == sidecar["threshold"] for p in served)
+
+
+def test_onnx_linear_nodes_match_every_layer_and_a_renamed_node_fails_loudly(tmp_path, synthetic_root):
+    """Mixed precision names the fp32 layers by their ONNX nodes: every nn.Linear must be found, and a graph whose
+    node names changed is refused in one line instead of silently quantizing everything."""
+    import onnx
+
+    from quantize import backbone_linears
+
+    model, pre, _ = lm.load_pretrained("offline-vit-tiny")
+    src = tmp_path / "m.onnx"
+    oo.export_onnx(model, src, pre, overwrite=True)
+    nodes = oo.onnx_linear_nodes(src)
+    assert all(len(nodes.get(name, [])) == 1 for name in backbone_linears(model))
+    graph = onnx.load(str(src))
+    for node in graph.graph.node:
+        node.name = node.name.replace("/model/", "/renamed/")
+    onnx.save(graph, str(tmp_path / "renamed.onnx"))
+    with pytest.raises(UserError, match="no MatMul node"):
+        oo.quantize_onnx_int8_mixed(tmp_path / "renamed.onnx", tmp_path / "out.onnx", model,
+                                    {"train": [(torch.zeros(3, 64, 64), 0)], "val": []}, 0.5)
+    assert not (tmp_path / "out.onnx").exists()

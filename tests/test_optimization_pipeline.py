@@ -15,7 +15,7 @@ FAST = ("--baseline-model", "offline-vit-tiny", "--student-model", "offline-vit-
         "--end-to-end-images", "24", "--end-to-end-repeats", "1")
 BF16 = cpu_has_bf16()  # the bf16 variants exist only where the CPU computes bf16 in hardware
 VARIANTS = ["pytorch-fp32", *["pytorch-bf16"] * BF16, "pytorch-int8-dynamic", "pytorch-int8-smoothquant",
-            "ort-fp32-optimized", "ort-int8-dynamic",
+            "ort-fp32-optimized", "ort-int8-dynamic", "ort-int8-mixed",
             "ov-fp32", *["ov-bf16"] * BF16, "ov-int8-nncf", *["ov-int8-nncf-bf16"] * BF16, "student-pytorch-fp32",
             "student-pytorch-int8-smoothquant", "student-ort-int8-dynamic", "student-ov-fp32", *["student-ov-bf16"] * BF16, "student-ov-int8-nncf",
             *["student-ov-int8-nncf-bf16"] * BF16]
