@@ -242,52 +242,45 @@ def _replace(model, names, make) -> None:
 
 
 @torch.inference_mode()
-def linear_input_absmax(model, images: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-    """Largest |input| of each input channel of the named nn.Linear over `images` (one image per call)."""
-    absmax, hooks = {}, []
+def _watch_linears(model, images: torch.Tensor, names: list[str], record) -> None:
+    """Run `model` on each image alone, calling record(name, layer input, layer output) for each named layer."""
+    from train_utils import model_logits  # here: train_utils -> quantize (lazily) for the probe's perturbation
+
     modules = dict(model.named_modules())
-
-    def hook(name):
-        def record(_module, inputs, _output):
-            x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0).float()
-            absmax[name] = torch.maximum(absmax[name], x) if name in absmax else x
-        return record
-
-    for name in names:
-        hooks.append(modules[name].register_forward_hook(hook(name)))
+    hooks = [modules[n].register_forward_hook(lambda _m, inputs, output, n=n: record(n, inputs[0], output))
+             for n in names]
     try:
-        from train_utils import model_logits
         for i in range(len(images)):
             model_logits(model.eval(), images[i:i + 1])
     finally:
         for h in hooks:
             h.remove()
+
+
+def linear_input_absmax(model, images: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """Largest |input| of each input channel of the named nn.Linear over `images` (one image per call)."""
+    absmax = {}
+
+    def record(name, x, _output):
+        x = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+        absmax[name] = torch.maximum(absmax[name], x) if name in absmax else x
+
+    _watch_linears(model, images, names, record)
     return absmax
 
 
-@torch.inference_mode()
 def linear_sensitivity(model, images: torch.Tensor, names: list[str], make_int8) -> dict[str, float]:
     """Relative output error of each nn.Linear when it alone is int8 (make_int8(name, linear) -> its int8 form,
     run on the layer's fp32 inputs), averaged over images: the order in which layers are kept fp32. One fp32
     pass; no label."""
-    errors, hooks = {n: 0.0 for n in names}, []
     modules = dict(model.named_modules())
     quantized = {n: make_int8(n, modules[n]) for n in names}
+    errors = {n: 0.0 for n in names}
 
-    def hook(name):
-        def record(_module, inputs, output):
-            errors[name] += float((quantized[name](inputs[0]) - output).norm() / output.norm().clamp(min=1e-12))
-        return record
+    def record(name, x, output):
+        errors[name] += float((quantized[name](x) - output).norm() / output.norm().clamp(min=1e-12))
 
-    for name in names:
-        hooks.append(modules[name].register_forward_hook(hook(name)))
-    try:
-        from train_utils import model_logits
-        for i in range(len(images)):
-            model_logits(model.eval(), images[i:i + 1])
-    finally:
-        for h in hooks:
-            h.remove()
+    _watch_linears(model, images, names, record)
     return {n: e / max(1, len(images)) for n, e in errors.items()}
 
 

@@ -103,3 +103,34 @@ def test_tiny_training_learns_the_synthetic_task(synthetic_root):
     assert metrics["accuracy"] >= majority + 0.1, metrics
     assert metrics["auroc"] >= 0.85, metrics
     assert math.isfinite(result["history"][-1]["train_loss"])
+
+
+@pytest.mark.slow
+def test_linear_probe_head_is_folded_and_robust_choice_is_reported(synthetic_root):
+    """The probe on frozen features: depth, scaling and C chosen on val (fp32 and int8-perturbed features), the
+    head folded into the model so that the model's P(anomaly) is the probe's, the backbone cut to the kept depth,
+    and fine-tuning's epoch 0 starting from it with its own measured train loss."""
+    tu.set_seed(0)
+    split, _ = prepare_split(synthetic_root, "bottle")
+    model, pre, _ = load_pretrained("offline-vit-tiny")
+    loaders = make_loaders(synthetic_root, "bottle", split, pre, batch_size=16, augment="flips")
+    info = tu.linear_probe_init(model, loaders["train"], loaders["val"], torch.device("cpu"))
+    assert info["applied"] and info["scaling"] in tu.PROBE_SCALINGS and info["C"] in tu.PROBE_C_GRID
+    assert info["depth"] in info["depths_tried"] and len(model.dinov2.encoder.layer) == info["depth"]
+    assert math.isfinite(info["val_log_loss_int8"]) and 0 <= info["val_flips_int8"] <= len(split["val"])
+    assert max(info["val_log_loss"], info["val_log_loss_int8"]) <= 1.0  # better than a coin on this easy tree
+    # the folded head reproduces the probe's val log-loss from the model's own logits
+    logits, labels = tu.predict_logits(model, loaders["val"])
+    proba = lab_targets.anomaly_scores(logits)
+    assert tu._log_loss(proba, labels) == pytest.approx(info["val_log_loss"], abs=1e-3)
+    # flipped features are the features of flipped images
+    x, _ = tu.frozen_features(model, loaders["val"], "cpu", flip_dims=(-1,))
+    images = torch.stack([loaders["val"].dataset[i][0] for i in range(4)]).flip(-1)
+    base = model.dinov2
+    with torch.inference_mode():
+        hidden = base(pixel_values=images, output_hidden_states=True).hidden_states[-1]
+        direct = tu._pool(base.layernorm(hidden), "cls+mean").numpy()
+    assert np.allclose(x[:4, -1], direct, atol=1e-5)
+    result = tu.train_model(model, loaders["train"], loaders["val"], epochs=1, lr=1e-6, device=torch.device("cpu"),
+                            keep_initial=True)
+    assert result["history"][0]["epoch"] == 0 and math.isfinite(result["history"][0]["train_loss"])
