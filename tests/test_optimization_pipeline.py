@@ -95,8 +95,8 @@ def test_csv_png_report_and_final_model(project):
     assert float(by["pytorch-int8-dynamic"]["size_mb"]) < 0.5 * float(base["size_mb"])  # int8 checkpoint
     # the ONNX variants are checked through the fp32 graph they run or were quantized from, in their own engine
     assert [r["onnx_graph_checked"] for r in rows if r["backend"] == "onnxruntime"] == [
-        "model_fp32_optimized.onnx (onnxruntime)", "model_fp32.onnx (onnxruntime)",
-        "model_student_fp32.onnx (onnxruntime)"]
+        "model_fp32_optimized.onnx (onnxruntime)", "model_fp32.onnx (onnxruntime)", "model_fp32.onnx (onnxruntime)",
+        "model_student_fp32.onnx (onnxruntime)"]  # ort-fp32-optimized, ort-int8-dynamic, ort-int8-mixed, student
     assert {r["onnx_graph_checked"] for r in rows if r["backend"] == "openvino" and r["role"] == "baseline"} == {
         "model_fp32.onnx (openvino)"}
     assert by["ov-int8-nncf"]["precision"] == "int8" and by["ov-fp32"]["precision"] == "fp32"
