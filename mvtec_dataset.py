@@ -213,7 +213,7 @@ def image_to_tensor(path_or_image, preprocessing: dict) -> torch.Tensor:
 
 def train_augmentation(kind: str = "light"):
     """'light': augmentations that keep defects visible (flips, small rotation, small colour changes; for models
-    trained from scratch); 'flips': flips only (fine-tuning from a linear probe); 'none'."""
+    trained from scratch); 'flips': flips only; 'none' (fine-tuning from a linear probe)."""
     from torchvision.transforms import v2
 
     if kind == "none":

@@ -107,7 +107,8 @@ def test_tiny_training_learns_the_synthetic_task(synthetic_root):
 
 @pytest.mark.slow
 def test_linear_probe_head_is_folded_and_robust_choice_is_reported(synthetic_root):
-    """The probe on frozen features: depth, scaling and C chosen on val (fp32 and int8-perturbed features), the
+    """The probe on frozen features (fitted on fp32 and int8-backbone train features): depth, scaling and C chosen
+    on val (fp32 and int8-perturbed features), the
     head folded into the model so that the model's P(anomaly) is the probe's, the backbone cut to the kept depth,
     and fine-tuning's epoch 0 starting from it with its own measured train loss."""
     tu.set_seed(0)
@@ -123,14 +124,6 @@ def test_linear_probe_head_is_folded_and_robust_choice_is_reported(synthetic_roo
     logits, labels = tu.predict_logits(model, loaders["val"])
     proba = lab_targets.anomaly_scores(logits)
     assert tu._log_loss(proba, labels) == pytest.approx(info["val_log_loss"], abs=1e-3)
-    # flipped features are the features of flipped images
-    x, _ = tu.frozen_features(model, loaders["val"], "cpu", flip_dims=(-1,))
-    images = torch.stack([loaders["val"].dataset[i][0] for i in range(4)]).flip(-1)
-    base = model.dinov2
-    with torch.inference_mode():
-        hidden = base(pixel_values=images, output_hidden_states=True).hidden_states[-1]
-        direct = tu._pool(base.layernorm(hidden), "cls+mean").numpy()
-    assert np.allclose(x[:4, -1], direct, atol=1e-5)
     result = tu.train_model(model, loaders["train"], loaders["val"], epochs=1, lr=1e-6, device=torch.device("cpu"),
                             keep_initial=True)
     assert result["history"][0]["epoch"] == 0 and math.isfinite(result["history"][0]["train_loss"])
