@@ -266,7 +266,8 @@ def smooth_int8(fp32_model, loaders, threshold: float):
     tried = ", ".join(f"{k} fp32: {a * 100:.1f} %" for k, a in info["tried"])
     print(f"{SMOOTH}: calibrated on {info['calibration_images']} train images; decisions agreeing with fp32 on "
           f"{info['agreement_images']} train+val images: {tried} -> {len(info['fp32_linears'])} of "
-          f"{info['int8_linears'] + len(info['fp32_linears'])} nn.Linear kept fp32 ({info['seconds']:.0f} s)")
+          f"{info['int8_linears'] + len(info['fp32_linears'])} nn.Linear kept fp32 (more fp32 layers than fit "
+          f"under {TARGET_MAX_SIZE_MB:g} MB not tried; {info['seconds']:.0f} s)")
     return qmodel, info
 
 

@@ -199,13 +199,14 @@ class Int8Linear(torch.nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in place where it can be: a fresh [tokens, out] float tensor per step costs more than the int8 product
         shape = x.shape
-        rows = (x.reshape(-1, shape[-1]) * self.smooth).float()
-        scale = rows.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
-        q = (rows / scale).round_().clamp_(-127, 127)
-        y = _int8_matmul(q.to(torch.int8), self.weight_int8).float() * (scale * self.weight_scale)
+        rows = x.reshape(-1, shape[-1]).float() * self.smooth
+        scale = rows.abs().amax(1, keepdim=True).clamp_(min=1e-12).div_(127)
+        q = rows.div_(scale).round_().clamp_(-127, 127).to(torch.int8)
+        y = _int8_matmul(q, self.weight_int8).float().mul_(scale).mul_(self.weight_scale)
         if self.bias is not None:
-            y = y + self.bias
+            y.add_(self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -313,13 +314,15 @@ def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: tor
     images), and mixed precision chosen without labels: the 0, 2, 4, 8 nn.Linear layers with the largest
     int8 error (linear_sensitivity) stay fp32, and the first candidate whose decisions (at `threshold`) agree with
     the fp32 model's on lab_targets.INT8_MIN_AGREEMENT of `agreement_images` (train + val) is kept, else the one
-    that agrees most (within one image: fewer fp32 layers, it is faster). Returns (int8 model, info)."""
+    that agrees most (within one image: fewer fp32 layers, it is faster). A candidate whose weights would exceed
+    lab_targets.TARGET_MAX_SIZE_MB is not tried (each fp32 layer costs 4x its int8 bytes). Returns (int8 model,
+    info)."""
     import time
 
     import numpy as np
     from tqdm.auto import tqdm
 
-    from lab_targets import INT8_MIN_AGREEMENT, predict_labels
+    from lab_targets import INT8_MIN_AGREEMENT, TARGET_MAX_SIZE_MB, predict_labels
     from train_utils import model_logits
 
     t0 = time.perf_counter()
@@ -341,6 +344,8 @@ def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: tor
         if k >= len(names):
             break
         qmodel = quantize_per_token_int8(model, absmax, order[:k])
+        if k and state_dict_bytes(qmodel) / 1e6 >= TARGET_MAX_SIZE_MB:
+            break
         agreement = float((decisions(qmodel, f"{desc}: {k} fp32 layer(s)") == reference).mean())
         tried.append((k, agreement))
         if best is None or agreement > best[1] + 1.0 / len(reference):
@@ -352,6 +357,11 @@ def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: tor
                              calibration_images=len(calibration), tried=[list(t) for t in tried],
                              seconds=time.perf_counter() - t0)
     return qmodel, info
+
+
+def state_dict_bytes(model) -> int:
+    """Bytes of the tensors a checkpoint of `model` holds (its file adds a few kB of config and metadata)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
 
 
 def dynamic_int8_linear(_name: str, linear: torch.nn.Linear):

@@ -157,6 +157,25 @@ def test_smooth_int8_is_batch_independent_and_reloads(tmp_path, synthetic_root):
         assert torch.equal(model_logits(smooth, images), model_logits(reloaded, images))
 
 
+def test_smooth_int8_mixed_precision_stays_under_the_size_target(tmp_path, synthetic_root, monkeypatch):
+    """More fp32 layers are tried while agreement is short of its target, but never past the size target."""
+    import lab_targets
+
+    fp32, ckpt = lm.load_checkpoint(_checkpoint(tmp_path, synthetic_root))
+    torch.manual_seed(0)
+    images = torch.randn(6, 3, *ckpt["preprocessing"]["image_size"])
+    monkeypatch.setattr(lab_targets, "INT8_MIN_AGREEMENT", 1.01)  # never reached: every candidate is a try
+    _, free = qd.quantize_smooth_int8(fp32, images[:2], images, threshold=0.5)
+    assert [k for k, _ in free["tried"]] == [k for k in qd.MAX_FP32_LINEARS if k < len(qd.backbone_linears(fp32))]
+    all_int8_mb = qd.state_dict_bytes(qd.quantize_per_token_int8(fp32, {n: torch.ones(m.in_features) for n, m in
+                                                                      fp32.named_modules() if n in
+                                                                      qd.backbone_linears(fp32)})) / 1e6
+    monkeypatch.setattr(lab_targets, "TARGET_MAX_SIZE_MB", all_int8_mb * 1.001)
+    smooth, capped = qd.quantize_smooth_int8(fp32, images[:2], images, threshold=0.5)
+    assert [k for k, _ in capped["tried"]] == [0] and capped["fp32_linears"] == []
+    assert not any(type(m) is torch.nn.Linear for n, m in smooth.named_modules() if n in qd.backbone_linears(fp32))
+
+
 def test_int8_linear_matches_float_reference():
     """Int8Linear = its own integer arithmetic done in float (rounding per token and per output channel)."""
     torch.manual_seed(0)
