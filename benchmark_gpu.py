@@ -55,9 +55,9 @@ def parse_args(argv=None):
                    help="AdamW learning rate of the top block (default: 1e-6 for a pretrained model, with layer-wise "
                         "decay 0.75 below it; 1e-3 for offline presets)")
     p.add_argument("--depth", default="auto",
-                   help="pretrained models: transformer blocks to keep, 'auto' = chosen with the linear probe by the "
-                        "validation log-loss among the upper half of the blocks, 'full' = all, or a number "
-                        "(default: auto)")
+                   help="pretrained models: transformer blocks to keep, 'auto' = chosen with the linear probe by its "
+                        "5-fold cross-validated log-loss on train + val among the upper half of the blocks, "
+                        "'full' = all, or a number (default: auto)")
     p.add_argument("--seed", type=int, default=42, help="seed of the split, the initial head and the shuffling "
                    "(default: 42)")
     p.add_argument("--num-threads", type=int, default=None, help="PyTorch CPU threads (default: torch's default)")

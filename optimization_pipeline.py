@@ -102,8 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="baseline learning rate (default: 1e-6 pretrained, after "
                    f"a linear probe, see train_utils.training_recipe; 1e-3 offline presets, {DEMO['lr']:g} with --demo)")
     p.add_argument("--depth", default="auto",
-                   help="pretrained models: transformer blocks to keep, 'auto' = chosen with the linear probe on the "
-                        "validation split, 'full' or a number (default: auto)")
+                   help="pretrained models: transformer blocks to keep, 'auto' = chosen with the linear probe by "
+                        "cross-validation on train + val, 'full' or a number (default: auto)")
     p.add_argument("--student-lr", type=float, default=None,
                    help=f"student learning rate (default: 1e-6 pretrained, 1e-3 offline presets, "
                         f"{DEMO['student_lr']:g} with --demo)")

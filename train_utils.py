@@ -255,6 +255,13 @@ def linear_probe_init(model, train_loader, val_loader, device, *, depth: str | i
         return {"applied": False, "reason": f"no linear-probe support for {type(model).__name__}"}
     if isinstance(getattr(model, "cls_classifier", None), torch.nn.Module):
         return {"applied": False, "reason": "two-head distilled DeiT: head left at its init"}
+    n_layers = len(base.encoder.layer)  # checked before a minute of feature extraction
+    if depth == "auto":
+        depths = list(range(max(1, (n_layers + 1) // 2), n_layers + 1))
+    else:
+        depths = [n_layers if depth in ("full", None) else int(depth)]
+        if not 1 <= depths[0] <= n_layers:
+            raise UserError(f"--depth {depth}: the model has {n_layers} blocks.")
     t0 = time.perf_counter()
     x_train, y_train = frozen_features(model, train_loader, device, desc=f"{desc} train features")
     x_val, y_val = frozen_features(model, val_loader, device, desc=f"{desc} val features")
@@ -270,13 +277,6 @@ def linear_probe_init(model, train_loader, val_loader, device, *, depth: str | i
     n_folds = min(PROBE_FOLDS, int(np.bincount(y_pool).min()))
     folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=0).split(y_pool, y_pool)) \
         if n_folds >= 2 else []
-    n_layers = x_train.shape[1]
-    if depth == "auto":
-        depths = list(range(max(1, (n_layers + 1) // 2), n_layers + 1))
-    else:
-        depths = [n_layers if depth in ("full", None) else int(depth)]
-        if not 1 <= depths[0] <= n_layers:
-            raise UserError(f"--depth {depth}: the model has {n_layers} blocks.")
     best = None
     for d in tqdm(depths, desc=f"{desc}: choosing depth, scaling, C ({n_folds}-fold)", leave=False, unit="depth"):
         for scaling in PROBE_SCALINGS:

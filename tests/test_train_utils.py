@@ -107,10 +107,10 @@ def test_tiny_training_learns_the_synthetic_task(synthetic_root):
 
 @pytest.mark.slow
 def test_linear_probe_head_is_folded_and_robust_choice_is_reported(synthetic_root):
-    """The probe on frozen features (fitted on fp32 and int8-backbone train features): depth, scaling and C chosen
-    on val (fp32 and int8-perturbed features), the
-    head folded into the model so that the model's P(anomaly) is the probe's, the backbone cut to the kept depth,
-    and fine-tuning's epoch 0 starting from it with its own measured train loss."""
+    """The probe on frozen features (fitted on fp32 and int8-backbone train features; depth, scaling and C chosen
+    by cross-validation on train + val), its val log-losses reported, the head folded into the model so that the
+    model's P(anomaly) is the probe's, the backbone cut to the kept depth, and fine-tuning's epoch 0 starting from
+    it with its own measured train loss."""
     tu.set_seed(0)
     split, _ = prepare_split(synthetic_root, "bottle")
     model, pre, _ = load_pretrained("offline-vit-tiny")
