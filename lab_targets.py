@@ -31,7 +31,7 @@ END_TO_END_IMAGES, END_TO_END_REPEATS = 200, 3  # how the end-to-end speed is me
 PARITY_MIN_AGREEMENT = 0.995       # a converted fp32 graph agrees with PyTorch on >= 99.5 % of the test images
 PARITY_MAX_ACCURACY_DIFF_PT = 0.5  # ... and its accuracy differs by < 0.5 point
 # An int8 model whose predictions differ from fp32 on <= 1 % of images cannot lose >= 1 pt on them: the mixed-precision
-# rule of onnx_optimization.quantize_openvino_int8 aims at it on train + val images (no labels, never the test split)
+# rule of onnx_optimization.choose_fp32_layers aims at it on train + val images (no labels, never the test split)
 INT8_MIN_AGREEMENT = 1.0 - TARGET_MAX_LOSS_PT / 100.0
 
 LAB_EPOCHS = 3                     # the lab's command: benchmark_gpu.py --epochs 3 (pretrained models)

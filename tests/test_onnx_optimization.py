@@ -319,3 +319,58 @@ def test_onnx_linear_nodes_match_every_layer_and_a_renamed_node_fails_loudly(tmp
         oo.quantize_onnx_int8_mixed(tmp_path / "renamed.onnx", tmp_path / "out.onnx", model,
                                     {"train": [(torch.zeros(3, 64, 64), 0)], "val": []}, 0.5)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_mixed_precision_rule_stops_at_agreement_and_at_the_size_target(monkeypatch):
+    """choose_fp32_layers (ORT and OpenVINO int8): the first candidate reaching the agreement target is kept; a
+    candidate over the size target (None) ends the search; more fp32 layers must agree on more than one more image."""
+    order = [f"layer{i}" for i in range(10)]
+    reference = np.zeros(100, dtype=int)
+
+    def decisions(wrong):
+        preds = reference.copy()
+        preds[:wrong] = 1
+        return preds
+
+    wrong_by_k = {0: 5, 2: 4, 4: 0, 8: 0}
+    seen = []
+
+    def candidate(fp32_layers):
+        seen.append(len(fp32_layers))
+        return decisions(wrong_by_k[len(fp32_layers)]), f"model-{len(fp32_layers)}"
+
+    best, tried = oo.choose_fp32_layers(order, reference, candidate)
+    assert best == (4, 1.0, "model-4") and seen == [0, 2, 4]  # 2 layers: one image better only, not kept
+    assert tried == [(0, 0.95), (2, 0.96), (4, 1.0)]
+
+    def too_large_from_4(fp32_layers):
+        return None if len(fp32_layers) >= 4 else (decisions(wrong_by_k[len(fp32_layers)]), len(fp32_layers))
+
+    best, tried = oo.choose_fp32_layers(order, reference, too_large_from_4)
+    assert best[0] == 0 and [k for k, _ in tried] == [0, 2]
+
+
+def test_openvino_int8_leaves_the_chosen_layers_out_of_the_quantization(tmp_path, synthetic_root, monkeypatch):
+    """NNCF's ignored scope is built from the ranked nn.Linear names: the layers the rule keeps fp32 have no
+    FakeQuantize on their inputs in the saved IR, the others do."""
+    import openvino as ov
+
+    import quantize
+
+    monkeypatch.setattr(quantize, "MAX_FP32_LINEARS", (2,))  # one candidate: the 2 most sensitive layers fp32
+    model, pre, _ = lm.load_pretrained("offline-vit-tiny")
+    src = tmp_path / "m.onnx"
+    oo.export_onnx(model, src, pre, overwrite=True)
+    images = [(torch.randn(3, *pre["image_size"]), i % 2) for i in range(8)]
+    info = oo.quantize_openvino_int8(src, tmp_path / "q.xml", model, {"train": images, "val": images[:2]}, 0.5, 4)
+    assert len(info["fp32_linears"]) == 2 and [k for k, _ in info["tried"]] == [2]
+    nodes = oo.onnx_linear_nodes(src)
+    fp32_nodes = {x for n in info["fp32_linears"] for x in nodes[n]}
+    int8_nodes = {x for n, xs in nodes.items() if n not in info["fp32_linears"] for x in xs}
+
+    def quantized(op):
+        return any(op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in range(op.get_input_size()))
+
+    ops = {op.get_friendly_name(): op for op in ov.Core().read_model(str(tmp_path / "q.xml")).get_ops()}
+    assert fp32_nodes <= set(ops) and not any(quantized(ops[n]) for n in fp32_nodes)
+    assert any(quantized(ops[n]) for n in int8_nodes if n in ops)
