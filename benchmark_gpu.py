@@ -138,7 +138,8 @@ def run_device(role, device, model, initial_state, loaders, args, common, rid) -
     metrics = classification_metrics(labels, logits, loaders["test"].dataset.defect_types, threshold=threshold)
     print(f"[{role}] test accuracy {format_accuracy(metrics)}, AUROC {metrics['auroc']:.3f}, threshold {threshold:.3f} "
           f"(chosen on val), kept epoch {train['best_epoch']}" + (" (= the linear probe)" if train["best_epoch"] == 0
-                                                                   else ""))
+                                                                   else "")
+          + " (the best balanced val accuracy at its val threshold, ties broken by the lower val log-loss)")
     bench = {}
     for key, batch in (("b1", common["inputs"][:1]), ("bn", common["inputs"])):
         bench[key] = benchmark_torch_model(model, batch, device, warmup=args.warmup, runs=args.runs,

@@ -13,6 +13,7 @@ import io
 import math
 import os
 import platform
+import secrets
 import sys
 import tempfile
 import time
@@ -184,8 +185,9 @@ def sha256_file(path: str | Path) -> str:
 
 
 def run_id() -> str:
-    """Identifies the rows one run appends to a CSV."""
-    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    """Identifies the rows one run appends to a CSV: its start time (sortable) and 6 random hex digits, so that two
+    runs started in the same second do not merge in a report."""
+    return f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 # --------------------------------------------------------------------------------------------------

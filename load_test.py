@@ -205,7 +205,7 @@ def summarize(results: list[dict], seconds: float, concurrency: int, args) -> di
             "throughput_img_s": len(ok) * args.images_per_request / seconds if seconds > 0 else float("nan"),
             "duration_s": seconds,
             "variant": model.get("variant", ""), "category": model.get("category", ""),
-            "model_sha256": str(model.get("sha256") or "")[:12],
+            "model_sha256": str(model.get("sha256") or ""),
             "unreachable": bool(results) and all(r["kind"] in ("connection", "connect_timeout") for r in results)}
 
 

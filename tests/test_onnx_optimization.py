@@ -300,8 +300,8 @@ def test_score_serves_the_sidecar_this_script_wrote(project, synthetic_root, mon
 
 
 def test_onnx_linear_nodes_match_every_layer_and_a_renamed_node_fails_loudly(tmp_path, synthetic_root):
-    """Mixed precision names the fp32 layers by their ONNX nodes: every nn.Linear must be found, and a graph whose
-    node names changed is refused in one line instead of silently quantizing everything."""
+    """Mixed precision (ORT and OpenVINO) names the fp32 layers by their ONNX nodes: every nn.Linear must be found, and
+    a graph whose node names changed is refused in one line instead of silently quantizing everything."""
     import onnx
 
     from quantize import backbone_linears
@@ -319,6 +319,10 @@ def test_onnx_linear_nodes_match_every_layer_and_a_renamed_node_fails_loudly(tmp
         oo.quantize_onnx_int8_mixed(tmp_path / "renamed.onnx", tmp_path / "out.onnx", model,
                                     {"train": [(torch.zeros(3, 64, 64), 0)], "val": []}, 0.5)
     assert not (tmp_path / "out.onnx").exists()
+    with pytest.raises(UserError, match="no MatMul node"):  # NNCF's ignored scope comes from the same names
+        oo.quantize_openvino_int8(tmp_path / "renamed.onnx", tmp_path / "out.xml", model,
+                                  {"train": [(torch.zeros(3, 64, 64), 0)], "val": []}, 0.5, 1)
+    assert not (tmp_path / "out.xml").exists()
 
 
 def test_mixed_precision_rule_stops_at_agreement_and_at_the_size_target(monkeypatch):

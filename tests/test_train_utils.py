@@ -127,3 +127,13 @@ def test_linear_probe_head_is_folded_and_robust_choice_is_reported(synthetic_roo
     result = tu.train_model(model, loaders["train"], loaders["val"], epochs=1, lr=1e-6, device=torch.device("cpu"),
                             keep_initial=True)
     assert result["history"][0]["epoch"] == 0 and math.isfinite(result["history"][0]["train_loss"])
+
+
+def test_run_ids_of_runs_started_in_the_same_second_differ(tmp_path):
+    """Two runs appending to one CSV in the same second keep separate run_ids, so a report never merges them."""
+    ids = [lab_io.run_id() for _ in range(50)]
+    assert len(set(ids)) == 50 and len({i[:15] for i in ids}) <= 2  # same timestamp prefix, unique suffix
+    path = tmp_path / "r.csv"
+    for rid in ids[:2]:
+        lab_io.append_csv_rows(path, [{"run_id": rid, "variant": "x"}])
+    assert [len(lab_io.read_csv_rows(path, rid)) for rid in ids[:2]] == [1, 1]
