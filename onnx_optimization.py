@@ -555,7 +555,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--bench-batch-size", args.bench_batch_size, 1),
-                             ("--runs", args.runs, 1), ("--warmup", args.warmup, 0)):
+                             ("--runs", args.runs, 1), ("--warmup", args.warmup, 0),
+                             ("--calibration-images", args.calibration_images, 1)):
         if value < low:
             raise UserError(f"{flag} must be >= {low}.")
     if not 7 <= args.opset <= 23:

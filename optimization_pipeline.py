@@ -160,7 +160,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="replace earlier outputs instead of keeping them with a timestamp")
     args = p.parse_args(argv)
-    for name in ("epochs", "student_epochs", "batch_size", "bench_batch_size", "runs", "num_threads"):
+    for name in ("epochs", "student_epochs", "batch_size", "bench_batch_size", "runs", "num_threads",
+                 "calibration_images"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1.")
