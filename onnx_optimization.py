@@ -5,7 +5,8 @@
 Steps: export with a dynamic batch axis (opset 17, TorchScript exporter; the torch.export-based exporter is
 the fallback) and onnx.checker; ONNX Runtime fp32 (ORT_ENABLE_ALL), fp32 after ORT's transformer fusion and
 dynamic int8 (QInt8 weights); OpenVINO fp32 and bf16 (where the CPU has it) on the same file, and int8 by NNCF
-post-training quantization with the most sensitive layers kept fp32 by a label-free agreement rule (quantize_openvino_int8).
+post-training quantization with the most sensitive layers kept fp32 by a label-free agreement rule
+(quantize_openvino_int8).
 Every variant is compared with PyTorch fp32 on the whole saved test split at the checkpoint's threshold
 (lab_targets.judge_variant: fp32 graphs must agree on >= 99.5 % of the predictions, int8 / bf16 lose < 1 pt) and
 timed in the same run at batch 1 and at --bench-batch-size. lab_targets.choose_deployable picks model_final:
@@ -33,11 +34,12 @@ from inference import (ENGINE_ORT, ENGINE_OV, FINAL_ONNX, INPUT_NAME, OUTPUT_NAM
                        save_final, write_sidecar)
 from lab_io import (UserError, append_csv_rows, atomic_write, cpu_flags, cpu_name, environment_columns, format_table,
                     keep_previous, run_cli, run_id, save_figure, size_on_disk_mb)
-from lab_targets import (CPU_PRICE, CPU_VM, INT8_MIN_AGREEMENT, PARITY_MAX_ACCURACY_DIFF_PT, PARITY_MIN_AGREEMENT,
+from lab_targets import (CPU_PRICE, CPU_VM, PARITY_MAX_ACCURACY_DIFF_PT, PARITY_MIN_AGREEMENT,
                          TARGET_MAX_LOSS_PT, choose_deployable, describe_flips, format_accuracy, guard_columns,
                          guard_kind, judge_logits, measured_columns, predict_labels, recommend, variant_passes)
 from load_model_hf import checkpoint_threshold, load_checkpoint, resolve_model_path, state_dict_size_mb
 from mvtec_dataset import make_loaders, split_from_manifest
+from quantize import choose_fp32_layers
 from train_utils import benchmark_torch_model, classification_metrics, model_logits, predict_logits, set_threads
 
 DEFAULT_OPSET = 17
@@ -244,36 +246,20 @@ def agreement_images(model, datasets: dict, threshold: float) -> tuple[np.ndarra
     return images, predict_labels(np.concatenate(logits), threshold)
 
 
-def choose_fp32_layers(order: list[str], reference: np.ndarray, candidate) -> tuple[tuple, list]:
-    """The label-free mixed-precision rule of parts 3 (ORT) and OpenVINO: candidate(fp32 layers) builds an int8
-    model keeping those layers fp32 and returns (its decisions on the train + val images, its artefact), or None when
-    it would exceed lab_targets.TARGET_MAX_SIZE_MB (no larger candidate is tried). The 0, 2, 4, 8 most sensitive
-    layers of `order` are tried until the decisions agree with `reference` on lab_targets.INT8_MIN_AGREEMENT of the
-    images, else the most agreeing is kept (within one image: fewer fp32 layers, it is faster). Returns
-    ((k, agreement, artefact), [(k, agreement) tried])."""
-    from quantize import MAX_FP32_LINEARS
-
-    best, tried = None, []
-    for k in MAX_FP32_LINEARS:
-        if k >= len(order):
-            break
-        built = candidate(order[:k])
-        if built is None:
-            break
-        preds, artefact = built
-        agreement = float((preds == reference).mean())
-        tried.append((k, agreement))
-        if best is None or agreement > best[1] + 1.0 / len(reference):
-            best = (k, agreement, artefact)
-        if agreement >= INT8_MIN_AGREEMENT:
-            break
-    return best, tried
+def mixed_precision_basis(src: Path, model, datasets: dict, threshold: float) -> dict:
+    """What the ORT and OpenVINO mixed precision both start from, computed once: the ranked layers and their nodes
+    (ranked_linear_nodes), the train + val images and the fp32 decisions on them (agreement_images)."""
+    order, nodes = ranked_linear_nodes(src, model, datasets["train"])
+    images, reference = agreement_images(model, datasets, threshold)
+    return {"order": order, "nodes": nodes, "images": images, "reference": reference}
 
 
 def quantize_onnx_int8_mixed(src: Path, dst: Path, model, datasets: dict, threshold: float, *,
-                             overwrite: bool = False, runner_threads: int | None = None) -> dict:
+                             overwrite: bool = False, runner_threads: int | None = None,
+                             basis: dict | None = None) -> dict:
     """ONNX Runtime dynamic int8 with the most sensitive nn.Linear kept fp32 (nodes_to_exclude), layers ranked by
-    ranked_linear_nodes and chosen by choose_fp32_layers (agreement with fp32 on train + val, never the test split).
+    ranked_linear_nodes and chosen by quantize.choose_fp32_layers (agreement with fp32 on train + val, never the test
+    split). `basis`: mixed_precision_basis(...) when the caller already has it.
     Decisions are taken one image per call: ORT's dynamic int8 takes one activation scale per batch tensor."""
     import tempfile
 
@@ -283,8 +269,8 @@ def quantize_onnx_int8_mixed(src: Path, dst: Path, model, datasets: dict, thresh
     from lab_targets import TARGET_MAX_SIZE_MB
 
     t0 = time.perf_counter()
-    order, nodes = ranked_linear_nodes(src, model, datasets["train"])
-    images, reference = agreement_images(model, datasets, threshold)
+    basis = basis or mixed_precision_basis(src, model, datasets, threshold)
+    order, nodes, images, reference = (basis[k] for k in ("order", "nodes", "images", "reference"))
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".int8-mixed-") as tmp:
         def candidate(fp32_layers):
             path = Path(tmp) / f"k{len(fp32_layers)}.onnx"
@@ -326,7 +312,7 @@ def _quiet_logs():
 # OpenVINO: the same ONNX file in fp32 / bf16, and int8 by NNCF post-training quantization
 # --------------------------------------------------------------------------------------------------
 def openvino_variants(fp32_onnx: Path, models_dir: Path, model, datasets: dict, threshold: float,
-                      n_calibration: int, overwrite: bool, prefix: str = "model_") -> dict:
+                      n_calibration: int, overwrite: bool, prefix: str = "model_", basis: dict | None = None) -> dict:
     """{variant: (file, engine, precision hint)}: OpenVINO fp32 on the exported ONNX file, bf16 where the CPU has
     it, and NNCF int8 (quantize_openvino_int8; rest f32 and, where the CPU has it, bf16). `model`: the PyTorch fp32
     model the file was exported from; `datasets`: its "train" and "val" datasets (no augmentation)."""
@@ -335,7 +321,8 @@ def openvino_variants(fp32_onnx: Path, models_dir: Path, model, datasets: dict, 
     if bf16:
         out["ov-bf16"] = (fp32_onnx, ENGINE_OV, "bf16")
     xml = models_dir / FILES["ov-int8-nncf"].replace("model_", prefix, 1)
-    info = quantize_openvino_int8(fp32_onnx, xml, model, datasets, threshold, n_calibration, overwrite=overwrite)
+    info = quantize_openvino_int8(fp32_onnx, xml, model, datasets, threshold, n_calibration, overwrite=overwrite,
+                                  basis=basis)
     tried = ", ".join(f"{n} fp32: {a * 100:.1f} %" for n, a in info["tried"])
     print(f"OpenVINO int8 (NNCF post-training quantization, ModelType.TRANSFORMER, {info['calibration']} training "
           f"images for calibration): decisions agreeing with fp32 on {info['agreement_images']} train+val images "
@@ -348,12 +335,12 @@ def openvino_variants(fp32_onnx: Path, models_dir: Path, model, datasets: dict, 
 
 
 def quantize_openvino_int8(src: Path, dst_xml: Path, model, datasets: dict, threshold: float, n_calibration: int,
-                           *, overwrite: bool = False) -> dict:
+                           *, overwrite: bool = False, basis: dict | None = None) -> dict:
     """NNCF post-training int8 of an ONNX file read by OpenVINO, calibrated on the first `n_calibration` training
     images, saved as OpenVINO IR (dst .xml + .bin, fp32 weights where not int8).
 
-    Mixed precision by the label-free rule of the ORT int8 (ranked_linear_nodes, choose_fp32_layers): the most
-    sensitive nn.Linear layers are left out of NNCF's quantization (an IgnoredScope of their node names, checked by
+    Mixed precision by the label-free rule of the ORT int8 (mixed_precision_basis, quantize.choose_fp32_layers): the
+    most sensitive nn.Linear layers are left out of NNCF's quantization (an IgnoredScope of their node names, checked by
     NNCF) until the decisions agree with the fp32 model's on train + val; never the test split. On real MVTec screw
     (DINOv2-S, 8 blocks) the most sensitive layers are the MLP output projections (fc2, whose inputs follow a GELU):
     keeping the last blocks fp32 instead left the agreement at 95.6-95.8 %."""
@@ -370,8 +357,8 @@ def quantize_openvino_int8(src: Path, dst_xml: Path, model, datasets: dict, thre
         raise UserError("no training image to calibrate the int8 quantization.")
     t0 = time.perf_counter()
     calibration = [datasets["train"][i][0].numpy()[None] for i in range(min(n_calibration, len(datasets["train"])))]
-    order, nodes = ranked_linear_nodes(src, model, datasets["train"])
-    images, reference = agreement_images(model, datasets, threshold)
+    basis = basis or mixed_precision_basis(src, model, datasets, threshold)
+    order, nodes, images, reference = (basis[k] for k in ("order", "nodes", "images", "reference"))
     with tempfile.TemporaryDirectory(dir=dst_xml.parent, prefix=".int8-nncf-") as tmp:
         def candidate(fp32_layers):
             scope = nncf.IgnoredScope(names=[x for n in fp32_layers for x in nodes[n]]) if fp32_layers else None
@@ -597,16 +584,19 @@ def main(argv=None) -> int:
         print(f"transformer fusion: {fusion['fused'] or 'no pattern matched'} -> {files['ort-fp32-optimized']}")
     else:
         print(f"note: transformer fusion skipped: {fusion['reason']}")
+    # the train + val images and one ranking of the layers: the mixed precision of ORT and OpenVINO int8
+    train_val = {n: loaders[n].dataset for n in ("train", "val")} if "train" in loaders else None
+    basis = None
     if not args.no_int8:
         # int8 of the plain export: measured fastest on AVX2 (quantizing the fused graph was not faster).
         quantize_onnx_int8(files["ort-fp32"], models_dir / FILES["ort-int8-dynamic"], overwrite=args.overwrite)
         files["ort-int8-dynamic"] = models_dir / FILES["ort-int8-dynamic"]
         print(f"dynamic int8 (QInt8 weights) -> {files['ort-int8-dynamic']}")
         files["ort-int8-mixed"] = models_dir / FILES["ort-int8-mixed"]
-        mixed = quantize_onnx_int8_mixed(files["ort-fp32"], files["ort-int8-mixed"], model,
-                                         {n: loaders[n].dataset for n in ("train", "val")},
+        basis = mixed_precision_basis(files["ort-fp32"], model, train_val, checkpoint_threshold(ckpt))
+        mixed = quantize_onnx_int8_mixed(files["ort-fp32"], files["ort-int8-mixed"], model, train_val,
                                          checkpoint_threshold(ckpt), overwrite=args.overwrite,
-                                         runner_threads=threads_ort)
+                                         runner_threads=threads_ort, basis=basis)
         tried = ", ".join(f"{k} fp32: {a * 100:.1f} %" for k, a in mixed["tried"])
         print(f"dynamic int8, mixed precision: decisions agreeing with fp32 on {mixed['agreement_images']} train+val "
               f"images {tried} -> {len(mixed['fp32_linears'])} nn.Linear kept fp32 ({mixed['seconds']:.0f} s) -> "
@@ -614,9 +604,8 @@ def main(argv=None) -> int:
     # variant -> (file, engine, OpenVINO precision hint)
     specs = {name: (path, ENGINE_ORT, "f32") for name, path in files.items()}
     if not args.no_openvino:
-        specs.update(openvino_variants(files["ort-fp32"], models_dir, model,
-                                       {n: loaders[n].dataset for n in ("train", "val")}, checkpoint_threshold(ckpt),
-                                       args.calibration_images, args.overwrite))
+        specs.update(openvino_variants(files["ort-fp32"], models_dir, model, train_val, checkpoint_threshold(ckpt),
+                                       args.calibration_images, args.overwrite, basis=basis))
 
     # 2. Predictions on the whole test split, PyTorch fp32 as the reference
     threshold = checkpoint_threshold(ckpt)

@@ -308,6 +308,32 @@ def smooth_quant_info(keep_fp32, n_linears: int, **measured) -> dict:
             **measured}
 
 
+def choose_fp32_layers(order: list[str], reference, candidate) -> tuple[tuple, list]:
+    """The label-free mixed-precision rule of every int8 of the lab (PyTorch per token, ONNX Runtime, OpenVINO):
+    candidate(fp32 layers) builds an int8 model keeping those layers fp32 and returns (its decisions on the train +
+    val images, the model), or None when it would exceed lab_targets.TARGET_MAX_SIZE_MB (no larger candidate is
+    tried). The MAX_FP32_LINEARS most sensitive layers of `order` are tried until the decisions agree with
+    `reference` (the fp32 model's) on lab_targets.INT8_MIN_AGREEMENT of the images, else the most agreeing is kept
+    (within one image: fewer fp32 layers, it is faster). Returns ((k, agreement, model), [(k, agreement) tried])."""
+    from lab_targets import INT8_MIN_AGREEMENT
+
+    best, tried = None, []
+    for k in MAX_FP32_LINEARS:
+        if k >= len(order):
+            break
+        built = candidate(order[:k])
+        if built is None:
+            break
+        preds, artefact = built
+        agreement = float((preds == reference).mean())
+        tried.append((k, agreement))
+        if best is None or agreement > best[1] + 1.0 / len(reference):
+            best = (k, agreement, artefact)
+        if agreement >= INT8_MIN_AGREEMENT:
+            break
+    return best, tried
+
+
 def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: torch.Tensor, threshold: float,
                          *, batch_size: int = 16, desc: str = "int8 per token") -> tuple[torch.nn.Module, dict]:
     """The fix of part 2: per-token int8 with SmoothQuant (Int8Linear), calibrated on `calibration` (training
@@ -322,7 +348,7 @@ def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: tor
     import numpy as np
     from tqdm.auto import tqdm
 
-    from lab_targets import INT8_MIN_AGREEMENT, TARGET_MAX_SIZE_MB, predict_labels
+    from lab_targets import TARGET_MAX_SIZE_MB, predict_labels
     from train_utils import model_logits
 
     t0 = time.perf_counter()
@@ -339,19 +365,14 @@ def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: tor
         return predict_labels(np.concatenate(logits), threshold)
 
     reference = decisions(model, f"{desc}: fp32 decisions")
-    best, tried = None, []
-    for k in MAX_FP32_LINEARS:
-        if k >= len(names):
-            break
-        qmodel = quantize_per_token_int8(model, absmax, order[:k])
-        if k and state_dict_bytes(qmodel) / 1e6 >= TARGET_MAX_SIZE_MB:
-            break
-        agreement = float((decisions(qmodel, f"{desc}: {k} fp32 layer(s)") == reference).mean())
-        tried.append((k, agreement))
-        if best is None or agreement > best[1] + 1.0 / len(reference):
-            best = (k, agreement, qmodel)
-        if agreement >= INT8_MIN_AGREEMENT:
-            break
+
+    def candidate(fp32_layers):
+        qmodel = quantize_per_token_int8(model, absmax, fp32_layers)
+        if fp32_layers and state_dict_bytes(qmodel) / 1e6 >= TARGET_MAX_SIZE_MB:
+            return None
+        return decisions(qmodel, f"{desc}: {len(fp32_layers)} fp32 layer(s)"), qmodel
+
+    best, tried = choose_fp32_layers(order, reference, candidate)
     k, agreement, qmodel = best
     info = smooth_quant_info(order[:k], len(names), agreement=agreement, agreement_images=len(reference),
                              calibration_images=len(calibration), tried=[list(t) for t in tried],
