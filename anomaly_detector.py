@@ -13,8 +13,11 @@ Method (the PatchCore / AnomalyDINO family, options chosen by measurement on the
   3. a test patch's anomaly = distance to its nearest bank patch (inference.NearestPatches: an OpenVINO graph holding
      the bank); the patch grid is upsampled to the image and smoothed (Gaussian) into the anomaly map; the image
      score = the mean of the top 1 % patch distances (screw at 336 px: 0.950 image AUROC, 0.932 for the largest one);
-  4. the decision threshold = the highest score of good training images held out of the bank (no good part of that
-     set is flagged): no defect image is needed.
+  4. the decision threshold = the best balanced accuracy of the image scores on the validation split of the lab's
+     split (mvtec_dataset.prepare_split, the classifier's: good images of train/good and test/good, defects of
+     test/), whose images are kept out of the bank and of the test images; --threshold-from good: the highest score
+     of good training images held out of the bank (no defect needed).
+The test images are MVTec AD's official test/ folders without the validation images: no choice reads them.
 Outputs: resultats/detector_results.csv (image and pixel AUROC, per defect type, timings, sizes),
 resultats/detector_roc.png, overlays with the mask contour in resultats/detector_overlays/, and the detector itself
 in modeles/detector_<category>.safetensors (bank + configuration, no pickle).
@@ -33,10 +36,11 @@ from tqdm.auto import tqdm
 
 from lab_io import (UserError, append_csv_rows, atomic_write, cpu_name, environment_columns, format_table,
                     keep_previous, run_cli, run_id, save_figure, size_on_disk_mb)
-from load_model_hf import HUB_PRESETS, OFFLINE_PRESETS, load_checkpoint, load_pretrained
+from lab_targets import DETECTOR_GOOD_THRESHOLD_RULE, DETECTOR_THRESHOLD_RULE, choose_threshold
+from load_model_hf import HUB_PRESETS, OFFLINE_PRESETS, load_checkpoint, load_pretrained, read_checkpoint
 from inference import DETECTOR_FORMAT, IMAGE_SCORE_TOP, MAP_SIZE, SIGMA_PATCHES, NearestPatches, anomaly_maps, \
     files_sha256, image_files, image_scores, read_detector
-from mvtec_dataset import category_dir, image_to_tensor, load_rgb
+from mvtec_dataset import category_dir, image_to_tensor, load_rgb, prepare_split, split_from_manifest
 from onnx_optimization import model_size_mb, save_openvino_ir
 from train_utils import base_model_of, set_seed, set_threads, truncate_backbone
 
@@ -63,6 +67,21 @@ def official_split(data_dir, category: str) -> dict:
         raise UserError(f"{root / 'test'} needs test/good and at least one defect folder (e.g. test/broken_large).")
     has_masks = any(t[3] is not None for t in test)
     return {"train": image_files(good), "test": test, "has_masks": has_masks, "root": root}
+
+
+def validation_images(args, root: Path) -> list[tuple]:
+    """The validation split of the lab's split as official_split's test tuples (path, label, defect type, mask):
+    the one of --compare-checkpoint (the classifier's), else mvtec_dataset.prepare_split with --split-seed (the split
+    benchmark_gpu.py makes with the same seed)."""
+    if args.compare_checkpoint:
+        samples = split_from_manifest(read_checkpoint(args.compare_checkpoint, args.category)["split"])["val"]
+    else:
+        samples = prepare_split(args.data_dir, args.category, args.split_seed)[0]["val"]
+    val = [(root / s.path, s.label, s.defect_type, root / s.mask_path if s.mask_path else None) for s in samples]
+    if len({t[1] for t in val}) < 2:
+        raise UserError(f"the validation split holds {len(val)} image(s) but not good AND defective ones: nothing to "
+                        f"choose the threshold on; use --threshold-from good.")
+    return val
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +220,7 @@ class Detector:
         patch = int(getattr(model.config, "patch_size", 16))
         self.extractor = PatchFeatures(model, layers, patch).eval()
         self.grid = (pre["image_size"][0] // patch, pre["image_size"][1] // patch)
-        self.bank, self.threshold = bank, threshold
+        self.bank, self.threshold, self.threshold_rule = bank, threshold, None
         self.runner, self.engine, self.backbone_file = None, "torch", None
         self.score_top = IMAGE_SCORE_TOP
         self._nearest = None  # (bank, inference.NearestPatches of it), built at the first scoring
@@ -220,7 +239,7 @@ class Detector:
     def config(self) -> dict:
         return {"format": DETECTOR_FORMAT, "model_name": self.model_name, "layers": self.layers,
                 "preprocessing": {k: self.pre[k] for k in ("image_size", "mean", "std")}, "grid": list(self.grid),
-                "threshold": self.threshold, "image_score_top": self.score_top,
+                "threshold": self.threshold, "threshold_rule": self.threshold_rule, "image_score_top": self.score_top,
                 "features": "each block's patch tokens L2-normalised, concatenated, L2-normalised",
                 "sigma_patches": SIGMA_PATCHES,
                 "map_size": MAP_SIZE, "bank_patches": int(len(self.bank)), "bank_dtype": str(self.bank.dtype),
@@ -366,6 +385,29 @@ def save_overlays(test, scores, maps, threshold: float, folder: Path, per_type: 
 # --------------------------------------------------------------------------------------------------
 # The supervised classifier and the detector on the images neither trained on
 # --------------------------------------------------------------------------------------------------
+def threshold_choice(detector, val: list, held: list, batch_size: int) -> dict:
+    """The detector's threshold: on the validation images (lab_targets.DETECTOR_THRESHOLD_RULE) when `val` holds
+    some, else the highest score of the held-out good images. Returns "threshold", "rule", "text" (printed),
+    "counts" {good, defective} of the images it used and "auroc" (validation only, else empty)."""
+    from sklearn.metrics import roc_auc_score
+
+    if val:
+        scores, _ = detector.score_features(detector.features([t[0] for t in val], batch_size, "validation images"))
+        labels = np.array([t[1] for t in val])
+        threshold = choose_threshold(scores, labels, neutral=None)
+        pred = scores >= threshold
+        counts = {"good": int((labels == 0).sum()), "defective": int((labels == 1).sum())}
+        auroc = float(roc_auc_score(labels, scores))
+        return {"threshold": threshold, "rule": DETECTOR_THRESHOLD_RULE, "counts": counts, "auroc": auroc,
+                "text": f"best balanced accuracy on the {len(val)} validation images ({counts['good']} good, "
+                        f"{counts['defective']} defective; there: recall {pred[labels == 1].mean():.3f}, false "
+                        f"alarms {pred[labels == 0].mean():.3f}, image AUROC {auroc:.3f})"}
+    scores, _ = detector.score_features(detector.features(held, batch_size, "held-out good"))
+    return {"threshold": float(scores.max()), "rule": DETECTOR_GOOD_THRESHOLD_RULE, "auroc": "",
+            "counts": {"good": len(held), "defective": 0},
+            "text": f"highest score of {len(held)} held-out good images"}
+
+
 def compare_with_classifier(checkpoint: str, test: list, scores: np.ndarray, threshold: float, root: Path) -> list:
     """Rows for the supervised classifier of this lab (a checkpoint of benchmark_gpu.py / the pipeline) and this
     detector on the same images: the classifier's own test split (never trained on, nor used for its threshold)
@@ -425,8 +467,16 @@ def parse_args(argv=None):
                    help="image score = mean of this share of the largest patch distances (default 0.01 = the top "
                         "1 %%, at least one patch; 0 = the largest alone)")
     p.add_argument("--max-bank", type=int, default=20000, help="at most this many patches in the bank (20000)")
+    p.add_argument("--threshold-from", choices=("val", "good"), default="val",
+                   help="val (default): best balanced accuracy on the validation split of the lab's split (good and "
+                        "defective images, kept out of the bank and of the test images); good: highest score of good "
+                        "training images held out of the bank (--holdout), no defect used")
+    p.add_argument("--split-seed", type=int, default=42,
+                   help="seed of the lab's split whose validation images set the threshold (default 42, "
+                        "benchmark_gpu.py's; --compare-checkpoint: that checkpoint's split)")
     p.add_argument("--holdout", type=float, default=0.1,
-                   help="share of train/good held out of the bank to set the threshold (default 0.1, >= 2 images)")
+                   help="--threshold-from good: share of train/good held out of the bank to set the threshold "
+                        "(default 0.1, >= 2 images)")
     p.add_argument("--engine", choices=ENGINES, default="openvino",
                    help="runs the backbone: torch, openvino (fp32, its ONNX export; the default: same features, "
                         "faster) or openvino-int8 (NNCF, calibrated on good training images)")
@@ -478,17 +528,30 @@ def evaluate(args, rid: str | None = None) -> dict:
     if not split["has_masks"]:
         print(f"note: no ground_truth masks under {split['root']}: image metrics only (no pixel AUROC).")
 
-    # 1. fit: good training images, a held-out share for the threshold
-    order = np.random.default_rng(args.seed).permutation(len(split["train"]))
-    n_hold = max(2, int(round(args.holdout * len(order))))
-    if len(order) - n_hold < 1:
-        raise UserError(f"{len(order)} good training image(s): too few to hold {n_hold} out and fit a bank.")
-    held = [split["train"][i] for i in sorted(order[:n_hold])]
-    fit = [split["train"][i] for i in sorted(order[n_hold:])]
+    # 1. fit: good training images; the threshold from the validation images or a held-out share of good ones
+    if args.threshold_from == "val":
+        val = validation_images(args, split["root"])
+        kept_out = {t[0] for t in val}
+        train = [p for p in split["train"] if p not in kept_out]
+        split["test"] = [t for t in split["test"] if t[0] not in kept_out]
+        if len({t[1] for t in split["test"]}) < 2:
+            raise UserError(f"{split['root'] / 'test'} holds too few images beside the validation split to test the "
+                            f"detector on good AND defective ones.")
+        held, fit = [], train
+    else:
+        val = []
+        order = np.random.default_rng(args.seed).permutation(len(split["train"]))
+        n_hold = max(2, int(round(args.holdout * len(order))))
+        held = [split["train"][i] for i in sorted(order[:n_hold])]
+        fit = [split["train"][i] for i in sorted(order[n_hold:])]
+    if len(fit) < 1:
+        raise UserError(f"{len(split['train'])} good training image(s): too few to keep {len(held) or len(val)} out "
+                        f"and fit a bank.")
     t0 = time.perf_counter()
     detector.runner, detector.backbone_file = compile_backbone(
         detector.extractor, pre, args.engine, Path(args.models_dir) / f"detector_{args.category}_backbone",
         fit[:128], threads, args.overwrite)
+    export_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
     if detector.runner is detector.extractor:
         detector.runner = None
     detector.engine = args.engine
@@ -496,12 +559,12 @@ def evaluate(args, rid: str | None = None) -> dict:
     feats = feats.reshape(-1, feats.shape[-1])
     n_bank = min(args.max_bank, max(1, int(round(args.coreset * len(feats)))))
     detector.bank = feats[greedy_coreset(feats, n_bank, args.seed)].half()
-    held_scores, _ = detector.score_features(detector.features(held, args.batch_size, "held-out good"))
-    detector.threshold = float(held_scores.max())
+    chooser = threshold_choice(detector, val, held, args.batch_size)
+    detector.threshold, detector.threshold_rule = chooser["threshold"], chooser["rule"]
     fit_seconds = time.perf_counter() - t0
     print(f"bank: {len(detector.bank)} patches (coreset {args.coreset:g} of {len(feats)} from {len(fit)} good images, "
-          f"blocks {layers}, grid {detector.grid}); threshold {detector.threshold:.4f} = highest score of "
-          f"{len(held)} held-out good images ({fit_seconds:.0f} s)")
+          f"blocks {layers}, grid {detector.grid}); threshold {detector.threshold:.4f} = {chooser['text']} "
+          f"({fit_seconds:.0f} s)")
 
     # 2. the official test split
     paths = [t[0] for t in split["test"]]
@@ -523,15 +586,18 @@ def evaluate(args, rid: str | None = None) -> dict:
         export_onnx(detector.extractor, onnx_path, pre, overwrite=args.overwrite)
         detector.backbone_file = onnx_path
     path = detector.save(Path(args.models_dir) / f"detector_{args.category}.safetensors",
-                         {"category": args.category, "fit_images": len(fit), "held_out_images": len(held)},
-                         args.overwrite)
+                         {"category": args.category, "fit_images": len(fit), "held_out_images": len(held),
+                          "threshold_images": chooser["counts"]}, args.overwrite)
     backbone_mb = model_size_mb(detector.backbone_file) if detector.backbone_file else 0.0
     common = {"run_id": rid, "script": "anomaly_detector.py", "category": args.category, "model_name": model_name,
               "backend": args.engine, "backbone_mb": backbone_mb,
               "feature_layers": ",".join(map(str, layers)), "image_size": pre["image_size"][0],
               "bank_patches": len(detector.bank), "coreset_ratio": args.coreset, "n_train_good": len(fit),
-              "n_holdout_good": len(held), "threshold": detector.threshold, "fit_seconds": fit_seconds,
-              "latency_mean_ms": per_image_ms, "threads": threads, "size_mb": size_on_disk_mb(path),
+              "n_holdout_good": len(held), "threshold": detector.threshold, "threshold_rule": detector.threshold_rule,
+              "n_threshold_good": chooser["counts"]["good"], "n_threshold_defective": chooser["counts"]["defective"],
+              "threshold_image_auroc": chooser["auroc"], "fit_seconds": fit_seconds,
+              "export_seconds": export_seconds, "end_to_end_ms_per_img": per_image_ms, "batch_size": args.batch_size,
+              "threads": threads, "size_mb": size_on_disk_mb(path),
               "file": str(path), "device_name": cpu_name(), **environment_columns()}
     csv_rows = [{**common, **{k: v for k, v in r.items() if v is not None}} for r in rows]
     results = Path(args.results_dir)

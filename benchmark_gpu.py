@@ -162,7 +162,7 @@ def run_device(role, device, model, initial_state, loaders, args, common, rid) -
     return {**common["row"], "run_id": rid, "variant": f"fine-tuned on {role}", "device": role,
             "torch_device": device.type, "device_name": name, "measured": "yes", "note": "",
             "batch_size": 1, "threads": torch.get_num_threads(), "size_mb": size_on_disk_mb(path),
-            **{k: bench["b1"][k] for k in ("latency_median_ms", "latency_p95_ms", "latency_p99_ms")},
+            **{k: bench["b1"][k] for k in ("latency_median_ms", "latency_p95_ms", "latency_p99_ms", "latency_max_ms")},
             "throughput_img_s": bench["bn"]["throughput_img_s"],
             "throughput_batch_size": bench["bn"]["batch_size"],
             "batch_latency_median_ms": bench["bn"]["latency_median_ms"],

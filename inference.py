@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lab_io import UserError, atomic_write, atomic_write_text, benchmark, json_safe, keep_previous, physical_cores, \
     library_versions, sha256_file
-from lab_targets import LABELS
+from lab_targets import DETECTOR_GOOD_THRESHOLD_RULE, LABELS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # what the lab reads as images
 SIDECAR_FORMAT = "tp4-onnx-sidecar-v1"
@@ -436,8 +436,7 @@ def ort_threads(requested: int | None) -> int | None:
 # --------------------------------------------------------------------------------------------------
 DETECTOR_FORMAT = "tp4-patch-detector-v1"
 DETECTOR_SCORE_TEXT = "image score = mean of the largest patch distances to the nearest good patch (the top share " \
-                      "image_score_top, 0 = the largest alone) >= threshold; threshold = highest score of good " \
-                      "training images held out of the memory bank"
+                      "image_score_top, 0 = the largest alone) >= threshold"
 IMAGE_SCORE_TOP = 0.01   # image score = mean of the top 1 % patch distances (AnomalyDINO's rule)
 SIGMA_PATCHES = 0.5      # Gaussian smoothing of the map, in patches (PatchCore: sigma 4 px at 224 px / 8 px patches)
 MAP_SIZE = 256           # anomaly maps (and the masks they are judged against) are 256 x 256
@@ -610,6 +609,8 @@ class PatchDetector:
         self.info = {"variant": variant, "sha256": detector_sha, "category": self.config.get("category"),
                      "model_file": path.name, "engine": self.runner.engine, "base_model": self.config.get("model_name"),
                      "threshold": self.threshold, "precision": self.runner.precision, "labels": self.labels,
+                     # detectors saved before the rule was stored had the good-only one
+                     "threshold_rule": self.config.get("threshold_rule") or DETECTOR_GOOD_THRESHOLD_RULE,
                      "input_size": self.preprocessing["image_size"], "score": DETECTOR_SCORE_TEXT,
                      "map_grid": list(self.grid)}
 

@@ -263,9 +263,8 @@ def benchmark(run_batch: Callable[[], object], *, batch_size: int, device: str =
     """Time `run_batch()` (one forward pass on a fixed batch): warm-up, then timed runs.
 
     `sync()` is called after every run so that asynchronous GPU work is counted. Timed runs stop early after
-    `max_seconds` (never fewer than 5). Returns median / p95 / p99 / mean latency in ms per batch, images per
+    `max_seconds` (never fewer than 5). Returns the latency columns in ms per batch (latency_columns), images per
     second (batch_size / median latency), and the settings used."""
-    import numpy as np
     from tqdm.auto import tqdm
 
     sync = sync or (lambda: None)
@@ -281,12 +280,26 @@ def benchmark(run_batch: Callable[[], object], *, batch_size: int, device: str =
         times.append((time.perf_counter() - t0) * 1000.0)
         if max_seconds is not None and i + 1 >= 5 and time.perf_counter() - start > max_seconds:
             break
-    ms = np.asarray(times)
-    median = float(np.median(ms))
+    stats = latency_columns(times)
     return {"batch_size": batch_size, "runs": len(times), "warmup": warmup, "device": device, "threads": threads,
-            "latency_median_ms": median, "latency_p95_ms": float(np.percentile(ms, 95)),
-            "latency_p99_ms": float(np.percentile(ms, 99)), "latency_mean_ms": float(ms.mean()),
-            "throughput_img_s": batch_size * 1000.0 / median}
+            **stats, "throughput_img_s": batch_size * 1000.0 / stats["latency_median_ms"]}
+
+
+P99_MIN_RUNS = 100  # with fewer timed runs a 99th percentile is the slowest one: latency_max_ms says so
+
+
+def latency_columns(ms) -> dict:
+    """Median, p95, p99, mean and max of timed calls in ms (the latency columns of every CSV); p99 is None under
+    P99_MIN_RUNS calls, where it would only be the maximum."""
+    import numpy as np
+
+    ms = np.asarray(ms, dtype=float)
+    if not len(ms):
+        return dict.fromkeys(("latency_median_ms", "latency_p95_ms", "latency_p99_ms", "latency_mean_ms",
+                              "latency_max_ms"), float("nan"))
+    return {"latency_median_ms": float(np.median(ms)), "latency_p95_ms": float(np.percentile(ms, 95)),
+            "latency_p99_ms": float(np.percentile(ms, 99)) if len(ms) >= P99_MIN_RUNS else None,
+            "latency_mean_ms": float(ms.mean()), "latency_max_ms": float(ms.max())}
 
 
 def format_table(rows: list[dict], columns: list[str], floatfmt: str = ".4g") -> str:

@@ -4,12 +4,14 @@
 - The decision threshold rule (chosen on the validation split, never on test).
 - Statistics that a test split of ~100 images supports: Wilson 95 % intervals, image-by-image flips between two
   variants and the exact McNemar test.
-- One guard, `judge_variant`, used by quantization_demo.py, onnx_optimization.py and the pipeline, so that the
-  three can never disagree on whether a variant is acceptable:
-    * a *conversion* (same weights, fp32 graph: ONNX export, ORT fusion) must give the same predictions:
-      agreement >= 99.5 % and |accuracy difference| < 0.5 pt (the lab's "ONNX within 0.5 %");
-    * a *quantization* (int8 weights) may change a few predictions; it is judged by its accuracy loss vs fp32:
-      < 1 pt (the lab's "quantization loss < 1 pt"). Flips are counted and tested (McNemar) and reported.
+- One guard, `judge_selection`, used by quantization_demo.py, onnx_optimization.py and the pipeline, so that the
+  three can never disagree on whether a variant is acceptable. It compares a variant's decisions with those of the
+  model it was made from on the train + val images, without their labels; the test split is never read by a choice
+  (the guard, the recommendation, model_final), it is measured once per variant and reported (`compare_logits`):
+    * a *conversion* (same weights, fp32 graph: ONNX export, ORT fusion) must give the same decisions on
+      >= 99.5 % of those images (the lab's "ONNX within 0.5 %");
+    * a *quantization* (int8 / bf16) or a *distillation* (a smaller student) may move <= 1 % of them: then it cannot
+      lose 1 pt or more of accuracy on them (the lab's "quantization loss < 1 pt").
 """
 from __future__ import annotations
 
@@ -28,11 +30,13 @@ TARGET_MIN_ACCURACY = 0.95         # test accuracy > 95 %
 TARGET_MAX_LOSS_PT = 1.0           # accuracy loss of a quantized model vs its fp32 source < 1 point
 TARGET_END_TO_END_SPEEDUP = 8.0    # predict.py: image files -> labels >= 8x faster than the naive baseline (issue 10)
 END_TO_END_IMAGES, END_TO_END_REPEATS = 200, 3  # how the end-to-end speed is measured (predict.py, pipeline)
-PARITY_MIN_AGREEMENT = 0.995       # a converted fp32 graph agrees with PyTorch on >= 99.5 % of the test images
-PARITY_MAX_ACCURACY_DIFF_PT = 0.5  # ... and its accuracy differs by < 0.5 point
-# An int8 model whose predictions differ from fp32 on <= 1 % of images cannot lose >= 1 pt on them: the mixed-precision
-# rule of onnx_optimization.choose_fp32_layers aims at it on train + val images (no labels, never the test split)
+PARITY_MIN_AGREEMENT = 0.995       # a converted fp32 graph agrees with PyTorch on >= 99.5 % of the selection images
+# An int8 model whose decisions differ from fp32 on <= 1 % of images cannot lose more than 1 pt on them: the guard of
+# quantizations and distillations, and the aim of the mixed-precision rule (quantize.choose_fp32_layers)
 INT8_MIN_AGREEMENT = 1.0 - TARGET_MAX_LOSS_PT / 100.0
+# What every choice is measured on: the saved train + val images, without their labels (never the test split)
+SELECTION_SPLITS = ("train", "val")
+SELECTION_SPLIT = "+".join(SELECTION_SPLITS)
 
 LAB_EPOCHS = 3                     # the lab's command: benchmark_gpu.py --epochs 3 (pretrained models)
 
@@ -62,9 +66,12 @@ LAB_DELIVERABLES = {
     "rapport.md": "python optimization_pipeline.py (or python rapport.py)",
 }
 
-CONVERSION, QUANTIZATION = "conversion", "quantization"
+CONVERSION, QUANTIZATION, DISTILLATION = "conversion", "quantization", "distillation"
 DEPLOYABLE_BACKENDS = ("onnxruntime", "openvino")  # what score.py can serve (model_final + its sidecar)
 THRESHOLD_RULE = "best balanced accuracy on the validation split (midpoint between neighbouring scores)"
+DETECTOR_THRESHOLD_RULE = ("best balanced accuracy of the image scores on the validation split of the lab's split "
+                           "(its good and defective images, kept out of the memory bank and of the test images)")
+DETECTOR_GOOD_THRESHOLD_RULE = "highest score of good training images held out of the memory bank (no defect used)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,26 +90,26 @@ def predict_labels(logits, threshold: float = 0.5) -> np.ndarray:
     return (anomaly_scores(logits) >= threshold).astype(np.int64)
 
 
-def choose_threshold(scores, labels) -> float:
-    """The decision threshold on P(anomaly) that maximises balanced accuracy on `scores` (the validation split).
+def choose_threshold(scores, labels, neutral: float | None = 0.5) -> float:
+    """The decision threshold on `scores` that maximises balanced accuracy on the validation split.
 
-    Candidates are the midpoints between neighbouring distinct scores (plus 0.5); among equally good ones the
-    closest to 0.5 is kept, so that a perfectly separated split does not push the threshold to an extreme.
-    Without both classes the usual 0.5 is returned."""
+    Candidates are the midpoints between neighbouring distinct scores (plus `neutral`); among equally good ones the
+    closest to `neutral` is kept (P(anomaly): 0.5), so that a perfectly separated split does not push the threshold to
+    an extreme; neutral=None (scores with no natural middle, e.g. patch distances): the middle one of the equally good
+    candidates. Without both classes `neutral` is returned (None: an error)."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     if len(scores) == 0 or len(np.unique(labels)) < 2:
-        return 0.5
+        if neutral is None:
+            raise ValueError("a threshold needs good and defective validation scores")
+        return neutral
     distinct = np.unique(scores)
-    candidates = np.unique(np.concatenate([(distinct[:-1] + distinct[1:]) / 2, [0.5]]))
+    candidates = np.unique(np.concatenate([(distinct[:-1] + distinct[1:]) / 2, [] if neutral is None else [neutral]]))
     pos, neg = labels == 1, labels == 0
-    best, best_key = 0.5, None
-    for t in candidates:
-        pred = scores >= t
-        bacc = 0.5 * (pred[pos].mean() + (~pred[neg]).mean())
-        key = (round(float(bacc), 12), -abs(float(t) - 0.5))
-        if best_key is None or key > best_key:
-            best, best_key = float(t), key
-    return best
+    bacc = np.array([0.5 * ((scores[pos] >= t).mean() + (scores[neg] < t).mean()) for t in candidates])
+    best = candidates[np.round(bacc, 12) == np.round(bacc.max(), 12)]
+    if neutral is None:
+        return float(best[(len(best) - 1) // 2])
+    return float(best[np.argmin(np.abs(best - neutral))])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,26 +182,32 @@ def describe_flips(cmp: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# The guard
+# The guard (on train + val, no label) and the test report
 # --------------------------------------------------------------------------------------------------
-def judge_variant(kind: str, reference_preds, preds, labels) -> dict:
-    """Is a variant acceptable next to its reference (same test images, same threshold)?
+GUARD_MIN_AGREEMENT = {CONVERSION: PARITY_MIN_AGREEMENT, QUANTIZATION: INT8_MIN_AGREEMENT,
+                       DISTILLATION: INT8_MIN_AGREEMENT}
 
-    kind = CONVERSION (fp32 graph of the same weights) or QUANTIZATION (int8 weights); see the module doc.
-    Returns the comparison (flips, McNemar...) plus "kind", "rule" (text), "passed" (bool)."""
-    cmp = compare_predictions(reference_preds, preds, labels)
-    if kind == CONVERSION:
-        passed = cmp["agreement"] >= PARITY_MIN_AGREEMENT and abs(cmp["accuracy_diff_pt"]) < PARITY_MAX_ACCURACY_DIFF_PT
-        rule = (f"conversion parity: agreement >= {PARITY_MIN_AGREEMENT * 100:g} % and |accuracy difference| < "
-                f"{PARITY_MAX_ACCURACY_DIFF_PT:g} pt")
-    elif kind == QUANTIZATION:
-        passed = -cmp["accuracy_diff_pt"] < TARGET_MAX_LOSS_PT
-        rule = f"quantization loss: accuracy loss vs fp32 < {TARGET_MAX_LOSS_PT:g} pt"
-    else:
+
+def judge_selection(kind: str, reference_logits, logits, *, threshold: float = 0.5,
+                    reference: str = "pytorch-fp32", reference_threshold: float | None = None) -> dict:
+    """THE guard: may this variant be recommended or deployed? Its decisions (at `threshold`) vs those of
+    `reference` (the model it was made from, at `reference_threshold`, default the same) on the same selection
+    images (SELECTION_SPLITS, in the same order), without labels. kind = CONVERSION, QUANTIZATION or DISTILLATION
+    (see the module doc).
+    Returns "kind", "rule" (text), "split", "n", "changed", "agreement", "passed", "reference", "threshold"."""
+    if kind not in GUARD_MIN_AGREEMENT:
         raise ValueError(f"unknown guard kind {kind!r}")
-    if not cmp["n"]:
-        passed = False
-    return {**cmp, "kind": kind, "rule": rule, "passed": bool(passed)}
+    ref = predict_labels(reference_logits, threshold if reference_threshold is None else reference_threshold)
+    pred = predict_labels(logits, threshold)
+    if ref.shape != pred.shape:
+        raise ValueError(f"the variant was run on {len(pred)} selection images, its reference on {len(ref)}")
+    n, changed = len(ref), int((ref != pred).sum())
+    agreement = 1.0 - changed / n if n else float("nan")
+    minimum = GUARD_MIN_AGREEMENT[kind]
+    return {"kind": kind, "rule": f"{kind}: decisions identical to {reference} on >= {minimum * 100:g} % of the "
+                                  f"{SELECTION_SPLIT} images (no label, the test split is not read)",
+            "split": SELECTION_SPLIT, "n": n, "changed": changed, "agreement": agreement,
+            "passed": bool(n and agreement >= minimum), "reference": reference, "threshold": float(threshold)}
 
 
 def guard_kind(variant: str) -> str:
@@ -203,28 +216,42 @@ def guard_kind(variant: str) -> str:
     return QUANTIZATION if "int8" in variant or "bf16" in variant else CONVERSION
 
 
-def judge_logits(kind: str, reference_logits, logits, labels, *, threshold: float = 0.5,
-                 reference: str = "pytorch-fp32") -> dict:
-    """judge_variant on the logits of a variant and of its reference (same images, same threshold), plus the
-    largest |logit difference| and the names used in the result rows."""
+def compare_logits(reference_logits, logits, labels, *, threshold: float = 0.5,
+                   reference_threshold: float | None = None) -> dict:
+    """The test report of a variant vs its reference (compare_predictions at `threshold`, the reference at
+    `reference_threshold`, default the same; plus the largest |logit difference|): measured once, read by no
+    choice."""
     reference_logits, logits, labels = np.asarray(reference_logits), np.asarray(logits), np.asarray(labels)
-    judged = judge_variant(kind, predict_labels(reference_logits, threshold), predict_labels(logits, threshold),
-                           labels)
-    diff = float(np.abs(logits - reference_logits).max()) if len(labels) else float("nan")
-    return {**judged, "reference": reference, "threshold": float(threshold), "max_abs_logit_diff": diff}
+    ref_threshold = threshold if reference_threshold is None else reference_threshold
+    cmp = compare_predictions(predict_labels(reference_logits, ref_threshold), predict_labels(logits, threshold),
+                              labels)
+    cmp["max_abs_logit_diff"] = float(np.abs(logits - reference_logits).max()) if len(labels) else float("nan")
+    return cmp
 
 
-def guard_columns(judged: dict | None) -> dict:
-    """A judgement as result-row columns (RESULT_COLUMNS), empty for the reference itself."""
-    if judged is None:
-        return dict.fromkeys(("guard_reference", "guard", "guard_passed", "agreement", "guard_accuracy_delta_pt",
-                              "flips", "flips_good_to_anomaly", "flips_anomaly_to_good", "mcnemar_p",
-                              "max_abs_logit_diff"), "")
-    return {"guard_reference": judged.get("reference", ""), "guard": judged["rule"], "guard_passed": judged["passed"],
-            "agreement": judged["agreement"], "guard_accuracy_delta_pt": judged["accuracy_diff_pt"],
-            "flips": judged["flips"], "flips_good_to_anomaly": judged["good_to_anomaly"],
-            "flips_anomaly_to_good": judged["anomaly_to_good"], "mcnemar_p": judged["mcnemar_p"],
-            "max_abs_logit_diff": judged.get("max_abs_logit_diff", "")}
+def describe_guard(judged: dict) -> str:
+    """'PASS (quantization): 357 of 360 train+val decisions identical to pytorch-fp32 (99.2 %, >= 99 %)'."""
+    return (f"{'PASS' if judged['passed'] else 'FAIL'} ({judged['kind']}): {judged['n'] - judged['changed']} of "
+            f"{judged['n']} {judged['split']} decisions identical to {judged['reference']} "
+            f"({judged['agreement'] * 100:.1f} %, needs >= {GUARD_MIN_AGREEMENT[judged['kind']] * 100:g} %)")
+
+
+def guard_columns(judged: dict | None, test: dict | None) -> dict:
+    """A variant's guard (judge_selection) and its test report (compare_logits) as result-row columns
+    (RESULT_COLUMNS); empty for the reference itself."""
+    guard = ("guard_reference", "guard", "guard_split", "guard_images", "guard_agreement", "guard_passed")
+    report = ("agreement", "reference_accuracy_delta_pt", "flips", "flips_good_to_anomaly", "flips_anomaly_to_good",
+              "mcnemar_p", "max_abs_logit_diff")
+    row = dict.fromkeys(guard + report, "")
+    if judged is not None:
+        row.update(guard_reference=judged["reference"], guard=judged["rule"], guard_split=judged["split"],
+                   guard_images=judged["n"], guard_agreement=judged["agreement"], guard_passed=judged["passed"])
+    if test is not None:
+        row.update(agreement=test["agreement"], reference_accuracy_delta_pt=test["accuracy_diff_pt"],
+                   flips=test["flips"], flips_good_to_anomaly=test["good_to_anomaly"],
+                   flips_anomaly_to_good=test["anomaly_to_good"], mcnemar_p=test["mcnemar_p"],
+                   max_abs_logit_diff=test.get("max_abs_logit_diff", ""))
+    return row
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,13 +263,11 @@ def cost_per_1000_images(price_per_hour: float, latency_ms_per_batch: float, bat
     return price_per_hour * seconds_per_image * 1000.0 / 3600.0
 
 
-def variant_passes(accuracy_delta_pt: float, guard_passed: bool | None = None,
-                   conversion_passed: bool | None = None) -> bool:
-    """A variant is acceptable when it loses < 1 pt of accuracy vs the baseline (a distilled student too), passes
-    its own guard vs the model it was made from (judge_variant; None = it has none: the baseline) and, when it runs
-    an exported graph, the conversion of that graph was faithful (None = no exported graph)."""
-    return bool(-accuracy_delta_pt < TARGET_MAX_LOSS_PT and guard_passed in (True, None)
-                and conversion_passed in (True, None))
+def variant_passes(*verdicts: bool | None) -> bool:
+    """A variant is acceptable when every guard on its way from the baseline passed: its own (judge_selection vs the
+    model it was made from), that model's own, and the conversion of the fp32 graph it runs; None = no such guard
+    (the baseline, no exported graph). All of them on the selection images: no test label."""
+    return all(v in (True, None) for v in verdicts)
 
 
 def recommend(rows: list[dict]) -> dict | None:
@@ -309,7 +334,7 @@ RESULT_COLUMNS = {
     "student_model": ("", NEUTRAL, _MODEL, "the pipeline's student model"),
     "params_m": ("millions", NEUTRAL, _MODEL, "parameters"),
     "depth": ("blocks", NEUTRAL, _MODEL, "transformer blocks kept"),
-    "size_mb": ("MB (10^6 bytes)", LOWER, _MODEL, "size of the model file on disk"),
+    "size_mb": ("MB (10^6 bytes)", LOWER, _MODEL, "bytes of the file that ships (the row's `file`) / 10^6"),
     "size_ratio": ("x", HIGHER, _MODEL, "reference size / variant size (> 1 = smaller)"),
     "device": ("", NEUTRAL, _TIME, "cpu or gpu (benchmark_gpu.py: the training device)"),
     "torch_device": ("", NEUTRAL, _TIME, "PyTorch device type"),
@@ -325,7 +350,8 @@ RESULT_COLUMNS = {
     "runs_throughput": ("runs", NEUTRAL, _TIME, "timed runs of the throughput columns"),
     "latency_median_ms": ("ms per call", LOWER, _TIME, "median latency at batch_size"),
     "latency_p95_ms": ("ms per call", LOWER, _TIME, "95th percentile latency at batch_size"),
-    "latency_p99_ms": ("ms per call", LOWER, _TIME, "99th percentile latency at batch_size"),
+    "latency_p99_ms": ("ms per call", LOWER, _TIME, "99th percentile latency at batch_size, only from >= 100 timed "
+                                                    "calls (lab_io.P99_MIN_RUNS); empty below: see latency_max_ms"),
     "latency_mean_ms": ("ms per call", LOWER, _TIME, "mean latency"),
     "latency_max_ms": ("ms per call", LOWER, _TIME, "slowest call"),
     "throughput_batch_size": ("images", NEUTRAL, _TIME, "batch of the throughput columns"),
@@ -355,21 +381,28 @@ RESULT_COLUMNS = {
     "f1_delta_pt": ("points", HIGHER, _ACC, "variant - reference F1 x 100 (negative = loss)"),
     "auroc_delta_pt": ("points", HIGHER, _ACC, "variant - reference AUROC x 100 (negative = loss)"),
     "guard_reference": ("", NEUTRAL, _GUARD, "the variant the guard compares with (the model it was made from)"),
-    "guard": ("", NEUTRAL, _GUARD, "the rule applied (lab_targets.judge_variant)"),
-    "guard_passed": ("", NEUTRAL, _GUARD, "True / False; empty for the reference itself"),
-    "agreement": ("fraction 0-1", HIGHER, _GUARD, "share of test predictions identical to the guard reference"),
-    "guard_accuracy_delta_pt": ("points", HIGHER, _GUARD, "variant - guard reference accuracy (negative = loss)"),
-    "flips": ("images", LOWER, _GUARD, "test predictions changed vs the guard reference"),
+    "guard": ("", NEUTRAL, _GUARD, "the rule applied (lab_targets.judge_selection)"),
+    "guard_split": ("", NEUTRAL, _GUARD, "the images the guard used: train+val, without labels (never test)"),
+    "guard_images": ("images", NEUTRAL, _GUARD, "how many images the guard compared"),
+    "guard_agreement": ("fraction 0-1", HIGHER, _GUARD, "share of guard_split decisions identical to the reference"),
+    "guard_passed": ("", NEUTRAL, _GUARD, "the guard's verdict (True / False); empty for the reference itself"),
+    "agreement": ("fraction 0-1", HIGHER, _GUARD, "share of predictions identical to guard_reference's on the same "
+                                                  "images (model rows: the test split, reported; no choice reads it)"),
+    "reference_accuracy_delta_pt": ("points", HIGHER, _GUARD, "variant - guard reference test accuracy (negative = "
+                                                              "loss; reported)"),
+    "flips": ("images", LOWER, _GUARD, "test predictions changed vs the guard reference (reported)"),
     "flips_good_to_anomaly": ("images", LOWER, _GUARD, "of which good -> anomaly"),
     "flips_anomaly_to_good": ("images", LOWER, _GUARD, "of which anomaly -> good"),
     "mcnemar_p": ("probability", NEUTRAL, _GUARD, "exact McNemar p-value of the flips"),
     "max_abs_logit_diff": ("logit", LOWER, _GUARD, "largest |logit difference| vs the guard reference"),
     "roundtrip_max_abs_diff": ("logit", LOWER, _GUARD, "saved and reloaded int8 model vs in memory"),
     "onnx_graph_checked": ("", NEUTRAL, _GUARD, "the fp32 ONNX graph whose conversion was checked"),
-    "onnx_graph_agreement": ("fraction 0-1", HIGHER, _GUARD, "that graph vs its PyTorch model"),
-    "onnx_graph_accuracy_delta_pt": ("points", HIGHER, _GUARD, "that graph - its PyTorch model (accuracy)"),
-    "onnx_graph_passed": ("", NEUTRAL, _GUARD, "conversion parity of that graph"),
-    "guards_passed": ("", NEUTRAL, _GUARD, "lab_targets.variant_passes: loss < 1 pt, own guard, conversion"),
+    "onnx_graph_agreement": ("fraction 0-1", HIGHER, _GUARD, "that graph vs its PyTorch model, guard_split decisions"),
+    "onnx_graph_accuracy_delta_pt": ("points", HIGHER, _GUARD, "that graph - its PyTorch model, test accuracy "
+                                                               "(reported)"),
+    "onnx_graph_passed": ("", NEUTRAL, _GUARD, "conversion guard of that graph (guard_split)"),
+    "guards_passed": ("", NEUTRAL, _GUARD, "lab_targets.variant_passes: own guard, its source's, conversion "
+                                           "(all on guard_split)"),
     "recommended": ("", NEUTRAL, _GUARD, "lab_targets.recommend: fastest CPU variant passing its guards"),
     "deployed_as": ("", NEUTRAL, _GUARD, "model_final file written from this variant (lab_targets.choose_deployable)"),
     "target_time_80": ("", NEUTRAL, _GUARD, "time_reduction_pct >= 80"),
@@ -474,14 +507,24 @@ RESULT_COLUMNS = {
     "coreset_ratio": ("fraction 0-1", NEUTRAL, _MODEL, "share of the good patches kept by coreset selection"),
     "n_train_good": ("images", NEUTRAL, _ACC, "good training images in the memory bank"),
     "n_holdout_good": ("images", NEUTRAL, _ACC, "good training images held out to set the threshold"),
-    "fit_seconds": ("s", LOWER, _TRAIN, "features + coreset + threshold"),
+    "threshold_rule": ("", NEUTRAL, _ACC, "how the detector's threshold was chosen (never on its test images)"),
+    "n_threshold_good": ("images", NEUTRAL, _ACC, "good images that chose the detector's threshold"),
+    "n_threshold_defective": ("images", NEUTRAL, _ACC, "defective images that chose the detector's threshold"),
+    "threshold_image_auroc": ("fraction 0-1", HIGHER, _ACC, "image AUROC on the validation images that chose the "
+                                                            "threshold (empty: good-only rule)"),
+    "fit_seconds": ("s", LOWER, _TRAIN, "features + coreset + threshold (not the backbone's export)"),
+    "export_seconds": ("s", LOWER, _TRAIN, "export / compilation of the detector's backbone"),
+    "end_to_end_ms_per_img": ("ms per image", LOWER, _TIME, "image file -> decision and map (decode, preprocess, "
+                                                           "backbone, patch distances) at batch_size images per call"),
     "backbone_mb": ("MB (10^6 bytes)", LOWER, _MODEL, "the detector's exported backbone on disk (0: run by PyTorch)"),
 }
 # Columns renamed when the four CSV writers were unified (README, "Colonnes des CSV"): old -> new
 RENAMED_COLUMNS = {"accuracy_loss_pt": "accuracy_delta_pt (sign reversed: negative = loss)",
                    "f1_loss_pt": "f1_delta_pt (sign reversed)", "auroc_loss_pt": "auroc_delta_pt (sign reversed)",
                    "agreement_pct": "agreement (fraction 0-1)", "prediction_agreement": "agreement",
-                   "accuracy_diff_pt": "guard_accuracy_delta_pt", "parity_accuracy_diff_pt": "guard_accuracy_delta_pt",
+                   "accuracy_diff_pt": "reference_accuracy_delta_pt",
+                   "parity_accuracy_diff_pt": "reference_accuracy_delta_pt",
+                   "guard_accuracy_delta_pt": "reference_accuracy_delta_pt",
                    "parity_reference": "guard_reference", "parity_passed": "guard_passed",
                    "onnx_graph_accuracy_diff_pt": "onnx_graph_accuracy_delta_pt", "speedup_b1": "speedup",
                    "savings_pct": "cost_reduction_pct", "price_per_hour_usd": "price_per_hour",
@@ -512,7 +555,8 @@ def measured_columns(metrics: dict, b1: dict, bn: dict, *, reference: dict | Non
     cost = cost_per_1000_images(price_per_hour, b1["latency_median_ms"], 1)
     row = {"batch_size": 1, "threads": b1.get("threads"), "warmup": b1.get("warmup"), "runs": b1.get("runs"),
            "latency_median_ms": b1["latency_median_ms"], "latency_p95_ms": b1["latency_p95_ms"],
-           "latency_p99_ms": b1["latency_p99_ms"], "throughput_b1_img_s": b1["throughput_img_s"],
+           "latency_p99_ms": b1["latency_p99_ms"], "latency_max_ms": b1["latency_max_ms"],
+           "throughput_b1_img_s": b1["throughput_img_s"],
            "throughput_batch_size": bn["batch_size"], "runs_throughput": bn.get("runs"),
            "batch_latency_median_ms": bn["latency_median_ms"], "throughput_img_s": bn["throughput_img_s"],
            "accuracy": metrics["accuracy"], "accuracy_ci_low": metrics["accuracy_ci_low"],

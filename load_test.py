@@ -32,7 +32,7 @@ import requests
 from tqdm.auto import tqdm
 
 from inference import IMAGE_EXTENSIONS, is_image_file
-from lab_io import UserError, append_csv_rows, format_table, run_cli, run_id, save_figure
+from lab_io import UserError, append_csv_rows, format_table, latency_columns, run_cli, run_id, save_figure
 
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -194,13 +194,10 @@ def summarize(results: list[dict], seconds: float, concurrency: int, args) -> di
     ms = np.asarray([r["ms"] for r in ok], dtype=float)
     kinds = Counter(r["kind"] for r in results if r["kind"] is not None)
     model = next((r["model"] for r in ok if r["model"]), None) or {}
-    pct = (lambda q: float(np.percentile(ms, q))) if len(ms) else (lambda q: float("nan"))
     return {"concurrency": concurrency, "requests": len(results), "ok": len(ok),
             "errors": len(results) - len(ok), "error_rate": (len(results) - len(ok)) / max(1, len(results)),
             "error_kinds": "; ".join(f"{k}:{v}" for k, v in sorted(kinds.items())),
-            "latency_median_ms": pct(50), "latency_p95_ms": pct(95), "latency_p99_ms": pct(99),
-            "latency_mean_ms": float(ms.mean()) if len(ms) else float("nan"),
-            "latency_max_ms": float(ms.max()) if len(ms) else float("nan"),
+            **latency_columns(ms),
             "throughput_req_s": len(ok) / seconds if seconds > 0 else float("nan"),
             "throughput_img_s": len(ok) * args.images_per_request / seconds if seconds > 0 else float("nan"),
             "duration_s": seconds,
@@ -224,8 +221,9 @@ def plot(rows: list[dict], args, path: Path) -> Path | None:
     x = [r["concurrency"] for r in rows]
     fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, label, style in (("latency_median_ms", "p50", "o-"), ("latency_p95_ms", "p95", "s--"),
-                              ("latency_p99_ms", "p99", "^:")):
-        ax_lat.plot(x, [r[key] for r in rows], style, label=label)
+                              ("latency_p99_ms", "p99 (>= 100 requests)", "^:"), ("latency_max_ms", "max", "x-.")):
+        if any(r[key] is not None for r in rows):
+            ax_lat.plot(x, [float("nan") if r[key] is None else r[key] for r in rows], style, label=label)
     ax_lat.set(xlabel="concurrent clients", ylabel="latency per request (ms)", title="Latency")
     ax_thr.plot(x, [r["throughput_req_s"] for r in rows], "o-", color="tab:green", label="successful requests/s")
     if args.images_per_request > 1:

@@ -273,6 +273,19 @@ def make_loaders(data_dir, category: str, split: dict[str, list[Sample]], prepro
     return loaders
 
 
+def selection_loader(loaders: dict, batch_size: int = 16) -> DataLoader:
+    """The train + val images of `loaders` (lab_targets.SELECTION_SPLITS) in one fixed order, not augmented: what
+    every guard compares a variant with its reference on. Never the test split."""
+    from torch.utils.data import ConcatDataset
+
+    from lab_targets import SELECTION_SPLITS
+
+    datasets = [loaders[name].dataset for name in SELECTION_SPLITS]
+    if any(ds.augment is not None for ds in datasets):
+        raise ValueError("selection images must not be augmented: build the loaders with augment='none'")
+    return DataLoader(ConcatDataset(datasets), batch_size=batch_size, shuffle=False, num_workers=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Synthetic MVTec-like tree (tests, offline demo)
 # --------------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ the fallback) and onnx.checker; ONNX Runtime fp32 (ORT_ENABLE_ALL), fp32 after O
 dynamic int8 (QInt8 weights); OpenVINO fp32 and bf16 (where the CPU has it) on the same file, and int8 by NNCF
 post-training quantization with the most sensitive layers kept fp32 by a label-free agreement rule
 (quantize_openvino_int8).
-Every variant is compared with PyTorch fp32 on the whole saved test split at the checkpoint's threshold
-(lab_targets.judge_variant: fp32 graphs must agree on >= 99.5 % of the predictions, int8 / bf16 lose < 1 pt) and
-timed in the same run at batch 1 and at --bench-batch-size. lab_targets.choose_deployable picks model_final:
+Every variant's guard compares its decisions with PyTorch fp32's on the saved train + val images, without labels, at
+the checkpoint's threshold (lab_targets.judge_selection: fp32 graphs agree on >= 99.5 % of them, int8 / bf16 on
+>= 99 %); its test accuracy and flips are measured once and reported, read by no choice. Every variant is timed in
+the same run at batch 1 and at --bench-batch-size. lab_targets.choose_deployable picks model_final:
 modeles/model_final.onnx or model_final.xml + .bin, with modeles/model_final.json (engine, precision, input,
 threshold, sha256) for the Azure scoring script. Kept too: model_fp32.onnx, model_fp32_optimized.onnx,
 model_int8.onnx, model_int8_nncf.xml.
@@ -34,11 +35,11 @@ from inference import (ENGINE_ORT, ENGINE_OV, FINAL_ONNX, INPUT_NAME, OUTPUT_NAM
                        save_final, write_sidecar)
 from lab_io import (UserError, append_csv_rows, atomic_write, cpu_flags, cpu_name, environment_columns, format_table,
                     keep_previous, run_cli, run_id, save_figure, size_on_disk_mb)
-from lab_targets import (CPU_PRICE, CPU_VM, PARITY_MAX_ACCURACY_DIFF_PT, PARITY_MIN_AGREEMENT,
-                         TARGET_MAX_LOSS_PT, choose_deployable, describe_flips, format_accuracy, guard_columns,
-                         guard_kind, judge_logits, measured_columns, predict_labels, recommend, variant_passes)
-from load_model_hf import checkpoint_threshold, load_checkpoint, resolve_model_path, state_dict_size_mb
-from mvtec_dataset import make_loaders, split_from_manifest
+from lab_targets import (CPU_PRICE, CPU_VM, SELECTION_SPLIT, choose_deployable, compare_logits, describe_flips,
+                         describe_guard, format_accuracy, guard_columns, guard_kind, judge_selection,
+                         measured_columns, predict_labels, recommend, variant_passes)
+from load_model_hf import checkpoint_threshold, load_checkpoint, resolve_model_path
+from mvtec_dataset import make_loaders, selection_loader, split_from_manifest
 from quantize import choose_fp32_layers
 from train_utils import benchmark_torch_model, classification_metrics, model_logits, predict_logits, set_threads
 
@@ -482,17 +483,17 @@ def result_rows(variants, *, args, rid, ckpt, ckpt_path, export_info, threads_to
                "size_mb": v["size_mb"],
                **measured_columns(v["metrics"], v["b1"], v["bn"], reference=reference,
                                   price_per_hour=args.price_per_hour),
-               "cpu_load_1min": load, **guard_columns(judged),
+               "cpu_load_1min": load, **guard_columns(judged, v.get("test")),
                "file": v["file"], "exporter": export_info["exporter"] if v["backend"] == "onnxruntime" else "",
                "opset": v.get("opset", ""), "fused_ops": v.get("fused", ""), "model_name": ckpt["model_name"],
                "source_checkpoint": str(ckpt_path), "torch_threads": threads_torch, **environment_columns(),
                "onnx_graph_checked": Path(graph["file"]).name if conversion else "",
                "onnx_graph_agreement": conversion["agreement"] if conversion else "",
-               "onnx_graph_accuracy_delta_pt": conversion["accuracy_diff_pt"] if conversion else "",
+               "onnx_graph_accuracy_delta_pt": graph["test"]["accuracy_diff_pt"] if conversion else "",
                "onnx_graph_passed": conversion["passed"] if conversion else ""}
         reference = reference or row
         row["size_ratio"] = reference["size_mb"] / row["size_mb"]
-        row["guards_passed"] = variant_passes(row["accuracy_delta_pt"], judged["passed"] if judged else None,
+        row["guards_passed"] = variant_passes(judged["passed"] if judged else None,
                                               conversion["passed"] if conversion else None)
         rows.append(row)
     best, final = recommend(rows), choose_deployable(rows)
@@ -558,10 +559,9 @@ def main(argv=None) -> int:
     ckpt_path = resolve_model_path(args.model_path, args.models_dir)
     preprocessing = ckpt["preprocessing"]
     split = split_from_manifest(ckpt["split"])
-    # train + val images: NNCF's calibration and the label-free mixed-precision rules
-    names = ("test",) if args.no_openvino and args.no_int8 else ("test", "train", "val")
-    loaders = make_loaders(args.data_dir, args.category, split, preprocessing, args.batch_size, names=names,
-                           augment="none")
+    # train + val images: every guard (no label), NNCF's calibration and the mixed-precision rules
+    loaders = make_loaders(args.data_dir, args.category, split, preprocessing, args.batch_size,
+                           names=("test", "train", "val"), augment="none")
     loader = loaders["test"]
     dataset = loader.dataset
     models_dir = Path(args.models_dir)
@@ -585,7 +585,7 @@ def main(argv=None) -> int:
     else:
         print(f"note: transformer fusion skipped: {fusion['reason']}")
     # the train + val images and one ranking of the layers: the mixed precision of ORT and OpenVINO int8
-    train_val = {n: loaders[n].dataset for n in ("train", "val")} if "train" in loaders else None
+    train_val = {n: loaders[n].dataset for n in ("train", "val")}
     basis = None
     if not args.no_int8:
         # int8 of the plain export: measured fastest on AVX2 (quantizing the fused graph was not faster).
@@ -607,21 +607,26 @@ def main(argv=None) -> int:
         specs.update(openvino_variants(files["ort-fp32"], models_dir, model, train_val, checkpoint_threshold(ckpt),
                                        args.calibration_images, args.overwrite, basis=basis))
 
-    # 2. Predictions on the whole test split, PyTorch fp32 as the reference
+    # 2. Decisions on train + val (the guards, no label) and on the whole test split (the report), PyTorch fp32 as
+    # the reference
     threshold = checkpoint_threshold(ckpt)
     print(f"decision threshold on P(anomaly): {threshold:.3f} ({ckpt.get('threshold_rule', 'argmax')}), the same "
           f"for every variant")
+    selection = selection_loader(loaders, args.batch_size)
+    ref_selection, _ = predict_logits(model, selection, "cpu", desc=f"PyTorch fp32 {SELECTION_SPLIT}")
     ref_logits, labels = predict_logits(model, loader, "cpu", desc="PyTorch fp32 test")
     variants = [{"variant": "pytorch-fp32", "backend": "pytorch", "precision": "fp32", "file": str(ckpt_path),
-                 "size_mb": state_dict_size_mb(model), "logits": ref_logits, "judged": None}]
+                 "size_mb": size_on_disk_mb(ckpt_path), "logits": ref_logits, "judged": None, "test": None}]
     runners = {}
     for name, (path, engine, precision) in specs.items():
         runners[name] = Runner(path, engine, threads_ort, precision)
+        chosen_on, _ = runner_predict_logits(runners[name], selection, desc=f"{name} {SELECTION_SPLIT}")
         logits, _ = runner_predict_logits(runners[name], loader, desc=f"{name} test")
         variants.append({"variant": name, "backend": engine, "precision": variant_precision(name, runners[name]),
                          "file": str(path), "size_mb": model_size_mb(path), "logits": logits,
                          "opset": onnx_opset(path) if Path(path).suffix == ".onnx" else "",
-                         "judged": judge_logits(guard_kind(name), ref_logits, logits, labels, threshold=threshold),
+                         "judged": judge_selection(guard_kind(name), ref_selection, chosen_on, threshold=threshold),
+                         "test": compare_logits(ref_logits, logits, labels, threshold=threshold),
                          "fused": ";".join(f"{k}={n}" for k, n in fusion["fused"].items())
                          if name == "ort-fp32-optimized" else ""})
     for v in variants:
@@ -661,20 +666,21 @@ def main(argv=None) -> int:
 
     print()
     print(format_table(rows, ["variant", "size_mb", "latency_median_ms", "latency_p95_ms", "throughput_img_s",
-                              "accuracy", "agreement", "max_abs_logit_diff", "guard_accuracy_delta_pt",
-                              "guard_passed", "cost_per_1000_images_usd", "cost_reduction_pct", "recommended"]))
+                              "accuracy", "guard_agreement", "guard_passed", "agreement", "flips",
+                              "max_abs_logit_diff", "cost_per_1000_images_usd", "cost_reduction_pct",
+                              "recommended"]))
     print(f"latency: batch 1, ms; throughput: batch {args.bench_batch_size}, images/s; cost: USD per 1000 images at "
           f"batch 1 ({args.price_per_hour} USD/h); CPU {cpu_name()} [{cpu_flags() or 'flags unknown'}]")
     print(f"accuracy of PyTorch fp32 on the {len(labels)} test images: {format_accuracy(variants[0]['metrics'])} "
           f"(threshold {threshold:.3f}); one image = {100 / max(1, len(labels)):.2f} pt")
-    print(f"guard: one rule for every variant vs PyTorch fp32 (lab_targets.judge_variant): fp32 graphs = conversion "
-          f"parity (agreement >= {100 * PARITY_MIN_AGREEMENT:g} %, |accuracy difference| < "
-          f"{PARITY_MAX_ACCURACY_DIFF_PT:g} pt); int8 = quantization loss < {TARGET_MAX_LOSS_PT:g} pt")
+    print(f"guard (lab_targets.judge_selection, it alone decides what may be recommended or deployed): decisions "
+          f"vs PyTorch fp32 on the {len(ref_selection)} {SELECTION_SPLIT} images, no label; test (agreement, flips) "
+          f"is measured once and reported, no choice reads it")
     for v in variants[1:]:
-        p = v["judged"]
-        print(f"  {v['variant']:<20} {'PASS' if p['passed'] else 'FAIL'} ({p['kind']}): accuracy "
-              f"{format_accuracy(v['metrics'])}, difference {p['accuracy_diff_pt']:+.2f} pt; {describe_flips(p)}; "
-              f"max |logit diff| {p['max_abs_logit_diff']:.3g}")
+        t = v["test"]
+        print(f"  {v['variant']:<20} {describe_guard(v['judged'])}; test: accuracy {format_accuracy(v['metrics'])}, "
+              f"difference {t['accuracy_diff_pt']:+.2f} pt; {describe_flips(t)}; max |logit diff| "
+              f"{t['max_abs_logit_diff']:.3g}")
     print(f"results appended to {csv_path} (run_id {rid}), plot {png}")
     if final is None:
         print(f"error: no ONNX variant passed its guard: {FINAL_ONNX} was not written "
@@ -684,7 +690,8 @@ def main(argv=None) -> int:
     final_path = save_final(final["file"], models_dir, args.overwrite)
     sidecar = write_sidecar(final_path, variant=selected, category=args.category, preprocessing=preprocessing,
                             exporter=export_info["exporter"], source_checkpoint=ckpt_path,
-                            base_model=ckpt["model_name"], parity_result=final["judged"], metrics=final["metrics"],
+                            base_model=ckpt["model_name"], parity_result={**final["judged"], "test": final["test"]},
+                            metrics=final["metrics"],
                             threshold=threshold, engine=final["backend"], precision_hint=specs[selected][2],
                             overwrite=args.overwrite)
     print(f"saved {final_path} = {selected} (lab_targets.choose_deployable: the recommended variant, or the fastest "

@@ -48,13 +48,15 @@ from inference import (ENGINE_ORT, Runner, benchmark_runner, onnx_opset, runner_
                        write_sidecar)
 from lab_io import (UserError, append_csv_rows, atomic_write, cpu_has_bf16, environment_columns, format_table,
                     keep_previous, run_cli, run_id, size_on_disk_mb)
-from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, END_TO_END_IMAGES, END_TO_END_REPEATS, GPU_PRICE, GPU_VM,
-                         LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE, QUANTIZATION, TARGETS, choose_deployable,
-                         format_accuracy, guard_columns, guard_kind,
-                         judge_logits, measured_columns, recommend, targets_met, variant_passes)
+from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, DISTILLATION, END_TO_END_IMAGES, END_TO_END_REPEATS,
+                         GPU_PRICE, GPU_VM, LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE, QUANTIZATION, SELECTION_SPLIT,
+                         SELECTION_SPLITS, TARGETS, choose_deployable, compare_logits, describe_guard, format_accuracy,
+                         guard_columns, guard_kind, judge_selection, measured_columns, recommend, targets_met,
+                         variant_passes)
 from load_model_hf import (HUB_PRESETS, OFFLINE_PRESETS, checkpoint_threshold, count_parameters, load_pretrained,
                            model_from_checkpoint, read_checkpoint, save_checkpoint)
-from mvtec_dataset import make_loaders, make_synthetic_mvtec, prepare_split, split_from_manifest, write_manifest
+from mvtec_dataset import (make_loaders, make_synthetic_mvtec, prepare_split, selection_loader, split_from_manifest,
+                           write_manifest)
 from rapport import REPORT_CSV, REPORT_PNG, write_report
 from train_utils import (OFFLINE_DEFAULT_EPOCHS, benchmark_batch, benchmark_torch_model, class_weights, classification_metrics,
                          default_lr, device_name, linear_probe_init, model_logits, pick_device, predict_logits,
@@ -243,6 +245,14 @@ class Data:
             self.cache.update({(key, n): loader for n, loader in built.items()})
         return {n: self.cache[(key, n)] for n in names}
 
+    def selection(self, pre: dict):
+        """The train + val images in one fixed order, not augmented: what the guards compare (no label)."""
+        key = (json.dumps(pre, sort_keys=True), "selection")
+        if key not in self.cache:
+            self.cache[key] = selection_loader(self.loaders(pre, SELECTION_SPLITS, augment="none"),
+                                               self.args.batch_size)
+        return self.cache[key]
+
 
 def train_and_save(args, *, role: str, model_name: str, path: Path, data: Data, device, epochs, lr,
                    teacher=None, teacher_pre=None, extra=None):
@@ -405,8 +415,9 @@ def ort_int8_mixed_step(args, data: Data, model, ckpt, fp32: Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class Variant:
-    """One measured form of a model. `judged`: its own guard vs `reference` (the model it was made from;
-    lab_targets.judge_logits); `conversion`: the parity of the fp32 ONNX graph it runs or was quantized from."""
+    """One measured form of a model. `judged`: its own guard vs `reference` (the model it was made from) on the
+    selection images (lab_targets.judge_selection); `test`: the same comparison on the test split, reported
+    (lab_targets.compare_logits); `conversion`: the guard of the fp32 ONNX graph it runs or was quantized from."""
     name: str
     step: int
     role: str                  # baseline | student
@@ -420,12 +431,15 @@ class Variant:
     loader: object
     logits: np.ndarray
     labels: np.ndarray
+    selection: object = None   # loader of the train + val images (Data.selection)
+    selection_logits: np.ndarray = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     model: object = None
     runner: object = None
     precision_hint: str = "f32"
     reference: "Variant | None" = None
     judged: dict | None = None
+    test: dict | None = None
     conversion: dict | None = None
     graph_file: str = ""
     exporter: str = ""
@@ -434,41 +448,60 @@ class Variant:
     b1: dict = field(default_factory=dict)
     bn: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
-    conversions: dict = field(default_factory=dict)  # {(fp32 graph, engine): its conversion parity vs this model}
+    conversions: dict = field(default_factory=dict)  # {(fp32 graph, engine): its conversion guard vs this model}
 
 
-def torch_variant(name, step, role, model, loader, *, precision, file, model_name, threshold, device="cpu",
-                  reference: Variant | None = None, reused=False, params_m=None) -> Variant:
-    """A PyTorch variant; `reference`: the fp32 variant an int8 one was quantized from (judged by the loss guard)."""
+def judged_against(reference: Variant, kind: str, name: str, selection_logits, logits, labels, threshold: float):
+    """(the guard on the selection images, the test report) of a variant vs `reference` at the variant's
+    threshold; a distilled student has its own threshold, its reference's decisions keep theirs."""
+    guard = judge_selection(kind, reference.selection_logits, selection_logits, threshold=threshold,
+                            reference=reference.name, reference_threshold=reference.threshold)
+    test = compare_logits(reference.logits, logits, labels, threshold=threshold,
+                          reference_threshold=reference.threshold)
+    print(f"   {name}: {describe_guard(guard)}")
+    return guard, test
+
+
+def torch_variant(name, step, role, model, loader, selection, *, precision, file, model_name, threshold,
+                  device="cpu", reference: Variant | None = None, kind=QUANTIZATION, reused=False,
+                  params_m=None) -> Variant:
+    """A PyTorch variant; `reference`: the model it was made from (an int8 one's fp32, a student's baseline), whose
+    guard of `kind` it must pass."""
     device = torch.device(device)
-    logits, labels = predict_logits(model.to(device), loader, device, desc=f"{name} test")
-    judged = None if reference is None else judge_logits(QUANTIZATION, reference.logits, logits, labels,
-                                                         threshold=threshold, reference=reference.name)
+    chosen_on, _ = predict_logits(model.to(device), selection, device, desc=f"{name} {SELECTION_SPLIT}")
+    logits, labels = predict_logits(model, loader, device, desc=f"{name} test")
+    judged, test = (None, None) if reference is None else judged_against(reference, kind, name, chosen_on, logits,
+                                                                         labels, threshold)
     return Variant(name, step, role, "pytorch", precision, Path(file), size_on_disk_mb(file), model_name,
-                   params_m or count_parameters(model) / 1e6, threshold, loader, logits, labels, device=device,
-                   model=model, reference=reference, judged=judged, reused=reused)
+                   params_m or count_parameters(model) / 1e6, threshold, loader, logits, labels, selection,
+                   chosen_on, device=device, model=model, reference=reference, judged=judged, test=test,
+                   reused=reused)
 
 
 def engine_variant(name, step, role, path: Path, reference: Variant, *, engine=ENGINE_ORT, precision="f32",
                    threads, exporter, fp32_graph: Path) -> Variant:
     """An ONNX Runtime or OpenVINO variant judged against the PyTorch model it comes from; `fp32_graph`: the fp32
-    ONNX file it runs or was quantized from, whose conversion parity in the same engine is checked too."""
+    ONNX file it runs or was quantized from, whose conversion guard in the same engine is checked too."""
     runner = Runner(path, engine, threads, precision)
-    logits, labels = runner_predict_logits(runner, reference.loader, desc=f"{name} test")
-    judge = dict(threshold=reference.threshold, reference=reference.name)
-    judged = judge_logits(guard_kind(name), reference.logits, logits, labels, **judge)
+
+    def decisions(r: Runner, what: str):
+        chosen_on, _ = runner_predict_logits(r, reference.selection, desc=f"{what} {SELECTION_SPLIT}")
+        return (chosen_on, *runner_predict_logits(r, reference.loader, desc=f"{what} test"))
+
+    chosen_on, logits, labels = decisions(runner, name)
+    judged, test = judged_against(reference, guard_kind(name), name, chosen_on, logits, labels, reference.threshold)
     key = (fp32_graph, engine)  # the conversion of one fp32 graph in one engine is judged once per source model
     if key not in reference.conversions:
         same_graph = path == fp32_graph and runner.precision == "f32"
-        reference.conversions[key] = judged if same_graph else judge_logits(
-            CONVERSION, reference.logits,
-            runner_predict_logits(Runner(fp32_graph, engine, threads), reference.loader,
-                                  desc=f"{fp32_graph.name} {engine} test")[0], labels, **judge)
+        graph = (chosen_on, logits, labels) if same_graph else decisions(Runner(fp32_graph, engine, threads),
+                                                                         f"{fp32_graph.name} {engine}")
+        reference.conversions[key] = (judged, test) if same_graph else judged_against(
+            reference, CONVERSION, f"{fp32_graph.name} ({engine})", *graph, reference.threshold)
     conversion = reference.conversions[key]
     return Variant(name, step, role, engine, oo.variant_precision(name, runner), path, oo.model_size_mb(path),
                    reference.model_name, reference.params_m, reference.threshold, reference.loader, logits, labels,
-                   runner=runner, reference=reference, judged=judged, conversion=conversion,
-                   graph_file=f"{fp32_graph.name} ({engine})", exporter=exporter,
+                   reference.selection, chosen_on, runner=runner, reference=reference, judged=judged, test=test,
+                   conversion=conversion, graph_file=f"{fp32_graph.name} ({engine})", exporter=exporter,
                    opset=onnx_opset(path) if path.suffix == ".onnx" else "", precision_hint=runner.precision)
 
 
@@ -518,18 +551,17 @@ def build_rows(variants: list[Variant], args, *, rid, data: Data, training: dict
                "device_name": device_name(v.device), "model_name": v.model_name, "baseline_model": args.baseline_model,
                "student_model": "" if args.skip_student else args.student_model, "params_m": v.params_m,
                "size_mb": v.size_mb, **measured_columns(v.metrics, v.b1, v.bn, reference=base, price_per_hour=price),
-               "n_train": len(data.split["train"]), "n_val": len(data.split["val"]), **guard_columns(v.judged),
-               "onnx_graph_checked": v.graph_file,
-               "onnx_graph_agreement": v.conversion["agreement"] if v.conversion else "",
-               "onnx_graph_accuracy_delta_pt": v.conversion["accuracy_diff_pt"] if v.conversion else "",
-               "onnx_graph_passed": v.conversion["passed"] if v.conversion else None,
+               "n_train": len(data.split["train"]), "n_val": len(data.split["val"]),
+               **guard_columns(v.judged, v.test), "onnx_graph_checked": v.graph_file,
+               "onnx_graph_agreement": v.conversion[0]["agreement"] if v.conversion else "",
+               "onnx_graph_accuracy_delta_pt": v.conversion[1]["accuracy_diff_pt"] if v.conversion else "",
+               "onnx_graph_passed": v.conversion[0]["passed"] if v.conversion else None,
                "file": str(v.file), "exporter": v.exporter, "opset": v.opset, "reused": v.reused,
                **training.get(v.role, {}), "gpu_name": training["gpu_name"], **environment}
         base = base or row
         row["size_ratio"] = base["size_mb"] / row["size_mb"]
         row.update(targets_met(row))
-        row["guards_passed"] = variant_passes(row["accuracy_delta_pt"], v.judged["passed"] if v.judged else None,
-                                              row["onnx_graph_passed"])
+        row["guards_passed"] = variant_passes(row["onnx_graph_passed"], *lineage_verdicts(v))
         row["onnx_graph_passed"] = "" if row["onnx_graph_passed"] is None else row["onnx_graph_passed"]
         row["target_onnx_parity"] = row["onnx_graph_passed"]
         rows.append(row)
@@ -537,6 +569,17 @@ def build_rows(variants: list[Variant], args, *, rid, data: Data, training: dict
     for r in rows:
         r["recommended"], r["deployed_as"] = r is best, ""
     return rows
+
+
+def lineage_verdicts(v: Variant) -> list[bool]:
+    """The guards on the way from the baseline to `v`: its own, the one of the model it was made from, ... (a
+    student's int8: its own vs the student, the student's vs the baseline)."""
+    verdicts = []
+    while v is not None:
+        if v.judged is not None:
+            verdicts.append(v.judged["passed"])
+        v = v.reference
+    return verdicts
 
 
 def training_columns(ckpt: dict | None) -> dict:
@@ -557,7 +600,8 @@ def deploy_final(rows: list[dict], variants: list[Variant], args, checkpoints: d
     final = save_final(v.file, args.models_dir, args.overwrite)
     write_sidecar(final, variant=v.name, category=args.category, preprocessing=ckpt["preprocessing"],
                   exporter=v.exporter, source_checkpoint=source, base_model=ckpt["model_name"],
-                  parity_result={**v.judged, "onnx_conversion": v.conversion}, metrics=v.metrics,
+                  parity_result={**v.judged, "test": v.test,
+                                 "onnx_conversion": v.conversion[0] if v.conversion else None}, metrics=v.metrics,
                   threshold=v.threshold, engine=v.backend, precision_hint=v.precision_hint, overwrite=args.overwrite)
     final_row["deployed_as"] = str(final)
     return final
@@ -676,24 +720,27 @@ def main(argv=None) -> int:
     # 1. baseline (+ the same model on the GPU, an extra row)
     base_model, base_ckpt, base_path, data, base_reused = baseline_step(args, device)
     test = data.loaders(base_ckpt["preprocessing"])["test"]
+    chosen_on = data.selection(base_ckpt["preprocessing"])
     same = dict(model_name=base_ckpt["model_name"], threshold=checkpoint_threshold(base_ckpt), file=base_path)
-    base = torch_variant("pytorch-fp32", 1, "baseline", base_model, test, precision="fp32", reused=base_reused,
-                         **same)
+    print(f"guards (lab_targets.judge_selection): decisions vs the model each variant was made from on the "
+          f"{len(chosen_on.dataset)} {SELECTION_SPLIT} images, no label; the test split is only reported")
+    base = torch_variant("pytorch-fp32", 1, "baseline", base_model, test, chosen_on, precision="fp32",
+                         reused=base_reused, **same)
     variants = [base]
     if gpu is not None:
-        variants.append(torch_variant("pytorch-fp32-gpu", 1, "baseline", copy.deepcopy(base_model), test,
+        variants.append(torch_variant("pytorch-fp32-gpu", 1, "baseline", copy.deepcopy(base_model), test, chosen_on,
                                       precision="fp32", device=gpu, **same))
     if not args.skip_openvino and cpu_has_bf16():  # bf16 matmuls in hardware (AVX-512 BF16 / AMX)
-        variants.append(torch_variant("pytorch-bf16", 1, "baseline", Bf16Autocast(base_model), test, precision="bf16",
-                                      reference=base, params_m=base.params_m, **same))
+        variants.append(torch_variant("pytorch-bf16", 1, "baseline", Bf16Autocast(base_model), test, chosen_on,
+                                      precision="bf16", reference=base, params_m=base.params_m, **same))
     # 2. PyTorch int8
     quant_path = None
     if not args.skip_torch_int8:
         for smooth, name in ((False, "pytorch-int8-dynamic"), (True, "pytorch-int8-smoothquant")):
             qmodel, path, reused = torch_int8_step(args, data, base_model, base_ckpt, base_path, smooth=smooth)
             quant_path = quant_path or path
-            variants.append(torch_variant(name, 2, "baseline", qmodel, test, precision="int8", reference=base,
-                                          reused=reused, params_m=base.params_m, **{**same, "file": path}))
+            variants.append(torch_variant(name, 2, "baseline", qmodel, test, chosen_on, precision="int8",
+                                          reference=base, reused=reused, params_m=base.params_m, **{**same, "file": path}))
     # 3-4. ONNX Runtime
     if not args.skip_onnx:
         print("[3-4/5] ONNX: export, ORT transformer fusion, dynamic int8")
@@ -716,15 +763,16 @@ def main(argv=None) -> int:
     if not args.skip_student:
         s_model, student_ckpt, s_path, s_reused = student_step(args, device, data, base_model, base_ckpt, base_path)
         student = torch_variant("student-pytorch-fp32", 5, "student", s_model,
-                                data.loaders(student_ckpt["preprocessing"])["test"], precision="fp32", file=s_path,
+                                data.loaders(student_ckpt["preprocessing"])["test"],
+                                data.selection(student_ckpt["preprocessing"]), precision="fp32", file=s_path,
                                 model_name=student_ckpt["model_name"], threshold=checkpoint_threshold(student_ckpt),
-                                reused=s_reused)
+                                reference=base, kind=DISTILLATION, reused=s_reused)
         variants.append(student)
         if not args.skip_torch_int8:
             qmodel, path, reused = torch_int8_step(args, data, s_model, student_ckpt, s_path, smooth=True,
                                                    prefix="model_student_")
             variants.append(torch_variant("student-pytorch-int8-smoothquant", 5, "student", qmodel, student.loader,
-                                          precision="int8", reference=student, reused=reused,
+                                          student.selection, precision="int8", reference=student, reused=reused,
                                           params_m=student.params_m, file=path, model_name=student.model_name,
                                           threshold=student.threshold))
         if not args.skip_onnx:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import platform
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-from lab_io import UserError, atomic_write, keep_previous, library_versions, size_on_disk_mb
+from lab_io import UserError, atomic_write, keep_previous, library_versions
 from load_model_hf import count_parameters, model_skeleton, read_checkpoint, resolve_model_path
 
 QUANT_METHOD = "dynamic-int8"
@@ -104,15 +103,6 @@ def save_quantized_checkpoint(path: str | Path, qmodel, source_ckpt: dict, *, qu
     keep_previous(path, overwrite)
     with quiet_quantization_warnings():
         return atomic_write(path, lambda p: torch.save(ckpt, p))
-
-
-def checkpoint_size_mb(source_ckpt: dict, state_dict: dict, **entries) -> float:
-    """Bytes on disk / 10^6 of a checkpoint holding `state_dict`, written exactly like the int8 one."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.pth"
-        with quiet_quantization_warnings():
-            torch.save(_checkpoint_dict(source_ckpt, state_dict, **entries), path)
-        return size_on_disk_mb(path)
 
 
 def load_quantized_checkpoint(path: str | Path, expected_category: str | None = None,

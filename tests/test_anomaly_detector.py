@@ -35,11 +35,20 @@ def test_fit_evaluate_and_outputs(fitted):
     assert int(rows[-1]["n_test"]) == int(rows[-2]["n_test"]) == len(common) > 0
     assert rows[-2]["model_name"] == "offline-vit-tiny" and rows[-2]["accuracy_ci_low"] != ""
     overall = rows[0]
-    assert {"category", "image_auroc", "pixel_auroc", "fit_seconds", "latency_mean_ms", "size_mb", "bank_patches",
-            "threshold", "cpu_flags"} <= set(overall)
+    assert {"category", "image_auroc", "pixel_auroc", "fit_seconds", "export_seconds", "end_to_end_ms_per_img",
+            "batch_size", "size_mb", "bank_patches", "threshold", "cpu_flags"} <= set(overall)
     # even a random-init ViT's patch tokens find the synthetic defects, and where they are
     assert float(overall["image_auroc"]) > 0.75 and float(overall["pixel_auroc"]) > 0.75
-    assert int(overall["n_test"]) == 60 and int(overall["n_train_good"]) + int(overall["n_holdout_good"]) == 60
+    # the threshold comes from the classifier's validation split, whose images leave the bank and the test images
+    val = manifest["splits"]["val"]
+    val_test = [s for s in val if s["path"].startswith("test/")]
+    val_train = [s for s in val if s["path"].startswith("train/")]
+    assert val_test and val_train and {s["label"] for s in val} == {0, 1}
+    assert int(overall["n_test"]) == 60 - len(val_test) and int(overall["n_train_good"]) == 60 - len(val_train)
+    assert int(overall["n_holdout_good"]) == 0 and overall["threshold_rule"].startswith("best balanced accuracy")
+    assert int(overall["n_threshold_good"]) + int(overall["n_threshold_defective"]) == len(val)
+    assert 0 <= float(overall["threshold_image_auroc"]) <= 1
+    assert "best balanced accuracy on the %d validation images" % len(val) in result.stdout
     assert (cwd / "resultats" / "detector_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     overlays = sorted(p.name for p in (cwd / "resultats" / "detector_overlays" / "bottle").glob("*.png"))
     assert len(overlays) == 4 and any(n.startswith("good_") for n in overlays)  # one per test folder
@@ -47,6 +56,9 @@ def test_fit_evaluate_and_outputs(fitted):
     bank, config = ad.load_detector(cwd / "modeles" / "detector_bottle.safetensors")
     assert bank.dtype == torch.float16 and bank.shape[0] == int(overall["bank_patches"])
     assert config["threshold"] == pytest.approx(float(overall["threshold"]), rel=1e-5)  # the CSV keeps 6 digits
+    assert config["threshold_rule"] == overall["threshold_rule"]
+    assert config["threshold_images"] == {"good": int(overall["n_threshold_good"]),
+                                          "defective": int(overall["n_threshold_defective"])}
     assert config["layers"] == [2, 4] and config["preprocessing"]["image_size"] == [64, 64]  # an offline preset: its own
 
 
@@ -54,11 +66,15 @@ def test_without_masks_gives_image_metrics_only(tmp_path, synthetic_root, run):
     data = tmp_path / "data"
     shutil.copytree(synthetic_root / "bottle", data / "bottle", ignore=shutil.ignore_patterns("ground_truth"))
     result = run("anomaly_detector.py", "--data-dir", data, "--model-name", "offline-vit-tiny", "--num-threads", "1",
-                 "--overlays", "0", cwd=tmp_path)
+                 "--overlays", "0", "--threshold-from", "good", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("image metrics only") == 1
     rows = list(csv.DictReader(open(tmp_path / "resultats" / "detector_results.csv", encoding="utf-8")))
     assert rows[0]["image_auroc"] and rows[0].get("pixel_auroc", "") == ""
+    # the good-only rule: no defect used, every official test image evaluated
+    assert int(rows[0]["n_test"]) == 60 and int(rows[0]["n_threshold_defective"]) == 0
+    assert int(rows[0]["n_holdout_good"]) == int(rows[0]["n_threshold_good"]) == 6
+    assert "highest score of 6 held-out good images" in result.stdout
 
 
 @pytest.mark.parametrize("remove, message", [("train/good", "fitted on good training parts only"),

@@ -37,27 +37,73 @@ def test_threshold_maximises_balanced_accuracy_on_val():
     assert lt.choose_threshold([0.1, 0.9], [0, 0]) == 0.5       # one class: the usual 0.5
     # perfectly separated: the tie is broken towards 0.5, not an extreme
     assert lt.choose_threshold([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 0.5
+    # scores with no natural middle (patch distances): the midpoint of the gap, and no default without both classes
+    assert lt.choose_threshold([0.1, 0.3, 0.35, 0.9], [0, 0, 1, 1], neutral=None) == pytest.approx(0.325)
+    assert lt.choose_threshold([1.0, 2.0, 3.0, 7.0, 8.0], [0, 0, 0, 1, 1], neutral=None) == pytest.approx(5.0)
+    with pytest.raises(ValueError):
+        lt.choose_threshold([0.1, 0.2], [0, 0], neutral=None)
 
 
-def test_one_guard_for_conversions_and_quantizations():
+def _logits(decisions):
+    decisions = np.asarray(decisions, dtype=float)
+    return np.stack([1.0 - decisions, decisions], 1)
+
+
+def test_one_guard_on_train_val_decisions_without_labels():
+    ref = np.array([0] * 100 + [1] * 100)          # the reference's decisions on 200 train + val images
+    one_moved = ref.copy()
+    one_moved[0] = 1
+    conv = lt.judge_selection(lt.CONVERSION, _logits(ref), _logits(one_moved))
+    quant = lt.judge_selection(lt.QUANTIZATION, _logits(ref), _logits(one_moved))
+    assert conv["agreement"] == quant["agreement"] == pytest.approx(0.995) and conv["changed"] == 1
+    assert conv["passed"] and quant["passed"] and conv["split"] == lt.SELECTION_SPLIT == "train+val"
+    three_moved = one_moved.copy()
+    three_moved[-2:] = 0
+    assert not lt.judge_selection(lt.CONVERSION, _logits(ref), _logits(three_moved))["passed"]  # 98.5 % < 99.5 %
+    assert not lt.judge_selection(lt.DISTILLATION, _logits(ref), _logits(three_moved))["passed"]  # < 99 %
+    two_moved = one_moved.copy()
+    two_moved[-1] = 0
+    judged = lt.judge_selection(lt.QUANTIZATION, _logits(ref), _logits(two_moved), reference="ort-fp32")
+    assert judged["passed"] and "PASS (quantization): 198 of 200 train+val decisions identical to ort-fp32" in \
+        lt.describe_guard(judged)
+    # a student with its own threshold: each model's decisions at its threshold
+    scores = np.linspace(0.05, 0.95, 200)
+    student = np.log(np.stack([1 - scores, scores], 1))
+    teacher = np.log(np.stack([1 - (scores + 0.1) / 1.2, (scores + 0.1) / 1.2], 1))
+    assert lt.judge_selection(lt.DISTILLATION, teacher, student, threshold=0.5,
+                              reference_threshold=0.6 / 1.2)["agreement"] > lt.judge_selection(
+        lt.DISTILLATION, teacher, student, threshold=0.5, reference_threshold=0.3)["agreement"]
+    with pytest.raises(ValueError):
+        lt.judge_selection("other", _logits(ref), _logits(ref))
+    with pytest.raises(ValueError):
+        lt.judge_selection(lt.CONVERSION, _logits(ref), _logits(ref[:10]))
+    assert not lt.judge_selection(lt.CONVERSION, _logits([]).reshape(0, 2), _logits([]).reshape(0, 2))["passed"]
+
+
+def test_test_report_counts_flips_and_mcnemar():
     labels = np.array([0] * 60 + [1] * 60)
     ref = labels.copy()
     ref[:3] = 1  # the reference is wrong on 3 images
     one_fixed = ref.copy()
     one_fixed[0] = 0  # a variant that fixes one of them
-    conv = lt.judge_variant(lt.CONVERSION, ref, one_fixed, labels)
-    quant = lt.judge_variant(lt.QUANTIZATION, ref, one_fixed, labels)
-    assert conv["flips"] == quant["flips"] == 1 and conv["anomaly_to_good"] == 1 and conv["flips_to_right"] == 1
-    assert not conv["passed"]   # a conversion must not change predictions
-    assert quant["passed"]      # a quantization may, when accuracy does not drop by 1 pt or more
+    cmp = lt.compare_logits(_logits(ref), _logits(one_fixed), labels)
+    assert cmp["flips"] == 1 and cmp["anomaly_to_good"] == 1 and cmp["flips_to_right"] == 1
+    assert "passed" not in cmp  # a report: no verdict is taken on test
     two_broken = labels.copy()
     two_broken[-2:] = 0
-    worse = lt.judge_variant(lt.QUANTIZATION, labels, two_broken, labels)
-    assert worse["accuracy_diff_pt"] == pytest.approx(-200 / 120) and not worse["passed"]
-    assert worse["mcnemar_p"] == pytest.approx(0.5)
+    worse = lt.compare_logits(_logits(labels), _logits(two_broken), labels)
+    assert worse["accuracy_diff_pt"] == pytest.approx(-200 / 120) and worse["mcnemar_p"] == pytest.approx(0.5)
     assert "2 of 120 predictions flipped" in lt.describe_flips(worse)
-    with pytest.raises(ValueError):
-        lt.judge_variant("other", ref, ref, labels)
+
+
+def test_a_variant_passes_only_when_every_guard_of_its_lineage_does():
+    assert lt.variant_passes(None) and lt.variant_passes(True, None, True)
+    assert not lt.variant_passes(True, False) and not lt.variant_passes(None, False)
+    columns = lt.guard_columns(lt.judge_selection(lt.QUANTIZATION, _logits([0, 1]), _logits([0, 1])),
+                               lt.compare_logits(_logits([0, 1]), _logits([1, 1]), [0, 1]))
+    assert columns["guard_split"] == "train+val" and columns["guard_images"] == 2 and columns["guard_passed"]
+    assert columns["flips"] == 1 and columns["agreement"] == 0.5  # the test report sits beside the guard
+    assert set(columns) <= set(lt.RESULT_COLUMNS) and lt.guard_columns(None, None)["guard_passed"] == ""
 
 
 def test_metrics_use_the_threshold_and_give_an_interval():

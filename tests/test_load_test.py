@@ -30,8 +30,9 @@ def test_load_test_on_the_inference_server(run, score_url, synthetic_root, tmp_p
     assert [int(r["concurrency"]) for r in rows] == [1, 2]
     for r in rows:
         assert int(r["requests"]) == 10 and int(r["errors"]) == 0 and float(r["error_rate"]) == 0
-        p50, p95, p99 = (float(r[k]) for k in ("latency_median_ms", "latency_p95_ms", "latency_p99_ms"))
-        assert 0 < p50 <= p95 <= p99 and float(r["throughput_req_s"]) > 0 and float(r["duration_s"]) > 0
+        p50, p95, top = (float(r[k]) for k in ("latency_median_ms", "latency_p95_ms", "latency_max_ms"))
+        assert r["latency_p99_ms"] == ""  # 10 requests: no p99, the slowest is latency_max_ms
+        assert 0 < p50 <= p95 <= top and float(r["throughput_req_s"]) > 0 and float(r["duration_s"]) > 0
         assert r["variant"] == "ort-fp32-test" and r["run_id"] and r["stopped_by"] == "requests"
     assert (tmp_path / "resultats" / "load_test.png").stat().st_size > 10_000
     assert "latency_p95_ms" in res.stdout

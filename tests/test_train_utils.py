@@ -47,7 +47,10 @@ def test_benchmark_reports_percentiles_and_throughput():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
     stats = tu.benchmark_torch_model(model, torch.randn(4, 3, 8, 8), warmup=2, runs=20)
     assert stats["runs"] == 20 and stats["batch_size"] == 4 and stats["threads"] >= 1
-    assert 0 < stats["latency_median_ms"] <= stats["latency_p95_ms"] <= stats["latency_p99_ms"]
+    assert 0 < stats["latency_median_ms"] <= stats["latency_p95_ms"] <= stats["latency_max_ms"]
+    assert stats["latency_p99_ms"] is None  # 20 runs: a "p99" would be the slowest one, latency_max_ms says it
+    stats = tu.benchmark_torch_model(model, torch.randn(4, 3, 8, 8), warmup=0, runs=100)
+    assert stats["latency_p95_ms"] <= stats["latency_p99_ms"] <= stats["latency_max_ms"]
     assert stats["throughput_img_s"] == pytest.approx(4000 / stats["latency_median_ms"])
     assert lab_targets.cost_per_1000_images(3.6, latency_ms_per_batch=100, batch_size=1) == pytest.approx(0.1)
 
@@ -137,3 +140,22 @@ def test_run_ids_of_runs_started_in_the_same_second_differ(tmp_path):
     for rid in ids[:2]:
         lab_io.append_csv_rows(path, [{"run_id": rid, "variant": "x"}])
     assert [len(lab_io.read_csv_rows(path, rid)) for rid in ids[:2]] == [1, 1]
+
+
+def test_selection_images_are_train_then_val_in_one_order_and_never_augmented(synthetic_root):
+    """The guards compare two models on the same images in the same order: train + val, never shuffled or augmented,
+    never the test split."""
+    from mvtec_dataset import selection_loader
+
+    split, _ = prepare_split(synthetic_root, "bottle")
+    pre = load_pretrained("offline-vit-tiny")[1]
+    loaders = make_loaders(synthetic_root, "bottle", split, pre, batch_size=8, names=("train", "val"), augment="none")
+    chosen_on = selection_loader(loaders, batch_size=8)
+    assert len(chosen_on.dataset) == len(split["train"]) + len(split["val"])
+    first, second = (torch.cat([x for x, _ in chosen_on]) for _ in range(2))
+    assert torch.equal(first, second)  # the train loader shuffles; the selection loader does not
+    labels = torch.cat([y for _, y in chosen_on]).tolist()
+    assert labels == [s.label for name in ("train", "val") for s in split[name]]
+    augmented = make_loaders(synthetic_root, "bottle", split, pre, batch_size=8, names=("train", "val"))
+    with pytest.raises(ValueError):
+        selection_loader(augmented)
