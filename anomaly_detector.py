@@ -69,12 +69,12 @@ def official_split(data_dir, category: str) -> dict:
     return {"train": image_files(good), "test": test, "has_masks": has_masks, "root": root}
 
 
-def validation_images(args, root: Path) -> list[tuple]:
+def validation_images(args, root: Path, classifier: dict | None) -> list[tuple]:
     """The validation split of the lab's split as official_split's test tuples (path, label, defect type, mask):
-    the one of --compare-checkpoint (the classifier's), else mvtec_dataset.prepare_split with --split-seed (the split
+    the one of the --compare-checkpoint `classifier`, else mvtec_dataset.prepare_split with --split-seed (the split
     benchmark_gpu.py makes with the same seed)."""
-    if args.compare_checkpoint:
-        samples = split_from_manifest(read_checkpoint(args.compare_checkpoint, args.category)["split"])["val"]
+    if classifier is not None:
+        samples = split_from_manifest(classifier["split"])["val"]
     else:
         samples = prepare_split(args.data_dir, args.category, args.split_seed)[0]["val"]
     val = [(root / s.path, s.label, s.defect_type, root / s.mask_path if s.mask_path else None) for s in samples]
@@ -513,6 +513,10 @@ def evaluate(args, rid: str | None = None) -> dict:
     threads = set_threads(args.num_threads)
     set_seed(args.seed)
     split = official_split(args.data_dir, args.category)
+    classifier = read_checkpoint(args.compare_checkpoint, args.category) if args.compare_checkpoint else None
+    if classifier is not None and classifier.get("quantization"):  # fail now, not after the fit
+        raise UserError(f"{args.compare_checkpoint} is an int8 checkpoint: --compare-checkpoint needs the fp32 one "
+                        f"(e.g. modeles/model_cpu_{args.category}.pth).")
     model, pre, model_name = load_backbone(args.model_name, args.seed)
     patch = int(getattr(model.config, "patch_size", 16))
     side = args.image_size or default_image_size(model_name, pre, patch)
@@ -530,7 +534,7 @@ def evaluate(args, rid: str | None = None) -> dict:
 
     # 1. fit: good training images; the threshold from the validation images or a held-out share of good ones
     if args.threshold_from == "val":
-        val = validation_images(args, split["root"])
+        val = validation_images(args, split["root"], classifier)
         kept_out = {t[0] for t in val}
         train = [p for p in split["train"] if p not in kept_out]
         split["test"] = [t for t in split["test"] if t[0] not in kept_out]

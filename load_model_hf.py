@@ -217,7 +217,7 @@ def model_skeleton(ckpt: dict, path: str | Path = "checkpoint"):
 def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint"):
     """Rebuild the Hugging Face model from the config stored in a checkpoint, offline, and load its weights."""
     if ckpt.get("quantization"):
-        raise UserError(f"{path} holds an int8 model: load it with quantization_demo.load_quantized_checkpoint "
+        raise UserError(f"{path} holds an int8 model: load it with quantize.load_quantized_checkpoint "
                         f"(or pass the fp32 checkpoint, e.g. model_cpu_<category>.pth).")
     model = model_skeleton(ckpt, path)
     missing, unexpected = _compare_keys(model.state_dict(), ckpt["state_dict"])

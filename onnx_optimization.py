@@ -237,21 +237,27 @@ def ranked_linear_nodes(src: Path, model, train) -> tuple[list[str], dict[str, l
     return sorted(names, key=lambda n: -sensitivity[n]), nodes
 
 
-def agreement_images(model, datasets: dict, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def agreement_images(model, datasets: dict, threshold: float,
+                     reference_logits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train + val images as one float32 array, the fp32 model's decisions on them at `threshold`): what every
-    mixed-precision candidate is compared with (no label)."""
+    mixed-precision candidate is compared with (no label). `reference_logits`: the fp32 logits of these images in
+    this order (the guard's, mvtec_dataset.selection_loader) when the caller has them already."""
     images = np.stack([ds[i][0].numpy() for ds in (datasets["train"], datasets["val"]) for i in range(len(ds))])
-    with torch.inference_mode():
-        logits = [model_logits(model.eval(), torch.from_numpy(images[i:i + 16])).float().numpy()
-                  for i in range(0, len(images), 16)]
-    return images, predict_labels(np.concatenate(logits), threshold)
+    if reference_logits is None:
+        with torch.inference_mode():
+            reference_logits = np.concatenate([model_logits(model.eval(), torch.from_numpy(images[i:i + 16]))
+                                               .float().numpy() for i in range(0, len(images), 16)])
+    if len(reference_logits) != len(images):
+        raise ValueError(f"{len(reference_logits)} reference logits for {len(images)} train + val images")
+    return images, predict_labels(reference_logits, threshold)
 
 
-def mixed_precision_basis(src: Path, model, datasets: dict, threshold: float) -> dict:
+def mixed_precision_basis(src: Path, model, datasets: dict, threshold: float,
+                          reference_logits: np.ndarray | None = None) -> dict:
     """What the ORT and OpenVINO mixed precision both start from, computed once: the ranked layers and their nodes
     (ranked_linear_nodes), the train + val images and the fp32 decisions on them (agreement_images)."""
     order, nodes = ranked_linear_nodes(src, model, datasets["train"])
-    images, reference = agreement_images(model, datasets, threshold)
+    images, reference = agreement_images(model, datasets, threshold, reference_logits)
     return {"order": order, "nodes": nodes, "images": images, "reference": reference}
 
 
@@ -565,6 +571,10 @@ def main(argv=None) -> int:
     loader = loaders["test"]
     dataset = loader.dataset
     models_dir = Path(args.models_dir)
+    # the fp32 decisions on train + val, once: every guard and both mixed-precision rules compare with them
+    threshold = checkpoint_threshold(ckpt)
+    selection = selection_loader(loaders, args.batch_size)
+    ref_selection, _ = predict_logits(model, selection, "cpu", desc=f"PyTorch fp32 {SELECTION_SPLIT}")
     print(f"checkpoint {ckpt_path} ({ckpt['model_name']}, {ckpt['model_type']}), category '{args.category}', "
           f"test split {len(dataset)} images; threads: ORT {threads_ort or 'ORT default'}, torch {threads_torch}")
 
@@ -586,16 +596,16 @@ def main(argv=None) -> int:
         print(f"note: transformer fusion skipped: {fusion['reason']}")
     # the train + val images and one ranking of the layers: the mixed precision of ORT and OpenVINO int8
     train_val = {n: loaders[n].dataset for n in ("train", "val")}
-    basis = None
+    basis = None if args.no_int8 and args.no_openvino else \
+        mixed_precision_basis(files["ort-fp32"], model, train_val, threshold, ref_selection)
     if not args.no_int8:
         # int8 of the plain export: measured fastest on AVX2 (quantizing the fused graph was not faster).
         quantize_onnx_int8(files["ort-fp32"], models_dir / FILES["ort-int8-dynamic"], overwrite=args.overwrite)
         files["ort-int8-dynamic"] = models_dir / FILES["ort-int8-dynamic"]
         print(f"dynamic int8 (QInt8 weights) -> {files['ort-int8-dynamic']}")
         files["ort-int8-mixed"] = models_dir / FILES["ort-int8-mixed"]
-        basis = mixed_precision_basis(files["ort-fp32"], model, train_val, checkpoint_threshold(ckpt))
         mixed = quantize_onnx_int8_mixed(files["ort-fp32"], files["ort-int8-mixed"], model, train_val,
-                                         checkpoint_threshold(ckpt), overwrite=args.overwrite,
+                                         threshold, overwrite=args.overwrite,
                                          runner_threads=threads_ort, basis=basis)
         tried = ", ".join(f"{k} fp32: {a * 100:.1f} %" for k, a in mixed["tried"])
         print(f"dynamic int8, mixed precision: decisions agreeing with fp32 on {mixed['agreement_images']} train+val "
@@ -604,16 +614,13 @@ def main(argv=None) -> int:
     # variant -> (file, engine, OpenVINO precision hint)
     specs = {name: (path, ENGINE_ORT, "f32") for name, path in files.items()}
     if not args.no_openvino:
-        specs.update(openvino_variants(files["ort-fp32"], models_dir, model, train_val, checkpoint_threshold(ckpt),
+        specs.update(openvino_variants(files["ort-fp32"], models_dir, model, train_val, threshold,
                                        args.calibration_images, args.overwrite, basis=basis))
 
     # 2. Decisions on train + val (the guards, no label) and on the whole test split (the report), PyTorch fp32 as
     # the reference
-    threshold = checkpoint_threshold(ckpt)
     print(f"decision threshold on P(anomaly): {threshold:.3f} ({ckpt.get('threshold_rule', 'argmax')}), the same "
           f"for every variant")
-    selection = selection_loader(loaders, args.batch_size)
-    ref_selection, _ = predict_logits(model, selection, "cpu", desc=f"PyTorch fp32 {SELECTION_SPLIT}")
     ref_logits, labels = predict_logits(model, loader, "cpu", desc="PyTorch fp32 test")
     variants = [{"variant": "pytorch-fp32", "backend": "pytorch", "precision": "fp32", "file": str(ckpt_path),
                  "size_mb": size_on_disk_mb(ckpt_path), "logits": ref_logits, "judged": None, "test": None}]
