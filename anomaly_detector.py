@@ -24,7 +24,6 @@ in modeles/detector_<category>.safetensors (bank + configuration, no pickle).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -34,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lab_io import (UserError, append_csv_rows, atomic_write, cpu_name, environment_columns, format_table,
-                    keep_previous, run_cli, run_id, save_figure, size_on_disk_mb)
+from lab_io import (ArgumentParser, UserError, append_csv_rows, atomic_write, cpu_name, environment_columns,
+                    format_table, keep_previous, positive_int, run_cli, run_id, save_figure, size_on_disk_mb)
 from lab_targets import DETECTOR_GOOD_THRESHOLD_RULE, DETECTOR_THRESHOLD_RULE, choose_threshold
 from load_model_hf import HUB_PRESETS, OFFLINE_PRESETS, load_checkpoint, load_pretrained, read_checkpoint
 from inference import DETECTOR_FORMAT, IMAGE_SCORE_TOP, MAP_SIZE, SIGMA_PATCHES, NearestPatches, anomaly_maps, \
@@ -448,9 +447,9 @@ def compare_with_classifier(checkpoint: str, test: list, scores: np.ndarray, thr
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     presets = ", ".join([*HUB_PRESETS, *OFFLINE_PRESETS])
-    p = argparse.ArgumentParser(description="Fit a good-only patch detector (memory bank of ViT patch features) on "
-                                            "train/good and evaluate it on the official MVTec AD test split: image "
-                                            "and pixel AUROC, ROC curves, overlays, saved detector.")
+    p = ArgumentParser(description="Fit a good-only patch detector (memory bank of ViT patch features) on "
+                                   "train/good and evaluate it on the official MVTec AD test split: image "
+                                   "and pixel AUROC, ROC curves, overlays, saved detector.")
     p.add_argument("--category", default="bottle", help="MVTec AD category (default: bottle)")
     p.add_argument("--data-dir", default="./data/mvtec", help="folder holding the category folders")
     p.add_argument("--model-name", default="vit-base",
@@ -466,7 +465,7 @@ def parse_args(argv=None):
     p.add_argument("--score-top", type=float, default=IMAGE_SCORE_TOP,
                    help="image score = mean of this share of the largest patch distances (default 0.01 = the top "
                         "1 %%, at least one patch; 0 = the largest alone)")
-    p.add_argument("--max-bank", type=int, default=20000, help="at most this many patches in the bank (20000)")
+    p.add_argument("--max-bank", type=positive_int, default=20000, help="at most this many patches in the bank (20000)")
     p.add_argument("--threshold-from", choices=("val", "good"), default="val",
                    help="val (default): best balanced accuracy on the validation split of the lab's split (good and "
                         "defective images, kept out of the bank and of the test images); good: highest score of good "
@@ -480,12 +479,12 @@ def parse_args(argv=None):
     p.add_argument("--engine", choices=ENGINES, default="openvino",
                    help="runs the backbone: torch, openvino (fp32, its ONNX export; the default: same features, "
                         "faster) or openvino-int8 (NNCF, calibrated on good training images)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--compare-checkpoint", default=None, metavar="PTH",
                    help="also evaluate this supervised classifier (e.g. modeles/model_cpu_<category>.pth) and the "
                         "detector on the images neither trained on: its test split within MVTec's test/ folders")
     p.add_argument("--overlays", type=int, default=3, help="overlay PNGs per test folder (default 3; 0 = none)")
-    p.add_argument("--num-threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's)")
+    p.add_argument("--num-threads", type=positive_int, default=None, help="PyTorch CPU threads (default: PyTorch's)")
     p.add_argument("--models-dir", default="modeles", help="where the detector is saved (default: modeles)")
     p.add_argument("--results-dir", default="resultats", help="CSV, ROC curves and overlays (default: resultats)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the coreset (default 0)")
@@ -493,9 +492,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.coreset <= 1 or not 0 < args.holdout < 1 or not 0 <= args.score_top < 1:
         raise UserError("--coreset must be in (0, 1], --holdout in (0, 1) and --score-top in [0, 1).")
-    for name in ("max_bank", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1.")
     if args.overlays < 0:
         raise UserError("--overlays must be >= 0.")
     return args

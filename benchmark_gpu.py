@@ -11,7 +11,6 @@ resultats/benchmark_cpu_gpu.csv (one row per device, appended) and resultats/ben
 """
 from __future__ import annotations
 
-import argparse
 import math
 import textwrap
 from pathlib import Path
@@ -19,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab_io import (UserError, append_csv_rows, environment_columns, format_table, run_cli, run_id, save_figure,
-                    size_on_disk_mb)
+from lab_io import (ArgumentParser, UserError, append_csv_rows, environment_columns, format_table, positive_int,
+                    run_cli, run_id, save_figure, size_on_disk_mb)
 from lab_targets import (CPU_PRICE, CPU_VM, GPU_PRICE, GPU_VM, LAB_EPOCHS, PRICE_NOTE, cost_per_1000_images,
                          format_accuracy)
 from load_model_hf import HUB_PRESETS, OFFLINE_PRESETS, load_pretrained, save_checkpoint
@@ -33,7 +32,7 @@ NO_GPU = "no CUDA/MPS GPU found: GPU part not measured"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Fine-tune the same model from the same initial weights on CPU and GPU, then compare training "
                     "time, inference latency/throughput, test metrics and cloud cost.",
         epilog=f"Default prices: CPU = {CPU_VM} at {CPU_PRICE} USD/h, GPU = {GPU_VM} at {GPU_PRICE} USD/h "
@@ -47,10 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--devices", default="cpu,gpu",
                    help="comma-separated devices to run: cpu, gpu (= cuda, or mps on Apple), cuda, mps "
                         "(default: cpu,gpu; a missing GPU is then reported as not measured)")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"training epochs (default: {LAB_EPOCHS} for a pretrained model, {OFFLINE_DEFAULT_EPOCHS} "
                         "for the random-init offline presets)")
-    p.add_argument("--batch-size", type=int, default=16, help="training / evaluation batch size (default: 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="training / evaluation batch size (default: 16)")
     p.add_argument("--lr", type=float, default=None,
                    help="AdamW learning rate of the top block (default: 1e-6 for a pretrained model, with layer-wise "
                         "decay 0.75 below it; 1e-3 for offline presets)")
@@ -60,11 +59,12 @@ def parse_args(argv=None):
                         "'full' = all, or a number (default: auto)")
     p.add_argument("--seed", type=int, default=42, help="seed of the split, the initial head and the shuffling "
                    "(default: 42)")
-    p.add_argument("--num-threads", type=int, default=None, help="PyTorch CPU threads (default: torch's default)")
-    p.add_argument("--bench-batch-size", type=int, default=8, help="batch size of the throughput measurement "
+    p.add_argument("--num-threads", type=positive_int, default=None,
+                   help="PyTorch CPU threads (default: torch's default)")
+    p.add_argument("--bench-batch-size", type=positive_int, default=8, help="batch size of the throughput measurement "
                    "(default: 8); latency is measured at batch 1")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs before each measurement (default: 5)")
-    p.add_argument("--runs", type=int, default=30, help="timed runs per measurement (default: 30)")
+    p.add_argument("--runs", type=positive_int, default=30, help="timed runs per measurement (default: 30)")
     p.add_argument("--max-bench-seconds", type=float, default=60.0,
                    help="stop a measurement early after this many seconds, once 5 runs are done (default: 60)")
     p.add_argument("--cpu-price-per-hour", type=float, default=CPU_PRICE,
@@ -76,10 +76,6 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="replace earlier checkpoints / plot instead of keeping them with a timestamp")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "bench_batch_size", "runs", "num_threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1.")
     if args.depth not in ("auto", "full") and not (args.depth.isdigit() and int(args.depth) >= 1):
         raise UserError(f"--depth takes auto, full or a number of blocks >= 1, not {args.depth!r}.")
     if args.warmup < 0 or args.max_bench_seconds <= 0 or (args.lr is not None and args.lr <= 0):

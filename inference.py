@@ -58,10 +58,27 @@ class ImageError(ValueError):
         self.too_large = too_large
 
 
+DEFAULT_MAX_PIXELS = 25_000_000          # per image: a 6000x4000 camera frame; MVTec's largest is 1024x1024
+DEFAULT_MAX_REQUEST_PIXELS = 64_000_000  # per request (score.py) or batch: decoded one image at a time anyway
+# The most memory one decode takes: an RGBA image at the limit holds its 4 bytes/pixel, the RGB background (3) and
+# the alpha mask (1) at once: 8 x 25e6 = 200 MB on top of the server's ~250 MB.
+
+
+def image_header(source, what: str | None = None, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) read from the image's header, nothing decoded: lets a caller refuse a request whose images
+    are too large in total before decoding any. Raises ImageError as load_rgb does."""
+    return _open_checked(source, what, max_pixels, decode=False)
+
+
 def load_rgb(source, what: str | None = None, max_pixels: int | None = None) -> Image.Image:
     """A path or bytes -> 3-channel RGB PIL image. Grayscale and palette images are converted, transparency is
     composited on black, 16-bit images are scaled to 8 bits (not clipped to white). Raises ImageError naming
-    `what` (default: the path) for an empty, broken, unknown or too large (> max_pixels) image."""
+    `what` (default: the path) for an empty, broken, unknown or too large (> max_pixels) image. At most one copy
+    of the decoded pixels is made besides the RGB result (none for an RGB file)."""
+    return _open_checked(source, what, max_pixels, decode=True)
+
+
+def _open_checked(source, what, max_pixels, decode: bool):
     what = what or str(source if not isinstance(source, (bytes, bytearray)) else "the image")
     if isinstance(source, (bytes, bytearray)):
         if not source:
@@ -72,6 +89,8 @@ def load_rgb(source, what: str | None = None, max_pixels: int | None = None) -> 
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ImageError(f"{what} is {img.width}x{img.height} pixels, more than the limit of {max_pixels} "
                                  "pixels", too_large=True)
+            if not decode:
+                return img.size
             img.load()
             return _to_rgb(img)
     except Image.DecompressionBombError as exc:
@@ -88,22 +107,33 @@ def load_rgb(source, what: str | None = None, max_pixels: int | None = None) -> 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16/32-bit grayscale: scale, don't clip
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+        img = _wide_gray_to_l(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (0, 0, 0))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _wide_gray_to_l(img: Image.Image, rows: int = 256) -> Image.Image:
+    """16/32-bit grayscale -> 8-bit "L", scaled (65535 or, for wider values, 255 = white), a band of rows at a
+    time: a float64 copy of a whole 25 Mpx frame would take 200 MB."""
+    arr = np.asarray(img)
+    top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+    out = np.empty(arr.shape, np.uint8)
+    for i in range(0, arr.shape[0], rows):
+        band = arr[i:i + rows].astype(np.float64)
+        out[i:i + rows] = np.clip(np.rint(band * (255.0 / top)), 0, 255)
+    return Image.fromarray(out)  # uint8 [H, W]: mode "L"
 
 
 def resize_uint8(img: Image.Image, preprocessing: dict) -> np.ndarray:
     """RGB PIL image -> uint8 [3, H, W] at the model's input size. The whole image is resized (bilinear), not
     cropped: a defect near the border must stay visible."""
     height, width = preprocessing["image_size"]
-    arr = np.asarray(img.convert("RGB").resize((width, height), Image.BILINEAR), dtype=np.uint8)
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    arr = np.asarray(rgb.resize((width, height), Image.BILINEAR), dtype=np.uint8)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 

@@ -1,11 +1,14 @@
-"""Plain input/output of the lab, without torch: errors and the CLI wrapper, files written atomically and never lost,
-CSV rows, printed tables, file hashes, the machine's description and the timed loop of every benchmark.
+"""Plain input/output of the lab, without torch: errors, the CLI wrapper and its argument parser, files written
+atomically and never lost, CSV rows (locked: concurrent runs keep every row), printed tables, file hashes, the
+machine's description and the timed loop of every benchmark.
 
 The serving and client side (score.py, load_test.py, deploy_azure.py, predict.py) stands on this module and
 inference.py only, so that it starts in well under a second and needs no PyTorch.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import csv
 import datetime as _dt
 import hashlib
@@ -13,6 +16,7 @@ import io
 import math
 import os
 import platform
+import re
 import secrets
 import sys
 import tempfile
@@ -55,6 +59,26 @@ def run_cli(main: Callable[[], int | None]) -> None:
               file=sys.stderr)
         sys.exit(1)
     sys.exit(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the lab's one-line errors: a bad argument raises UserError, which run_cli prints as
+    "error: --num-threads must be >= 1, not 0" with exit code 2, like every other user error (--help shows usage)."""
+
+    def error(self, message):
+        # argparse words it "argument --num-threads: must be ...": drop the prefix, as the scripts' own checks read
+        raise UserError(re.sub(r"^argument (\S+): ", r"\1 ", message))
+
+
+def positive_int(text: str) -> int:
+    """argparse type of every count that must be >= 1 (--num-threads, --batch-size, --runs...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,8 +136,34 @@ def save_figure(fig, path: str | Path, overwrite: bool = False) -> Path:
     return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
 
 
+CSV_LOCK_TIMEOUT_S = 60.0  # a writer holds a CSV's lock for one read-merge-replace (milliseconds): longer = stuck
+
+
+@contextlib.contextmanager
+def csv_lock(path: str | Path, timeout: float | None = None):
+    """Hold `<path>.lock` around a read-merge-replace of the CSV `path`, so that runs writing to one CSV at the same
+    time never drop each other's rows. A separate lock file, not the CSV itself: the CSV is replaced by a rename
+    (atomic_write), which Windows refuses on a locked file. An OS lock (filelock), released when the process dies."""
+    from filelock import FileLock, Timeout
+
+    lock_path = Path(f"{path}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    timeout = CSV_LOCK_TIMEOUT_S if timeout is None else timeout
+    lock = FileLock(lock_path, timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"{lock_path} was held by another process for more than {timeout:g} s (a run writing to "
+                        f"{Path(path).name}): wait for it to finish or stop it, then run again.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def append_csv_rows(path: str | Path, rows: Iterable[dict]) -> Path:
-    """Append result rows to a CSV (header = union of the columns seen so far); earlier rows are kept.
+    """Append result rows to a CSV (header = union of the columns seen so far); earlier rows are kept, also those
+    another process appends at the same time (csv_lock).
 
     Every column must be one of lab_targets.RESULT_COLUMNS (one schema: names, units, signs, for every CSV)."""
     from lab_targets import check_result_columns
@@ -122,24 +172,25 @@ def append_csv_rows(path: str | Path, rows: Iterable[dict]) -> Path:
     rows = list(rows)
     for row in rows:
         check_result_columns(row)
-    old_rows: list[dict] = []
-    columns: list[str] = []
-    if path.exists():
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = list(reader.fieldnames or [])
-            old_rows = list(reader)
-    for row in rows:
-        columns += [k for k in row if k not in columns]
+    with csv_lock(path):
+        old_rows: list[dict] = []
+        columns: list[str] = []
+        if path.exists():
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                columns = list(reader.fieldnames or [])
+                old_rows = list(reader)
+        for row in rows:
+            columns += [k for k in row if k not in columns]
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(old_rows)
-            writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=columns, restval="")
+                writer.writeheader()
+                writer.writerows(old_rows)
+                writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
 
-    return atomic_write(path, write)
+        return atomic_write(path, write)
 
 
 def read_csv_rows(path: str | Path, run_id_: str | None = None) -> list[dict]:

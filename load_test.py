@@ -32,14 +32,15 @@ import requests
 from tqdm.auto import tqdm
 
 from inference import IMAGE_EXTENSIONS, is_image_file
-from lab_io import UserError, append_csv_rows, format_table, latency_columns, run_cli, run_id, save_figure
+from lab_io import (ArgumentParser, UserError, append_csv_rows, format_table, latency_columns, positive_int, run_cli,
+                    run_id, save_figure)
 
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:5001/score", help="scoring URL (POST)")
     p.add_argument("--key", default=os.environ.get("AZUREML_ENDPOINT_KEY"),
                    help="endpoint key, sent as 'Authorization: Bearer KEY' (default: $AZUREML_ENDPOINT_KEY)")
@@ -51,12 +52,13 @@ def parse_args(argv=None):
     p.add_argument("--category", default="bottle", help="MVTec category, used when --images is not given")
     p.add_argument("--synthetic", action="store_true",
                    help="send images of a small generated MVTec-like tree instead (no dataset needed)")
-    p.add_argument("--max-images", type=int, default=64, help="use at most this many different images")
+    p.add_argument("--max-images", type=positive_int, default=64, help="use at most this many different images")
     p.add_argument("--mode", choices=("raw", "json"), default="raw",
                    help="raw: image bytes with Content-Type image/png|jpeg; json: {\"images\": [base64, ...]}")
-    p.add_argument("--images-per-request", type=int, default=1, help="images per request (json mode)")
+    p.add_argument("--images-per-request", type=positive_int, default=1, help="images per request (json mode)")
     p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated numbers of concurrent clients")
-    p.add_argument("--requests-per-level", type=int, default=50, help="requests sent at each concurrency level")
+    p.add_argument("--requests-per-level", type=positive_int, default=50,
+                   help="requests sent at each concurrency level")
     p.add_argument("--max-seconds-per-level", type=float, default=30.0,
                    help="stop sending new requests at a level after this many seconds")
     p.add_argument("--timeout", type=float, default=30.0, help="timeout of one request, in seconds")
@@ -67,9 +69,6 @@ def parse_args(argv=None):
     args.levels = parse_levels(args.concurrency)
     if urlsplit(args.url).scheme not in ("http", "https") or not urlsplit(args.url).hostname:
         raise UserError(f"--url {args.url!r} must be an http:// or https:// URL, e.g. http://127.0.0.1:5001/score")
-    for flag in ("max_images", "images_per_request", "requests_per_level"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1.")
     if args.max_seconds_per_level <= 0 or args.timeout <= 0 or args.warmup < 0:
         raise UserError("--max-seconds-per-level and --timeout must be > 0, --warmup >= 0.")
     if args.mode == "raw" and args.images_per_request != 1:

@@ -18,7 +18,6 @@ Outputs: resultats/onnx_results.csv (one row per variant), resultats/onnx_compar
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -33,8 +32,9 @@ import torch
 from inference import (ENGINE_ORT, ENGINE_OV, FINAL_ONNX, INPUT_NAME, OUTPUT_NAME, Runner, benchmark_runner,
                        cpu_supports, final_path, make_session, onnx_opset, ort_threads, runner_predict_logits,
                        save_final, write_sidecar)
-from lab_io import (UserError, append_csv_rows, atomic_write, cpu_flags, cpu_name, environment_columns, format_table,
-                    keep_previous, run_cli, run_id, save_figure, size_on_disk_mb)
+from lab_io import (ArgumentParser, UserError, append_csv_rows, atomic_write, cpu_flags, cpu_name,
+                    environment_columns, format_table, keep_previous, positive_int, run_cli, run_id, save_figure,
+                    size_on_disk_mb)
 from lab_targets import (CPU_PRICE, CPU_VM, SELECTION_SPLIT, choose_deployable, compare_logits, describe_flips,
                          describe_guard, format_accuracy, guard_columns, guard_kind, judge_selection,
                          measured_columns, predict_labels, recommend, variant_passes)
@@ -510,9 +510,9 @@ def result_rows(variants, *, args, rid, ckpt, ckpt_path, export_info, threads_to
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Export the fine-tuned model to ONNX, optimise it for ONNX Runtime "
-                                                 "(fp32, transformer fusion, dynamic int8), check parity with PyTorch "
-                                                 "on the saved test split, benchmark, save modeles/model_final.onnx.")
+    parser = ArgumentParser(description="Export the fine-tuned model to ONNX, optimise it for ONNX Runtime "
+                                        "(fp32, transformer fusion, dynamic int8), check parity with PyTorch "
+                                        "on the saved test split, benchmark, save modeles/model_final.onnx.")
     parser.add_argument("--category", default="bottle", help="MVTec AD category of the checkpoint (default: bottle)")
     parser.add_argument("--data-dir", default="./data/mvtec", help="folder holding the category folders "
                         "(default: ./data/mvtec)")
@@ -522,17 +522,18 @@ def main(argv=None) -> int:
     parser.add_argument("--models-dir", default="modeles", help="where checkpoints are read and ONNX files "
                         "written (default: modeles)")
     parser.add_argument("--results-dir", default="resultats", help="where the CSV and the plot go (default: resultats)")
-    parser.add_argument("--batch-size", type=int, default=16, help="batch size of the test-split evaluation (16)")
-    parser.add_argument("--bench-batch-size", type=int, default=8,
+    parser.add_argument("--batch-size", type=positive_int, default=16,
+                        help="batch size of the test-split evaluation (16)")
+    parser.add_argument("--bench-batch-size", type=positive_int, default=8,
                         help="the larger batch of the benchmark, next to batch 1 (default: 8)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset of the export (default: {DEFAULT_OPSET}, TorchScript exporter; the "
                              f"fallback exporter needs >= 18 and uses max(opset, 18))")
-    parser.add_argument("--num-threads", type=int, default=None,
+    parser.add_argument("--num-threads", type=positive_int, default=None,
                         help="intra-op threads of ONNX Runtime and PyTorch (default: ORT uses the physical cores, "
                              "PyTorch its own default; both recorded)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs per measurement (default: 5)")
-    parser.add_argument("--runs", type=int, default=30, help="timed runs per measurement (default: 30)")
+    parser.add_argument("--runs", type=positive_int, default=30, help="timed runs per measurement (default: 30)")
     parser.add_argument("--max-seconds", type=float, default=60.0,
                         help="stop a measurement's timed runs after this many seconds, >= 5 runs (default: 60)")
     parser.add_argument("--price-per-hour", type=float, default=CPU_PRICE,
@@ -542,17 +543,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-int8", action="store_true", help="skip the dynamic int8 variant")
     parser.add_argument("--no-openvino", action="store_true",
                         help="skip the OpenVINO variants (fp32, bf16 where the CPU has it, NNCF int8)")
-    parser.add_argument("--calibration-images", type=int, default=128,
+    parser.add_argument("--calibration-images", type=positive_int, default=128,
                         help="training images that calibrate NNCF's int8 quantization (default: 128)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace earlier ONNX files, sidecar and plot instead of keeping them with a timestamp")
     args = parser.parse_args(argv)
 
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--bench-batch-size", args.bench_batch_size, 1),
-                             ("--runs", args.runs, 1), ("--warmup", args.warmup, 0),
-                             ("--calibration-images", args.calibration_images, 1)):
-        if value < low:
-            raise UserError(f"{flag} must be >= {low}.")
+    if args.warmup < 0:
+        raise UserError("--warmup must be >= 0.")
     if not 7 <= args.opset <= 23:
         raise UserError(f"--opset {args.opset} is not a valid ONNX opset for this export (use 17, or 18-23).")
     if args.price_per_hour <= 0:

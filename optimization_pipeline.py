@@ -29,7 +29,6 @@ time_variants -> build_rows -> deploy_final -> CSV -> rapport.write_report -> pa
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import re
@@ -46,8 +45,8 @@ import onnx_optimization as oo
 import quantize as qz
 from inference import (ENGINE_ORT, Runner, benchmark_runner, onnx_opset, runner_predict_logits, save_final,
                        write_sidecar)
-from lab_io import (UserError, append_csv_rows, atomic_write, cpu_has_bf16, environment_columns, format_table,
-                    keep_previous, run_cli, run_id, size_on_disk_mb)
+from lab_io import (ArgumentParser, UserError, append_csv_rows, atomic_write, cpu_has_bf16, environment_columns,
+                    format_table, keep_previous, positive_int, run_cli, run_id, size_on_disk_mb)
 from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, DISTILLATION, END_TO_END_IMAGES, END_TO_END_REPEATS,
                          GPU_PRICE, GPU_VM, LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE, QUANTIZATION, SELECTION_SPLIT,
                          SELECTION_SPLITS, TARGETS, choose_deployable, compare_logits, describe_guard, format_accuracy,
@@ -77,7 +76,7 @@ BACKUP_RE = re.compile(r"\.\d{8}-\d{6}(-\d+)?\.[A-Za-z]+$")  # files renamed by 
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     presets = ", ".join([*HUB_PRESETS, *OFFLINE_PRESETS])
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Run the lab's whole optimisation chain (PyTorch fp32 baseline, PyTorch int8, ONNX Runtime fp32 "
                     "and int8, distilled student + its ONNX int8) in one measured run; write "
                     f"resultats/{REPORT_CSV}, resultats/{REPORT_PNG} and the French report rapport.md.",
@@ -96,10 +95,10 @@ def parse_args(argv=None):
     p.add_argument("--student-model", default=None,
                    help=f"student model distilled from the baseline (default: deit-small; deit-tiny is smaller; "
                         f"{DEMO['student_model']} with --demo)")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"baseline fine-tuning epochs (default: {LAB_EPOCHS} for a pretrained model, "
                         f"{OFFLINE_DEFAULT_EPOCHS} for an offline preset, {DEMO['epochs']} with --demo)")
-    p.add_argument("--student-epochs", type=int, default=None,
+    p.add_argument("--student-epochs", type=positive_int, default=None,
                    help=f"student epochs (default: like --epochs; {DEMO['student_epochs']} with --demo)")
     p.add_argument("--lr", type=float, default=None, help="baseline learning rate (default: 1e-6 pretrained, after "
                    f"a linear probe, see train_utils.training_recipe; 1e-3 offline presets, {DEMO['lr']:g} with --demo)")
@@ -113,14 +112,14 @@ def parse_args(argv=None):
                    help="weight of the distillation term in the student's loss, 0-1 (default: 0.5)")
     p.add_argument("--distill-temperature", type=float, default=2.0,
                    help="softmax temperature of the distillation (default: 2.0)")
-    p.add_argument("--batch-size", type=int, default=16, help="training / evaluation batch size (default: 16)")
-    p.add_argument("--bench-batch-size", type=int, default=8,
+    p.add_argument("--batch-size", type=positive_int, default=16, help="training / evaluation batch size (default: 16)")
+    p.add_argument("--bench-batch-size", type=positive_int, default=8,
                    help="batch size of the throughput measurement (default: 8); latency is measured at batch 1")
-    p.add_argument("--runs", type=int, default=30, help="timed runs per measurement (default: 30)")
+    p.add_argument("--runs", type=positive_int, default=30, help="timed runs per measurement (default: 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs per measurement (default: 5)")
     p.add_argument("--max-bench-seconds", type=float, default=60.0,
                    help="stop a measurement early after this many seconds, once 5 runs are done (default: 60)")
-    p.add_argument("--num-threads", type=int, default=None,
+    p.add_argument("--num-threads", type=positive_int, default=None,
                    help="CPU threads of PyTorch AND ONNX Runtime, the same for every variant (default: PyTorch's "
                         "default)")
     p.add_argument("--device", default="auto", help="training device: auto (GPU when present), cpu, cuda, mps "
@@ -139,7 +138,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-student", action="store_true", help="skip step 5 (distilled student)")
     p.add_argument("--skip-openvino", action="store_true",
                    help="skip the OpenVINO variants (fp32, bf16 where the CPU has it, NNCF int8) and PyTorch bf16")
-    p.add_argument("--calibration-images", type=int, default=128,
+    p.add_argument("--calibration-images", type=positive_int, default=128,
                    help="training images that calibrate NNCF's int8 quantization (default: 128)")
     p.add_argument("--skip-gpu", action="store_true", help="no GPU row even when a GPU is present")
     p.add_argument("--skip-end-to-end", action="store_true",
@@ -162,11 +161,6 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="replace earlier outputs instead of keeping them with a timestamp")
     args = p.parse_args(argv)
-    for name in ("epochs", "student_epochs", "batch_size", "bench_batch_size", "runs", "num_threads",
-                 "calibration_images"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1.")
     if args.warmup < 0 or args.max_bench_seconds <= 0:
         raise UserError("--warmup must be >= 0 and --max-bench-seconds > 0.")
     if not 0 <= args.distill_alpha <= 1 or args.distill_temperature <= 0:

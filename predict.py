@@ -40,6 +40,7 @@ import argparse
 import csv
 import datetime as _dt
 import glob
+import heapq
 import math
 import os
 import signal
@@ -52,17 +53,16 @@ from pathlib import Path
 
 import numpy as np
 
-from inference import (IMAGE_EXTENSIONS, Classifier, ImageError, PatchDetector, find_sidecar, is_detector_file,
-                       is_image_file, load_rgb, normalize, ort_threads, preprocess, resize_uint8)
-from lab_io import (UserError, append_csv_rows, atomic_write, cpu_flags, cpu_name, environment_columns,
-                    format_table, keep_previous, run_cli, run_id)
+from inference import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, Classifier, ImageError, PatchDetector, find_sidecar,
+                       is_detector_file, is_image_file, load_rgb, normalize, ort_threads, preprocess, resize_uint8)
+from lab_io import (ArgumentParser, UserError, append_csv_rows, atomic_write, cpu_flags, cpu_name, csv_lock,
+                    environment_columns, format_table, keep_previous, positive_int, run_cli, run_id)
 from lab_targets import END_TO_END_IMAGES, END_TO_END_REPEATS, TARGET_END_TO_END_SPEEDUP, check_result_columns
 
 PREDICTION_COLUMNS = ("path", "label", "anomaly_probability", "anomaly_score", "threshold", "variant", "model_sha256",
                       "weights_sha256", "error", "image_width", "image_height", "file_bytes", "file_mtime_ns",
                       "scored_at", "run_id")
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
-DEFAULT_MAX_PIXELS = 40_000_000  # as score.py (TP4_MAX_PIXELS): a 40 Mpx image takes ~120 MB once decoded
 NAIVE_VARIANT = "naive-pytorch-fp32"
 SAVE_SECONDS = 30.0  # the CSV is also rewritten at least this often while images are scored
 OTHER_CPU_LIMIT = 0.10  # other processes using more than 10 % of the CPUs during --benchmark: not reliable
@@ -302,34 +302,28 @@ def model_identity(model: Classifier) -> dict:
 
 
 class PredictionStore:
-    """The rows of the predictions CSV keyed by resolved image path. save() rewrites the whole file atomically
-    (lab_io.atomic_write): a crash or Ctrl+C never leaves it half-written. Rows of another model are not mixed in:
-    that file is kept under a timestamped name (lab_io.keep_previous) at the first save."""
+    """The rows of the predictions CSV keyed by resolved image path. save() merges the rows put since the last save
+    with the file as it is now, under its lock (lab_io.csv_lock: another run may write to the same --output), and
+    replaces it atomically (lab_io.atomic_write): a crash or Ctrl+C never leaves it half-written, and two runs keep
+    every row of both (one row per image: the last saved). Rows of another model are not mixed in: that file is kept
+    under a timestamped name (lab_io.keep_previous) at the first save."""
 
     def __init__(self, path: str | Path, identity: dict, rescore: bool = False):
         self.path, self.identity = Path(path), identity
         self.rows: dict[str, dict] = {}
+        self.unsaved: dict[str, dict] = {}  # rows put since the last save, merged into the file by save()
         self.columns = list(PREDICTION_COLUMNS)
         self.replace_file = False  # keep the existing file aside before the first save
+        self.stat_read = None  # (size, mtime) of the file as read here: replace_file applies to that file only
         self.dirty = 0
         self.note = ""
         if self.path.is_dir():
             raise UserError(f"--output {self.path} is a folder: give a CSV file name, e.g. {self.path}/predictions.csv")
         if not self.path.exists():
             return
-        try:
-            with open(self.path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                header = list(reader.fieldnames or [])
-                rows = list(reader)
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise UserError(f"--output {self.path} cannot be read as a CSV ({exc}): choose another --output") from None
-        if not {"path", "label", "model_sha256"} <= set(header):
-            raise UserError(f"--output {self.path} is not a predictions file of predict.py (no path / label / "
-                            "model_sha256 columns): choose another --output")
-        mine = (identity["variant"], identity["model_sha256"], identity["weights_sha256"])
-        others = Counter((r.get("variant", ""), r.get("model_sha256", "")) for r in rows
-                         if (r.get("variant", ""), r.get("model_sha256", ""), r.get("weights_sha256") or "") != mine)
+        self.stat_read = self._stat()
+        header, rows = self._read()
+        others = self._others(rows)
         if rescore or others:
             self.replace_file = True
             why = "--rescore" if rescore else \
@@ -340,6 +334,32 @@ class PredictionStore:
             return
         self.columns += [c for c in header if c not in self.columns]
         self.rows = {r["path"]: r for r in rows}
+
+    def _stat(self):
+        try:
+            st = self.path.stat()
+            return st.st_size, st.st_mtime_ns
+        except OSError:
+            return None
+
+    def _read(self) -> tuple[list[str], list[dict]]:
+        try:
+            with open(self.path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                rows = list(reader)
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise UserError(f"--output {self.path} cannot be read as a CSV ({exc}): choose another --output") from None
+        if not {"path", "label", "model_sha256"} <= set(header):
+            raise UserError(f"--output {self.path} is not a predictions file of predict.py (no path / label / "
+                            "model_sha256 columns): choose another --output")
+        return header, rows
+
+    def _others(self, rows: list[dict]) -> Counter:
+        """(variant, model_sha256) -> rows of a model other than this one."""
+        mine = (self.identity["variant"], self.identity["model_sha256"], self.identity["weights_sha256"])
+        return Counter((r.get("variant", ""), r.get("model_sha256", "")) for r in rows
+                       if (r.get("variant", ""), r.get("model_sha256", ""), r.get("weights_sha256") or "") != mine)
 
     def status(self, path: Path) -> str:
         """'done' (scored by this model, file unchanged), 'changed' (scored, but the file changed since), 'failed'
@@ -357,28 +377,39 @@ class PredictionStore:
         return "done" if same else "changed"
 
     def put(self, row: dict) -> None:
-        self.rows.pop(row["path"], None)  # a re-scored image moves to the end, in the order of this run
-        self.rows[row["path"]] = row
+        for rows in (self.rows, self.unsaved):
+            rows.pop(row["path"], None)  # a re-scored image moves to the end, in the order of this run
+            rows[row["path"]] = row
         self.dirty += 1
 
     def save(self) -> None:
         if not self.dirty:
             return
-        check_result_columns(dict.fromkeys(self.columns))
-        if self.replace_file:
-            keep_previous(self.path)
+        with csv_lock(self.path):  # read, merge and replace as one step: rows another run saved meanwhile stay
+            header, on_disk = self._read() if self.path.exists() else ([], [])
+            # set the file aside when it is the one read at the start (--rescore, another model), or when another
+            # model's run wrote it since; one of this model's runs may have replaced it already: merge with that
+            if on_disk and (self._others(on_disk) or (self.replace_file and self._stat() == self.stat_read)):
+                keep_previous(self.path)
+                header, on_disk = [], []
             self.replace_file = False
+            rows = {r["path"]: r for r in on_disk}
+            for path, row in self.unsaved.items():
+                rows.pop(path, None)
+                rows[path] = row
+            columns = self.columns + [c for c in header if c not in self.columns]
+            check_result_columns(dict.fromkeys(columns))
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=self.columns, restval="", extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(self.rows.values())
-                f.flush()
-                os.fsync(f.fileno())
+            def write(tmp: Path) -> None:
+                with open(tmp, "w", newline="", encoding="utf-8") as f:
+                    writer = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore")
+                    writer.writeheader()
+                    writer.writerows(rows.values())
+                    f.flush()
+                    os.fsync(f.fileno())
 
-        atomic_write(self.path, write)
-        self.dirty = 0
+            atomic_write(self.path, write)
+        self.rows, self.columns, self.unsaved, self.dirty = rows, columns, {}, 0
 
 
 def prediction_row(result: dict, model: Classifier, identity: dict, rid: str) -> dict:
@@ -445,28 +476,44 @@ def contact_sheet(tiles: list[tuple[object, str]], columns: int = 6):
     return sheet
 
 
-def write_heatmaps(results: list[dict], folder: Path, max_tiles: int = 48) -> tuple[int, Path | None]:
-    """An overlay PNG per anomalous image (folder/<name>_heatmap.png) and contact_sheet.png of the most anomalous.
-    The colour scale is shared by every image of the run, so that two overlays can be compared."""
-    anomalous = [r for r in results if r.get("label") == "anomaly" and r.get("map") is not None]
-    if not anomalous:
-        return 0, None
-    values = np.concatenate([np.ravel(r["map"]) for r in results if r.get("map") is not None])
-    scale = (float(np.percentile(values, 1)), float(np.percentile(values, 99.9)))
-    folder.mkdir(parents=True, exist_ok=True)
-    tiles = []
-    for r in sorted(anomalous, key=lambda r: -r["score"]):
-        img = overlay(r["uint8"], r["map"], scale)
-        target = folder / f"{Path(r['path']).stem}_{_short_hash(r['path'])}_heatmap.png"
+HEATMAP_SCALE = (0.0, 1.5)  # overlay colours in multiples of the detector's threshold: red = the threshold
+
+
+class HeatmapWriter:
+    """--heatmaps, streamed: the overlay PNG of each anomalous image (folder/<name>_<hash>_heatmap.png) is written as
+    soon as the image is scored, and contact_sheet.png of the max_tiles most anomalous at the end: only those tiles
+    are kept in memory, whatever the number of images. One colour scale for the whole run, fixed by the detector's
+    threshold (HEATMAP_SCALE), so that two overlays can be compared and none waits for the last image."""
+
+    def __init__(self, folder: str | Path, threshold: float, max_tiles: int = 48):
+        self.folder, self.max_tiles = Path(folder), max_tiles
+        self.scale = (HEATMAP_SCALE[0] * threshold, HEATMAP_SCALE[1] * threshold)
+        self.written = 0
+        self._top: list[tuple[float, int, object, str]] = []  # min-heap on the score: the weakest goes first
+
+    def add(self, result: dict) -> None:
+        if result.get("label") != "anomaly" or result.get("map") is None:
+            return
+        img = overlay(result["uint8"], result["map"], self.scale)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / f"{Path(result['path']).stem}_{_short_hash(result['path'])}_heatmap.png"
         keep_previous(target)
-        atomic_write(target, lambda p, img=img: img.save(p, format="PNG"))
-        if len(tiles) < max_tiles:
-            tiles.append((img, f"{Path(r['path']).name} {r['score']:.3g}"))
-    sheet_path = folder / "contact_sheet.png"
-    sheet = contact_sheet(tiles)
-    keep_previous(sheet_path)
-    atomic_write(sheet_path, lambda p: sheet.save(p, format="PNG"))
-    return len(anomalous), sheet_path
+        atomic_write(target, lambda p: img.save(p, format="PNG"))
+        self.written += 1
+        tile = (float(result["score"]), -self.written, img, f"{Path(result['path']).name} {result['score']:.3g}")
+        (heapq.heappush if len(self._top) < self.max_tiles else heapq.heappushpop)(self._top, tile)
+
+    def close(self) -> Path | None:
+        """Writes contact_sheet.png (most anomalous first); None when no image was anomalous."""
+        if not self._top:
+            return None
+        tiles = [(img, caption) for _, _, img, caption in sorted(self._top, reverse=True)]
+        sheet = contact_sheet(tiles)
+        sheet_path = self.folder / "contact_sheet.png"
+        keep_previous(sheet_path)
+        atomic_write(sheet_path, lambda p: sheet.save(p, format="PNG"))
+        self._top = []
+        return sheet_path
 
 
 def _short_hash(text: str) -> str:
@@ -727,7 +774,7 @@ def print_benchmark(rows: list[dict], runs: dict | None = None) -> None:
 # CLI
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="image folders (searched recursively), glob patterns (quote them: 'dir/**/*.png') or files")
     p.add_argument("--output", default="resultats/predictions.csv",
@@ -736,17 +783,17 @@ def parse_args(argv=None):
                    help="model folder (its model_final.json), sidecar .json, model file with its sidecar, or a "
                         "good-only detector modeles/detector_<category>.safetensors (gives maps) (default: "
                         "%(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per model call (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per model call (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None,
                    help="parallel decode workers; 0 = decode in the main loop (default: the logical CPUs, at most 8)")
     p.add_argument("--pool", choices=("thread", "process"), default="thread",
                    help="decode workers as threads (default: Pillow releases the GIL; measured faster on 2 cores) "
                         "or processes")
-    p.add_argument("--num-threads", type=int, default=None,
+    p.add_argument("--num-threads", type=positive_int, default=None,
                    help="intra-op threads of the engine (default: the physical cores)")
     p.add_argument("--max-pixels", type=float, default=DEFAULT_MAX_PIXELS,
-                   help="larger images are refused in their row (default: 40e6, as score.py)")
-    p.add_argument("--save-every", type=int, default=256,
+                   help=f"larger images are refused in their row (default: {DEFAULT_MAX_PIXELS:.3g}, as score.py)")
+    p.add_argument("--save-every", type=positive_int, default=256,
                    help=f"rewrite the CSV after this many images (and at least every {SAVE_SECONDS:g} s; default: "
                         "%(default)s)")
     p.add_argument("--rescore", action="store_true",
@@ -758,21 +805,18 @@ def parse_args(argv=None):
     p.add_argument("--benchmark", action="store_true",
                    help="also time this pipeline against the naive baseline (PIL + PyTorch fp32, batch 1) on the same "
                         "images; rows appended to RESULTS_DIR/end_to_end.csv")
-    p.add_argument("--benchmark-images", type=int, default=END_TO_END_IMAGES,
+    p.add_argument("--benchmark-images", type=positive_int, default=END_TO_END_IMAGES,
                    help="readable images of the input used by --benchmark (default: %(default)s)")
-    p.add_argument("--benchmark-repeats", type=int, default=END_TO_END_REPEATS,
+    p.add_argument("--benchmark-repeats", type=positive_int, default=END_TO_END_REPEATS,
                    help="timed passes of each path, alternately (default: %(default)s)")
     p.add_argument("--baseline-checkpoint", default=None,
                    help="PyTorch checkpoint of the naive baseline (default: model_cpu_<category>.pth beside the "
                         "model, else the sidecar's source_checkpoint)")
     p.add_argument("--results-dir", default="resultats", help="where end_to_end.csv goes (default: %(default)s)")
     args = p.parse_args(argv)
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--save-every", args.save_every, 1),
-                             ("--top", args.top, 0), ("--benchmark-images", args.benchmark_images, 1),
-                             ("--benchmark-repeats", args.benchmark_repeats, 1),
-                             ("--workers", 0 if args.workers is None else args.workers, 0)):
-        if value < low:
-            raise UserError(f"{flag} must be >= {low}.")
+    for flag, value in (("--top", args.top), ("--workers", 0 if args.workers is None else args.workers)):
+        if value < 0:
+            raise UserError(f"{flag} must be >= 0.")
     if not args.max_pixels > 0:
         raise UserError("--max-pixels must be > 0.")
     return args
@@ -847,7 +891,7 @@ def _main(args) -> int:
 
     rid = run_id()
     timing = Timing()
-    kept = []  # results with maps (--heatmaps only)
+    heatmaps = HeatmapWriter(args.heatmaps, model.threshold) if args.heatmaps else None
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(todo), desc="predict", unit="img", leave=False)
@@ -858,8 +902,8 @@ def _main(args) -> int:
                                    max_pixels=int(args.max_pixels), timing=timing, keep_uint8=bool(args.heatmaps)):
             store.put(prediction_row(result, model, identity, rid))
             n_put += 1
-            if args.heatmaps and result.get("map") is not None:
-                kept.append(result)
+            if heatmaps:
+                heatmaps.add(result)
             bar.update()
             if store.dirty >= args.save_every or time.perf_counter() - last_save > SAVE_SECONDS:
                 store.save()
@@ -868,6 +912,8 @@ def _main(args) -> int:
     except KeyboardInterrupt:
         bar.close()
         store.save()
+        if heatmaps:
+            heatmaps.close()  # the overlays written so far stay; the sheet shows their most anomalous
         print(f"error: interrupted: {n_put} of the {len(todo)} images to score were saved in {_shown(output)}; "
               "run the same command again to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -876,9 +922,11 @@ def _main(args) -> int:
         store.save()  # rows done before any error are never lost
 
     failed = print_summary(images, store, timing, args, output, workers)
-    if args.heatmaps:
-        n, sheet = write_heatmaps(kept, Path(args.heatmaps))
-        print(f"heat maps: {n} overlay(s) in {args.heatmaps}" + (f", contact sheet {sheet}" if sheet else ""))
+    if heatmaps:
+        sheet = heatmaps.close()
+        print(f"heat maps: {heatmaps.written} overlay(s) in {args.heatmaps}, colours from "
+              f"{heatmaps.scale[0]:.3g} to {heatmaps.scale[1]:.3g} (red = the threshold {model.threshold:.3g})"
+              + (f", contact sheet {sheet}" if sheet else ""))
     if args.benchmark:
         readable = [p for p in images if store.rows.get(str(p), {}).get("label")]
         rows = benchmark_end_to_end(model, readable, baseline_checkpoint=args.baseline_checkpoint,

@@ -16,13 +16,12 @@ resultats/quantization_comparison.png.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from lab_io import (UserError, append_csv_rows, cpu_name, environment_columns, format_table, run_cli, run_id,
-                    save_figure, size_on_disk_mb)
+from lab_io import (ArgumentParser, UserError, append_csv_rows, cpu_name, environment_columns, format_table,
+                    positive_int, run_cli, run_id, save_figure, size_on_disk_mb)
 from lab_targets import (CPU_PRICE, QUANTIZATION, SELECTION_SPLIT, TARGET_MAX_LOSS_PT, TARGET_MAX_SIZE_MB,
                          TARGET_MIN_ACCURACY, compare_logits, describe_flips, describe_guard, format_accuracy,
                          guard_columns, judge_selection, measured_columns, variant_passes)
@@ -205,9 +204,9 @@ def _delta(delta_pt: float) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="int8 quantization of a fine-tuned checkpoint in PyTorch: the plain "
-                                            "torch.ao quantize_dynamic and the per-token SmoothQuant fix; fp32 vs "
-                                            "int8 on its saved test split.")
+    p = ArgumentParser(description="int8 quantization of a fine-tuned checkpoint in PyTorch: the plain "
+                                   "torch.ao quantize_dynamic and the per-token SmoothQuant fix; fp32 vs "
+                                   "int8 on its saved test split.")
     p.add_argument("--category", default="bottle", help="MVTec AD category the checkpoint was trained on (bottle)")
     p.add_argument("--data-dir", default="./data/mvtec", help="folder holding the category folders (./data/mvtec)")
     p.add_argument("--model-path", default=None, help="fp32 checkpoint to quantize; a bare name is looked for in "
@@ -217,12 +216,15 @@ def parse_args(argv=None):
                                                   "MODELS_DIR/model_quantized.pth; the fix goes beside it as "
                                                   "model_quantized_smoothquant.pth)")
     p.add_argument("--results-dir", default="resultats", help="folder of the CSV and the plot (default: resultats)")
-    p.add_argument("--batch-size", type=int, default=16, help="batch size of the test-set evaluation (16)")
-    p.add_argument("--bench-batch-size", type=int, default=8, help="batch size of the throughput measurement (8)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="batch size of the test-set evaluation (16)")
+    p.add_argument("--bench-batch-size", type=positive_int, default=8,
+                   help="batch size of the throughput measurement (8)")
     p.add_argument("--seed", type=int, default=42, help="random seed (42)")
-    p.add_argument("--num-threads", type=int, default=None, help="PyTorch CPU threads (default: torch's default)")
+    p.add_argument("--num-threads", type=positive_int, default=None,
+                   help="PyTorch CPU threads (default: torch's default)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs per measurement (5)")
-    p.add_argument("--runs", type=int, default=30, help="timed runs per measurement, stopped after 60 s (30)")
+    p.add_argument("--runs", type=positive_int, default=30,
+                   help="timed runs per measurement, stopped after 60 s (30)")
     p.add_argument("--engine", default="auto", choices=("auto",) + ENGINES,
                    help="quantized kernels of the plain dynamic int8: auto = x86/fbgemm on Intel/AMD, qnnpack on "
                         "ARM (default: auto)")
@@ -233,13 +235,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="replace earlier outputs instead of keeping them with a timestamp")
     args = p.parse_args(argv)
-    for name in ("batch_size", "bench_batch_size", "runs"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1.")
     if args.warmup < 0:
         raise UserError("--warmup must be >= 0.")
-    if args.num_threads is not None and args.num_threads < 1:
-        raise UserError("--num-threads must be >= 1.")
     return args
 
 

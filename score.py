@@ -22,8 +22,10 @@ a request with ?maps=1 (or "maps": true in the JSON) gets, per image, "detector"
 "detector_ms"; without a detector such a request is a 400 "no_detector".
 GET /score: the model's (and detector's) description and these limits. Bad requests get
 {"error": {"status", "code", "message"}} with a 4xx status (400 unreadable input, 413 too large, 415 unsupported Content-Type), never a 500.
-Limits (environment variables): TP4_MAX_BODY_MB (10), TP4_MAX_IMAGES (16 per request), TP4_MAX_PIXELS (40e6 per
-image); TP4_ORT_THREADS sets ONNX Runtime's intra-op threads (default: ONNX Runtime's choice).
+Limits (environment variables): TP4_MAX_BODY_MB (10), TP4_MAX_IMAGES (16 per request), TP4_MAX_PIXELS (25e6 per
+image), TP4_MAX_REQUEST_PIXELS (64e6 per request: checked on the images' headers before any is decoded; the images
+are then decoded, resized and released one at a time, so a worker's memory is bounded whatever the request holds);
+TP4_ORT_THREADS sets ONNX Runtime's intra-op threads (default: ONNX Runtime's choice).
 
 Only numpy, Pillow and onnxruntime or openvino are needed (no torch in the deployment image): the sidecar's "engine"
 says which (ONNX Runtime on model_final.onnx, or OpenVINO on an ONNX file or an IR .xml + .bin, with its precision
@@ -47,7 +49,8 @@ from PIL import Image
 
 # azmlinfsrv (locally and on Azure) loads this file by its path: its sibling modules are not importable otherwise
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference import ImageError, Classifier, PatchDetector, find_sidecar, load_rgb, preprocess  # noqa: E402
+from inference import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, ImageError, Classifier, PatchDetector, \
+    find_sidecar, image_header, load_rgb, preprocess  # noqa: E402
 from inference import read_sidecar  # noqa: E402, F401 - what deploy_azure.py checks before shipping
 
 try:  # inside azmlinfsrv these names are mapped onto the server's own module
@@ -78,16 +81,49 @@ def _env_number(name: str, default: float) -> float:
 def limits() -> dict:
     return {"max_body_bytes": int(_env_number("TP4_MAX_BODY_MB", 10) * 1_000_000),
             "max_images": int(_env_number("TP4_MAX_IMAGES", 16)),
-            "max_pixels": int(_env_number("TP4_MAX_PIXELS", 40e6))}
+            "max_pixels": int(_env_number("TP4_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
+            "max_request_pixels": int(_env_number("TP4_MAX_REQUEST_PIXELS", DEFAULT_MAX_REQUEST_PIXELS))}
+
+
+def _read_image(read, data: bytes, what: str, max_pixels: int):
+    try:
+        return read(data, what, max_pixels)
+    except ImageError as exc:
+        code = "image_too_large" if exc.too_large else "empty_image" if not data else "not_an_image"
+        raise RequestError(413 if exc.too_large else 400, code, str(exc)) from None
 
 
 def decode_image(data: bytes, what: str, max_pixels: int) -> Image.Image:
     """Bytes -> RGB PIL image, exactly as the training loaders read files (inference.load_rgb)."""
-    try:
-        return load_rgb(data, what, max_pixels)
-    except ImageError as exc:
-        code = "image_too_large" if exc.too_large else "empty_image" if not data else "not_an_image"
-        raise RequestError(413 if exc.too_large else 400, code, str(exc)) from None
+    return _read_image(load_rgb, data, what, max_pixels)
+
+
+def check_pixels(images: list[tuple[str, bytes]], lim: dict) -> int:
+    """Every image's size from its header, nothing decoded: 400 for a broken one, 413 past TP4_MAX_PIXELS or when
+    the request's images hold more than TP4_MAX_REQUEST_PIXELS together. Returns the total."""
+    total = 0
+    for what, data in images:
+        width, height = _read_image(image_header, data, what, lim["max_pixels"])
+        total += width * height
+    if total > lim["max_request_pixels"]:
+        raise RequestError(413, "request_too_large", f"the {len(images)} image(s) hold {total} pixels together, "
+                                                     f"more than the limit of {lim['max_request_pixels']} pixels "
+                                                     "per request (TP4_MAX_REQUEST_PIXELS): send fewer or smaller "
+                                                     "images per request")
+    return total
+
+
+def model_inputs(images: list[tuple[str, bytes]], preprocessings: list[dict], lim: dict) -> list[np.ndarray]:
+    """The request's images as one float32 [N, 3, H, W] batch per preprocessing (the classifier's, and the
+    detector's when it differs). Each image is decoded, resized and released before the next is decoded."""
+    check_pixels(images, lim)
+    batches = [[] for _ in preprocessings]
+    for what, data in images:
+        img = decode_image(data, what, lim["max_pixels"])
+        for batch, pre in zip(batches, preprocessings):
+            batch.append(preprocess(img, pre))
+        del img  # the full-size pixels go before the next image is decoded
+    return [np.stack(batch) for batch in batches]
 
 
 def model_dir() -> Path:
@@ -143,8 +179,9 @@ def _drain(stream, max_bytes: int) -> None:
         read += len(chunk)
 
 
-def parse_images(body: bytes, mimetype: str, lim: dict) -> tuple[list[Image.Image], bool]:
-    """(the request's images, whether its JSON asks for maps: "maps": true)."""
+def parse_images(body: bytes, mimetype: str, lim: dict) -> tuple[list[tuple[str, bytes]], bool]:
+    """([(name, encoded image bytes)] of the request, not decoded yet; whether its JSON asks for maps: "maps":
+    true)."""
     mimetype = (mimetype or "").lower()
     if mimetype in SNIFF_TYPES:  # no usable Content-Type: JSON if it looks like JSON, else image bytes
         mimetype = "application/json" if body.lstrip()[:1] == b"{" else "application/octet-stream"
@@ -153,13 +190,13 @@ def parse_images(body: bytes, mimetype: str, lim: dict) -> tuple[list[Image.Imag
     if mimetype.startswith("image/") or mimetype == "application/octet-stream":
         if not body:
             raise RequestError(400, "empty_body", "the request body is empty: send the image bytes")
-        return [decode_image(body, "the request body", lim["max_pixels"])], False
+        return [("the request body", body)], False
     raise RequestError(415, "unsupported_media_type",
                        f"Content-Type {mimetype!r} is not supported: send image bytes (image/png, image/jpeg) or "
                        'JSON (application/json) {"images": ["<base64>", ...]}')
 
 
-def _images_from_json(body: bytes, lim: dict) -> tuple[list[Image.Image], bool]:
+def _images_from_json(body: bytes, lim: dict) -> tuple[list[tuple[str, bytes]], bool]:
     if not body.strip():
         raise RequestError(400, "empty_body", 'the request body is empty: send {"images": ["<base64>", ...]}')
     try:
@@ -184,7 +221,7 @@ def _images_from_json(body: bytes, lim: dict) -> tuple[list[Image.Image], bool]:
             data = base64.b64decode("".join(item.split()), validate=True)
         except (binascii.Error, ValueError):
             raise RequestError(400, "invalid_base64", f"images[{i}] is not valid base64") from None
-        decoded.append(decode_image(data, f"images[{i}]", lim["max_pixels"]))
+        decoded.append((f"images[{i}]", data))
     return decoded, doc.get("maps") is True
 
 
@@ -243,7 +280,12 @@ def run(request):
             raise RequestError(400, "no_detector", "maps were requested but this deployment ships no good-only "
                                                    "detector (deploy_azure.py --detector modeles/detector_<category>"
                                                    ".safetensors)")
-        batch = np.stack([preprocess(img, _model.preprocessing) for img in images])
+        preprocessings = [_model.preprocessing]
+        if want_maps and _detector.preprocessing != _model.preprocessing:
+            preprocessings.append(_detector.preprocessing)
+        batches = model_inputs(images, preprocessings, lim)
+        del images
+        batch = batches[0]
         t1 = time.perf_counter()
         probs = _model.predict(batch)
         t2 = time.perf_counter()
@@ -256,9 +298,7 @@ def run(request):
                  "preprocess_ms": (t1 - t0) * 1000.0, "inference_ms": (t2 - t1) * 1000.0}
         if want_maps:
             t3 = time.perf_counter()
-            batch = batch if _detector.preprocessing == _model.preprocessing else \
-                np.stack([preprocess(img, _detector.preprocessing) for img in images])
-            for pred, patches in zip(predictions, _detector.patch_distances(batch)):
+            for pred, patches in zip(predictions, _detector.patch_distances(batches[-1])):
                 pred["detector"] = detector_reply(patches)
             reply["detector_ms"] = (time.perf_counter() - t3) * 1000.0
         return _reply(200, {**reply, "total_ms": (time.perf_counter() - t0) * 1000.0})

@@ -31,7 +31,8 @@ from deploy_azure import SCORING_CODE
 from mvtec_dataset import image_to_tensor, load_rgb
 from train_utils import softmax_np
 
-SERVER_ENV = {"TP4_MAX_BODY_MB": "1", "TP4_MAX_IMAGES": "4", "TP4_MAX_PIXELS": "1000000"}
+SERVER_ENV = {"TP4_MAX_BODY_MB": "1", "TP4_MAX_IMAGES": "4", "TP4_MAX_PIXELS": "1000000",
+              "TP4_MAX_REQUEST_PIXELS": "2000000"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,6 +227,7 @@ BAD_REQUESTS = {  # id: (body, Content-Type, expected status, expected error cod
                          "not_an_image"),
     "too_many_images": ("FIVE_IMAGES", "application/json", 413, "too_many_images"),
     "too_many_pixels": ("BIG_IMAGE", "image/png", 413, "image_too_large"),
+    "too_many_pixels_together": ("THREE_BIG_IMAGES", "application/json", 413, "request_too_large"),
     "oversized_raw": (os.urandom(1_200_000), "image/png", 413, "payload_too_large"),
     "oversized_json": (json.dumps({"images": [_b64(os.urandom(900_000))]}).encode(), "application/json", 413,
                        "payload_too_large"),
@@ -243,6 +245,8 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(server, test_images, case
         body = json.dumps({"images": [_b64(good)] * 5}).encode()
     elif body == "BIG_IMAGE":  # 1.2 Mpixel > TP4_MAX_PIXELS=1e6, yet a small file
         body = png_bytes(Image.new("RGB", (1200, 1000), (40, 40, 40)))
+    elif body == "THREE_BIG_IMAGES":  # 0.9 Mpixel each (allowed), 2.7 together > TP4_MAX_REQUEST_PIXELS=2e6
+        body = json.dumps({"images": [_b64(png_bytes(Image.new("RGB", (1000, 900), (40, 40, 40))))] * 3}).encode()
     r = requests.post(server, data=body, headers={"Content-Type": content_type}, timeout=30)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -283,6 +287,37 @@ def _post(data: bytes, content_type: str):
     from werkzeug.wrappers import Request
 
     return Request(EnvironBuilder(method="POST", data=data, content_type=content_type).get_environ())
+
+
+MEMORY_PROBE = """
+import base64, io, json, resource, sys
+from PIL import Image
+from werkzeug.test import EnvironBuilder
+from werkzeug.wrappers import Request
+import score
+score.init()
+buf = io.BytesIO()
+Image.new("RGB", (4000, 4000), (120, 130, 140)).save(buf, "PNG")  # 48 MB decoded, 50 kB on the wire
+body = json.dumps({"images": [base64.b64encode(buf.getvalue()).decode()] * 8}).encode()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reply = score.run(Request(EnvironBuilder(method="POST", data=body, content_type="application/json").get_environ()))
+print(json.dumps({"status": reply.status_code, "n": json.loads(reply.get_data()).get("n_images"),
+                  "grown_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="resource.getrusage is POSIX")
+def test_a_request_of_large_images_is_decoded_one_at_a_time(azure_model_dir, tmp_path):
+    """8 images of 16 Mpixel in one small request (a decode bomb): the worker's peak memory grows by about one
+    decoded image, not eight (it grew by ~2 GB for 16 such images when every image was kept until the end)."""
+    env = {**os.environ, "AZUREML_MODEL_DIR": str(azure_model_dir[0]), "TP4_MAX_PIXELS": "20e6",
+           "TP4_MAX_REQUEST_PIXELS": "200e6", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["status"] == 200 and probe["n"] == 8
+    assert probe["grown_mb"] < 150, probe  # one decoded 4000x4000 RGB image is 48 MB; all eight, 384 MB
 
 
 def test_local_fallback_to_modeles_and_discovery(azure_model_dir, test_images, tmp_path, monkeypatch):

@@ -354,6 +354,26 @@ def test_heatmaps_refused_for_a_classifier(served, run, tmp_path):
 # predict.py --heatmaps on the real detector: tests/test_detector_serving.py
 
 
+def test_heatmaps_are_written_as_scored_and_only_the_top_tiles_are_kept(tmp_path):
+    rng = np.random.default_rng(0)
+    writer = predict.HeatmapWriter(tmp_path / "maps", threshold=2.0, max_tiles=3)
+    assert writer.scale == (0.0, 3.0)  # red at the threshold: the scale is known before the first image
+    scores = rng.uniform(0, 4, 40)
+    for i, score in enumerate(scores):
+        writer.add({"path": f"/parts/{i:03d}.png", "label": "anomaly" if score >= 2 else "good", "score": score,
+                    "uint8": rng.integers(0, 255, (3, 32, 32), dtype=np.uint8),
+                    "map": rng.uniform(0, 4, (16, 16)).astype(np.float32)})
+        n_anomalous = int((scores[:i + 1] >= 2).sum())
+        assert len(list((tmp_path / "maps").glob("*_heatmap.png"))) == writer.written == n_anomalous
+        assert len(writer._top) == min(3, n_anomalous)  # bounded, whatever the number of images
+    top = sorted(scores[scores >= 2])[::-1][:3]
+    assert sorted(t[0] for t in writer._top)[::-1] == pytest.approx(top)
+    sheet = writer.close()
+    with Image.open(sheet) as img:
+        assert img.size == (6 * 320, 320 + 28)  # one row of the 3 most anomalous tiles
+    assert predict.HeatmapWriter(tmp_path / "none", threshold=1.0).close() is None
+
+
 # --------------------------------------------------------------------------------------------------
 # --benchmark
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""Counts on the command line are checked by one argparse type (lab_io.positive_int) in every script: --num-threads 0
+is refused at parse time with one line "error: --num-threads must be >= 1, not 0" and exit code 2, like every
+other user error (lab_io.ArgumentParser + run_cli)."""
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab_io import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_THREADS_SCRIPTS = ["anomaly_detector", "benchmark_gpu", "onnx_optimization", "optimization_pipeline", "predict",
+                       "quantization_demo"]
+
+
+def _typed_options(path: Path) -> dict[str, str]:
+    """--option -> the name of its argparse type, for every add_argument(...) of a script."""
+    found = {}
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument" and node.args \
+                and isinstance(node.args[0], ast.Constant):
+            kind = next((k.value for k in node.keywords if k.arg == "type"), None)
+            found[node.args[0].value] = getattr(kind, "id", None)
+    return found
+
+
+def test_every_num_threads_option_is_a_positive_int():
+    scripts = {p.stem: _typed_options(p) for p in ROOT.glob("*.py")}
+    having = sorted(name for name, options in scripts.items() if "--num-threads" in options)
+    assert having == NUM_THREADS_SCRIPTS  # a new script with --num-threads: add it here, it is then tested below
+    assert {name: scripts[name]["--num-threads"] for name in having} == dict.fromkeys(having, "positive_int")
+
+
+def _parse(module: str, argv: list[str], capsys) -> tuple[int, list[str]]:
+    """The script's argument parsing as run from the command line (run_cli): exit code, stderr lines."""
+    mod = importlib.import_module(module)
+    entry = getattr(mod, "parse_args", None) or mod.main  # onnx_optimization parses first thing in main()
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: entry(argv))
+    return exit_.value.code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+@pytest.mark.parametrize("module", NUM_THREADS_SCRIPTS)
+def test_num_threads_below_one_is_one_error_line_exit_2(module, value, capsys):
+    code, err = _parse(module, ["--num-threads", value], capsys)
+    assert (code, err) == (2, [f"error: --num-threads must be >= 1, not {value}"])
+
+
+@pytest.mark.parametrize("module, flag", [("predict", "--batch-size"), ("predict", "--save-every"),
+                                          ("benchmark_gpu", "--epochs"), ("onnx_optimization", "--runs"),
+                                          ("optimization_pipeline", "--calibration-images"),
+                                          ("quantization_demo", "--bench-batch-size"),
+                                          ("anomaly_detector", "--max-bank"), ("load_test", "--requests-per-level")])
+def test_other_counts_use_the_same_check(module, flag, capsys):
+    assert _parse(module, [flag, "0"], capsys) == (2, [f"error: {flag} must be >= 1, not 0"])
+    assert _parse(module, [flag, "two"], capsys) == (2, [f"error: {flag} must be an integer >= 1, not 'two'"])
+
+
+def test_valid_counts_are_ints():
+    import predict
+
+    args = predict.parse_args(["--input", "x.png", "--num-threads", "3", "--batch-size", "8"])
+    assert (args.num_threads, args.batch_size, args.save_every) == (3, 8, 256)
+
+
+def test_the_real_command_line_prints_one_line():
+    res = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--input", "x.png", "--num-threads", "0"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert (res.returncode, res.stderr) == (2, "error: --num-threads must be >= 1, not 0\n")
