@@ -3,6 +3,7 @@
     python deploy_azure.py --dry-run      # no Azure account needed: checks and prints everything (CI runs this)
     az login
     python deploy_azure.py --subscription-id SUB --resource-group RG --workspace WS
+    python deploy_azure.py --batch --dry-run   # the batch endpoint for a backlog of images (batch_score.py)
 
 Steps: check the sidecar (format, ONNX file, sha256, via score.read_sidecar: what the server will accept), copy
 the model pair and the scoring code (score.py + the torch-free modules it imports) into azureml/build/{model,code}
@@ -11,6 +12,11 @@ ManagedOnlineDeployment, Model, Environment, CodeConfiguration, OnlineRequestSet
 azureml/endpoint.yml and deployment.yml with the SDK and check they describe the same deployment (so `az ml online-deployment create -f azureml/deployment.yml`
 deploys the same thing), print the specification. Without --dry-run, create or update the endpoint, the
 deployment, and route the traffic to it.
+
+--batch: a batch endpoint instead (BatchEndpoint, ModelBatchDeployment on an AmlCompute cluster that scales to
+zero): batch_score.py + the modules it imports staged in STAGE/batch/{model,code}, the conda environment of the
+online one minus the HTTP server plus Azure's batch runtime (STAGE/batch/environment.yml), one CSV line per image in
+predictions.csv. Without --dry-run: create/update the cluster, the endpoint and the deployment, made the default.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from lab_io import UserError, format_table, run_cli, sha256_file
+from lab_targets import BATCH_COLUMNS
 
 HERE = Path(__file__).resolve().parent
 # The deployment this script builds; azureml/deployment.yml must say the same (checked on every run).
@@ -42,6 +49,27 @@ SCORING_CODE = ("score.py", "inference.py", "lab_io.py", "lab_targets.py")
 CONDA_PACKAGES = ("onnxruntime", "openvino", "numpy", "pillow", "safetensors", "azureml-inference-server-http")
 STAGE_MARKER = ".staged_by_deploy_azure"
 SDK_HINT = "pip install azure-ai-ml azure-identity (listed in requirements.txt)"
+
+# The batch endpoint (--batch): one place for its cluster and its settings.
+BATCH_ENDPOINT_NAME = "tp4-mvtec-batch"
+BATCH_DEPLOYMENT_NAME = "classifier"
+BATCH_CLUSTER = {"name": "tp4-cpu-cluster", "size": "Standard_DS3_v2",  # 4 vCPU, as the online instance
+                 "min_instances": 0,  # no node (and no bill) between jobs; ~3-5 min to start one
+                 "max_instances": 4, "idle_time_before_scale_down": 300}
+BATCH_SETTINGS = {"mini_batch_size": 64,            # files per run() call: a retry re-scores at most 64 images
+                  "instance_count": 2,              # nodes per job (<= max_instances)
+                  "max_concurrency_per_instance": 2,  # run() processes per node, x TP4_ORT_THREADS = the 4 vCPU
+                  "output_action": "append_row", "output_file_name": "predictions.csv",
+                  "error_threshold": 0,  # bad images never fail (their row has the error): a failure is a real one
+                  "logging_level": "info"}
+# timeout: seconds per mini-batch. 64 images take ~2 s on one worker with the demo model (README, 900 px PNGs)
+# and ~16 s with ViT-Base fp32 (deployment.yml: ~4 s per 16): a margin for slow nodes, a hung one is retried
+BATCH_RETRY = {"max_retries": 3, "timeout": 300}
+BATCH_ENVIRONMENT_VARIABLES = {"TP4_ORT_THREADS": "2"}  # TP4_MAX_PIXELS: score.py's default
+# batch_score.py and the torch-free modules it imports (no HTTP server): the only code uploaded
+BATCH_SCORING_CODE = ("batch_score.py", "inference.py", "lab_io.py", "lab_targets.py")
+HTTP_SERVER_PACKAGE = "azureml-inference-server-http"
+BATCH_RUNTIME_PACKAGES = ("azureml-core", "azureml-dataset-runtime[fuse]")  # required by Azure's batch runtime
 
 
 def parse_args(argv=None):
@@ -72,11 +100,24 @@ def parse_args(argv=None):
     p.add_argument("--instance-count", type=int, default=None, help=f"number of VMs (default: {INSTANCE_COUNT})")
     p.add_argument("--traffic", type=int, default=100,
                    help="percentage of the endpoint's traffic sent to this deployment once it is up (0-100)")
+    p.add_argument("--batch", action="store_true",
+                   help="deploy batch_score.py on a batch endpoint (a compute cluster scoring a folder of images, "
+                        "for a backlog) instead of the online endpoint; --instance-type is then the cluster's VM "
+                        "size and --instance-count the nodes per job")
+    p.add_argument("--mini-batch-size", type=int, default=None,
+                   help=f"--batch: files per run() call (default: {BATCH_SETTINGS['mini_batch_size']})")
     args = p.parse_args(argv)
     if not 0 <= args.traffic <= 100:
         raise UserError("--traffic must be between 0 and 100.")
     if args.instance_count is not None and args.instance_count < 1:
         raise UserError("--instance-count must be >= 1.")
+    if args.mini_batch_size is not None and (not args.batch or args.mini_batch_size < 1):
+        raise UserError("--mini-batch-size must be >= 1 and goes with --batch.")
+    if args.batch and (args.instance_count or 0) > BATCH_CLUSTER["max_instances"]:
+        raise UserError(f"--instance-count {args.instance_count} exceeds the cluster's max_instances "
+                        f"({BATCH_CLUSTER['max_instances']}, BATCH_CLUSTER in deploy_azure.py).")
+    if args.batch and args.detector:
+        raise UserError("--detector goes with the online endpoint (maps on request), not with --batch.")
     return args
 
 
@@ -116,8 +157,8 @@ def check_detector(path: str, meta: dict):
     return detector
 
 
-def stage(meta: dict, sidecar_path: Path, stage_dir: Path, detector=None) -> dict:
-    """Copy the model pair (and the detector's files) to STAGE/model and SCORING_CODE to STAGE/code (earlier copies
+def stage(meta: dict, sidecar_path: Path, stage_dir: Path, detector=None, code: tuple = SCORING_CODE) -> dict:
+    """Copy the model pair (and the detector's files) to STAGE/model and `code` to STAGE/code (earlier copies
     replaced)."""
     out = {"model": stage_dir / "model", "code": stage_dir / "code"}
     marker = stage_dir / STAGE_MARKER
@@ -142,7 +183,7 @@ def stage(meta: dict, sidecar_path: Path, stage_dir: Path, detector=None) -> dic
         names = [f"detector_{meta['category']}.safetensors", files[1].name] + [f.name for f in files[2:]]
         for src, name in zip(files, names):
             shutil.copy2(src, out["model"] / name)
-    for name in SCORING_CODE:
+    for name in code:
         shutil.copy2(HERE / name, out["code"] / name)
     for copy, digest in copies:
         if sha256_file(copy) != digest:
@@ -265,9 +306,9 @@ def compare(from_yaml: dict, from_code: dict, overridden: set) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Real deployment
 # --------------------------------------------------------------------------------------------------
-def deploy(args, endpoint, deployment) -> None:
+def ml_client(args):
     from azure.ai.ml import MLClient  # noqa: PLC0415
-    from azure.core.exceptions import AzureError, ClientAuthenticationError  # noqa: PLC0415
+    from azure.core.exceptions import ClientAuthenticationError  # noqa: PLC0415
     from azure.identity import CredentialUnavailableError, DefaultAzureCredential  # noqa: PLC0415
 
     credential = DefaultAzureCredential()
@@ -276,7 +317,13 @@ def deploy(args, endpoint, deployment) -> None:
     except (ClientAuthenticationError, CredentialUnavailableError) as exc:
         raise UserError(f"no usable Azure credentials ({' '.join(str(exc).split())[:200]}): run `az login` "
                         "first.") from None
-    client = MLClient(credential, args.subscription_id, args.resource_group, args.workspace)
+    return MLClient(credential, args.subscription_id, args.resource_group, args.workspace)
+
+
+def deploy(args, endpoint, deployment) -> None:
+    from azure.core.exceptions import AzureError  # noqa: PLC0415
+
+    client = ml_client(args)
     try:
         print(f"creating/updating endpoint {endpoint.name} ...")
         client.online_endpoints.begin_create_or_update(endpoint).result()
@@ -298,6 +345,141 @@ def deploy(args, endpoint, deployment) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# The batch endpoint (--batch)
+# --------------------------------------------------------------------------------------------------
+def _package_name(requirement) -> str:
+    return str(requirement).split("=")[0].split("<")[0].split(">")[0].split("~")[0].split("[")[0].strip().lower()
+
+
+def batch_environment(online_env: dict) -> dict:
+    """environment.yml (the online endpoint's, versions pinned there) minus the HTTP server, plus Azure's batch
+    runtime: the same engine and libraries score the images online and in batch."""
+    dependencies = []
+    for dep in online_env.get("dependencies", []):
+        if isinstance(dep, dict) and "pip" in dep:
+            pip = [r for r in dep["pip"] if _package_name(r) != HTTP_SERVER_PACKAGE]
+            dep = {"pip": pip + [r for r in BATCH_RUNTIME_PACKAGES if _package_name(r) not in map(_package_name, pip)]}
+        dependencies.append(dep)
+    return {**online_env, "name": "tp4-onnx-batch-scoring", "dependencies": dependencies}
+
+
+def build_batch_entities(args, meta: dict, staged: dict, conda_file: Path):
+    """The cluster, the batch endpoint and its deployment, built with the SDK's entity classes."""
+    from azure.ai.ml.entities import (AmlCompute, BatchEndpoint, BatchRetrySettings,  # noqa: PLC0415
+                                      CodeConfiguration, Environment, Model, ModelBatchDeployment,
+                                      ModelBatchDeploymentSettings)
+
+    cluster = AmlCompute(**{**BATCH_CLUSTER, "size": args.instance_type or BATCH_CLUSTER["size"]})
+    endpoint_name = args.endpoint_name or BATCH_ENDPOINT_NAME
+    endpoint = BatchEndpoint(name=endpoint_name, tags={"project": "tp4-optimisation"},
+                             description="MVTec AD good/anomaly classifier, batch scoring of image folders - TP Jour 4")
+    model = Model(path=str(staged["model"]), type="custom_model",
+                  description=f"{meta['category']} {meta['variant']} (sha256 {meta['sha256'][:12]})",
+                  tags={"variant": str(meta["variant"]), "category": str(meta["category"]),
+                        "sha256": str(meta["sha256"])})
+    settings = {**BATCH_SETTINGS, "instance_count": args.instance_count or BATCH_SETTINGS["instance_count"],
+                "mini_batch_size": args.mini_batch_size or BATCH_SETTINGS["mini_batch_size"]}
+    deployment = ModelBatchDeployment(
+        name=args.deployment_name or BATCH_DEPLOYMENT_NAME, endpoint_name=endpoint_name, model=model,
+        environment=Environment(image=IMAGE, conda_file=str(conda_file)),
+        code_configuration=CodeConfiguration(code=str(staged["code"]), scoring_script="batch_score.py"),
+        compute=cluster.name,
+        settings=ModelBatchDeploymentSettings(**settings, retry_settings=BatchRetrySettings(**BATCH_RETRY),
+                                              environment_variables=dict(BATCH_ENVIRONMENT_VARIABLES)))
+    return cluster, endpoint, deployment
+
+
+def batch_spec(cluster, endpoint, deployment) -> dict:
+    """What matters in a batch deployment, read back from the SDK entities."""
+    s = deployment.settings
+    return {"endpoint.name": endpoint.name, "deployment.name": deployment.name,
+            "compute.name": cluster.name, "compute.size": cluster.size,
+            "compute.min_instances": cluster.min_instances, "compute.max_instances": cluster.max_instances,
+            "compute.idle_time_before_scale_down": cluster.idle_time_before_scale_down,
+            "instance_count": s.instance_count, "max_concurrency_per_instance": s.max_concurrency_per_instance,
+            "mini_batch_size": s.mini_batch_size, "retry_settings.max_retries": s.retry_settings.max_retries,
+            "retry_settings.timeout": s.retry_settings.timeout, "output_action": s.output_action,
+            "output_file_name": s.output_file_name, "error_threshold": s.error_threshold,
+            "logging_level": s.logging_level, "scoring_script": deployment.code_configuration.scoring_script,
+            "environment.image": deployment.environment.image,
+            "environment_variables": dict(s.environment_variables or {})}
+
+
+def dump_yaml(entity, path: Path) -> None:
+    """The SDK's own serialisation of an entity (it fails on an invalid one), as plain YAML."""
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(entity._to_dict())), sort_keys=False), "utf-8")
+
+
+def deploy_batch(args, cluster, endpoint, deployment) -> None:
+    from azure.core.exceptions import AzureError  # noqa: PLC0415
+
+    client = ml_client(args)
+    try:
+        print(f"creating/updating compute cluster {cluster.name} ({cluster.size}, {cluster.min_instances}-"
+              f"{cluster.max_instances} nodes) ...")
+        client.compute.begin_create_or_update(cluster).result()
+        print(f"creating/updating batch endpoint {endpoint.name} ...")
+        client.batch_endpoints.begin_create_or_update(endpoint).result()
+        print(f"creating/updating batch deployment {deployment.name}; building the environment can take 10-20 "
+              "minutes ...")
+        client.batch_deployments.begin_create_or_update(deployment).result()
+        endpoint = client.batch_endpoints.get(endpoint.name)
+        endpoint.defaults.deployment_name = deployment.name
+        client.batch_endpoints.begin_create_or_update(endpoint).result()
+    except AzureError as exc:
+        raise UserError(f"Azure refused the batch deployment: {' '.join(str(exc).split())[:500]}") from None
+    where = f"-g {args.resource_group} -w {args.workspace}"
+    print(f"\nbatch endpoint {endpoint.name} ready, default deployment {deployment.name}")
+    print(f"score a folder: az ml batch-endpoint invoke -n {endpoint.name} {where} --input <folder of images> "
+          "--input-type uri_folder")
+    print(f"results: az ml job download -n <job name> {where} --output-name score  "
+          f"(-> {deployment.settings.output_file_name}, one line per image: {', '.join(BATCH_COLUMNS)})")
+
+
+def main_batch(args, config_dir: Path, stage_dir: Path) -> int:
+    sidecar_path, meta = check_model(args.models_dir, args.sidecar)
+    online_env = read_yaml(config_dir / "environment.yml")
+    env = batch_environment(online_env)
+    pip = next((d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d), [])
+    missing = [name for name in CONDA_PACKAGES if name != HTTP_SERVER_PACKAGE and name not in map(_package_name, pip)]
+    if missing:
+        raise UserError(f"{config_dir / 'environment.yml'} lacks the pip package(s) {', '.join(missing)} that "
+                        "batch_score.py needs.")
+    batch_dir = stage_dir / "batch"
+    staged = stage(meta, sidecar_path, batch_dir, code=BATCH_SCORING_CODE)
+    conda_file = batch_dir / "environment.yml"
+    conda_file.write_text("# written by deploy_azure.py --batch from environment.yml: no HTTP server, Azure's batch "
+                          "runtime\n" + yaml.safe_dump(env, sort_keys=False), "utf-8")
+    print(f"model {meta['onnx_path']} (variant {meta['variant']}, category {meta['category']}, sha256 "
+          f"{meta['sha256'][:12]}... verified), the batch scoring code ({', '.join(BATCH_SCORING_CODE)}) and "
+          f"environment.yml staged in {batch_dir}")
+    if not import_sdk():
+        if not args.dry_run:
+            raise UserError(f"the azure-ai-ml SDK is not installed: {SDK_HINT}.")
+        print(f"note: azure-ai-ml is not installed ({SDK_HINT}): SDK entities not built.")
+        print(format_table([{"setting": k, "value": v} for k, v in {**BATCH_CLUSTER, **BATCH_SETTINGS,
+                                                                    **BATCH_RETRY}.items()], ["setting", "value"]))
+        return 0
+
+    cluster, endpoint, deployment = build_batch_entities(args, meta, staged, conda_file)
+    for name, entity in (("batch-compute", cluster), ("batch-endpoint", endpoint),
+                         ("batch-deployment", deployment)):
+        dump_yaml(entity, batch_dir / f"{name}.generated.yml")
+    spec = batch_spec(cluster, endpoint, deployment)
+    rows = [{"setting": k, "value": v if not isinstance(v, dict) else ", ".join(f"{a}={b}" for a, b in v.items())}
+            for k, v in spec.items()]
+    print(format_table(rows, ["setting", "value"]))
+    print(f"output: one line per image ({', '.join(BATCH_COLUMNS)}); full specification: "
+          f"{batch_dir}/batch-deployment.generated.yml")
+    if args.dry_run:
+        print("dry run: nothing sent to Azure. Deploy with --batch --subscription-id/--resource-group/--workspace "
+              "after `az login`.")
+        return 0
+    deploy_batch(args, cluster, endpoint, deployment)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = parse_args(argv)
     config_dir = Path(args.config_dir).resolve()
@@ -309,6 +491,8 @@ def main(argv=None) -> int:
         if missing:
             raise UserError(f"a real deployment needs {', '.join(missing)} (and `az login`); use --dry-run to "
                             "check everything without Azure.")
+    if args.batch:
+        return main_batch(args, config_dir, stage_dir)
 
     sidecar_path, meta = check_model(args.models_dir, args.sidecar)
     docs = check_yaml(config_dir)

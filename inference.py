@@ -17,6 +17,7 @@ import datetime as _dt
 import functools
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,24 @@ DEFAULT_MAX_PIXELS = 25_000_000          # per image: a 6000x4000 camera frame; 
 DEFAULT_MAX_REQUEST_PIXELS = 64_000_000  # per request (score.py) or batch: decoded one image at a time anyway
 # The most memory one decode takes: an RGBA image at the limit holds its 4 bytes/pixel, the RGB background (3) and
 # the alpha mask (1) at once: 8 x 25e6 = 200 MB on top of the server's ~250 MB.
+
+
+def env_number(name: str, default: float) -> float:
+    """A positive number from the environment (score.py's and batch_score.py's limits), default when unset."""
+    text = os.environ.get(name) or str(default)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a number, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"environment variable {name} must be > 0, got {text!r}")
+    return value
+
+
+def serving_model_dir() -> Path:
+    """Where the Azure entry scripts (score.py, batch_score.py) find the model: AZUREML_MODEL_DIR (Azure, or
+    azmlinfsrv --model_dir), else ./modeles."""
+    return Path(os.environ.get("AZUREML_MODEL_DIR") or "modeles")
 
 
 def image_header(source, what: str | None = None, max_pixels: int | None = None) -> tuple[int, int]:

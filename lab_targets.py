@@ -77,6 +77,10 @@ DETECTOR_GOOD_THRESHOLD_RULE = "highest score of good training images held out o
 # --------------------------------------------------------------------------------------------------
 # Scores, threshold, predictions
 # --------------------------------------------------------------------------------------------------
+# one line per file of the batch endpoint's output (batch_score.py), named as predict.py's columns
+BATCH_COLUMNS = ("path", "label", "anomaly_probability", "threshold", "model_sha256", "error")
+
+
 def anomaly_scores(logits) -> np.ndarray:
     """P(anomaly) = softmax(logits)[:, 1], computed stably from a [N, 2] array of logits."""
     logits = np.asarray(logits, dtype=np.float64)

@@ -50,7 +50,7 @@ from PIL import Image
 # azmlinfsrv (locally and on Azure) loads this file by its path: its sibling modules are not importable otherwise
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, ImageError, Classifier, PatchDetector, \
-    find_sidecar, image_header, load_rgb, preprocess  # noqa: E402
+    env_number, find_sidecar, serving_model_dir, image_header, load_rgb, preprocess  # noqa: E402
 from inference import read_sidecar  # noqa: E402, F401 - what deploy_azure.py checks before shipping
 
 try:  # inside azmlinfsrv these names are mapped onto the server's own module
@@ -68,21 +68,11 @@ _model: Classifier | None = None
 _detector: PatchDetector | None = None  # the good-only detector of the same category, when shipped: maps
 
 
-def _env_number(name: str, default: float) -> float:
-    try:
-        value = float(os.environ.get(name, default))
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be a number, got {os.environ[name]!r}") from None
-    if value <= 0:
-        raise ValueError(f"environment variable {name} must be > 0")
-    return value
-
-
 def limits() -> dict:
-    return {"max_body_bytes": int(_env_number("TP4_MAX_BODY_MB", 10) * 1_000_000),
-            "max_images": int(_env_number("TP4_MAX_IMAGES", 16)),
-            "max_pixels": int(_env_number("TP4_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
-            "max_request_pixels": int(_env_number("TP4_MAX_REQUEST_PIXELS", DEFAULT_MAX_REQUEST_PIXELS))}
+    return {"max_body_bytes": int(env_number("TP4_MAX_BODY_MB", 10) * 1_000_000),
+            "max_images": int(env_number("TP4_MAX_IMAGES", 16)),
+            "max_pixels": int(env_number("TP4_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
+            "max_request_pixels": int(env_number("TP4_MAX_REQUEST_PIXELS", DEFAULT_MAX_REQUEST_PIXELS))}
 
 
 def _read_image(read, data: bytes, what: str, max_pixels: int):
@@ -124,11 +114,6 @@ def model_inputs(images: list[tuple[str, bytes]], preprocessings: list[dict], li
             batch.append(preprocess(img, pre))
         del img  # the full-size pixels go before the next image is decoded
     return [np.stack(batch) for batch in batches]
-
-
-def model_dir() -> Path:
-    """AZUREML_MODEL_DIR (Azure, or azmlinfsrv --model_dir), else ./modeles."""
-    return Path(os.environ.get("AZUREML_MODEL_DIR") or "modeles")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,14 +227,14 @@ def init() -> None:
     """Called once per worker: find, verify and load the model. Any error stops the server from starting."""
     global _model, _detector
     lim = limits()
-    sidecar = find_sidecar(model_dir())
+    sidecar = find_sidecar(serving_model_dir())
     threads = int(os.environ.get("TP4_ORT_THREADS", "0") or 0)
     _model = Classifier(sidecar, threads=threads)
     logger.info("model %s loaded (variant %s, sha256 %s..., category %s, input %s, labels %s); limits %s",
                 _model.meta["onnx_path"], _model.info["variant"], str(_model.info["sha256"])[:12],
                 _model.info["category"], _model.info["input_size"], _model.labels, lim)
     _detector = None
-    found = sorted(model_dir().rglob(f"detector_{_model.info['category']}.safetensors"))
+    found = sorted(serving_model_dir().rglob(f"detector_{_model.info['category']}.safetensors"))
     if found:  # optional: shipped by deploy_azure.py --detector; a broken one stops the server like the model
         _detector = PatchDetector(found[0], threads=threads)
         logger.info("detector %s loaded (%s, sha256 %s..., grid %s): maps on request", found[0],

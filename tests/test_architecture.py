@@ -13,8 +13,8 @@ import lab_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"benchmark_gpu", "quantization_demo", "onnx_optimization", "optimization_pipeline", "score",
-           "deploy_azure", "load_test", "download_mvtec", "predict", "anomaly_detector"}
-SERVING = ("score", "load_test", "deploy_azure", "inference", "lab_io", "lab_targets", "rapport", "predict")
+           "deploy_azure", "load_test", "download_mvtec", "predict", "anomaly_detector", "batch_score"}
+SERVING = ("score", "load_test", "deploy_azure", "inference", "lab_io", "lab_targets", "rapport", "predict", "batch_score")
 
 
 def imports_of(path: Path) -> list[tuple[str, list[str]]]:
