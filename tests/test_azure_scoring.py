@@ -98,7 +98,7 @@ def azmlinfsrv(model_dir: Path, workdir: Path, env: dict | None = None, timeout:
             try:
                 if requests.get(base + "/", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # still starting, or slow on a loaded machine
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"azmlinfsrv not ready after {timeout} s:\n{log_path.read_text()[-3000:]}")
