@@ -5,8 +5,8 @@
     python deploy_azure.py --subscription-id SUB --resource-group RG --workspace WS
     python deploy_azure.py --batch --dry-run   # the batch endpoint for a backlog of images (batch_score.py)
 
-Steps: check the sidecar (format, ONNX file, sha256, via score.read_sidecar: what the server will accept), copy
-the model pair and the scoring code (score.py + the torch-free modules it imports) into azureml/build/{model,code}
+Steps: check the sidecar (format, ONNX file, sha256: inference.read_sidecar, what score.py will accept), copy the
+model pair and the scoring code (score.py + the torch-free modules it imports) into azureml/build/{model,code}
 (only those files are uploaded), build the endpoint and deployment with the SDK (ManagedOnlineEndpoint,
 ManagedOnlineDeployment, Model, Environment, CodeConfiguration, OnlineRequestSettings, ProbeSettings), load
 azureml/endpoint.yml and deployment.yml with the SDK and check they describe the same deployment (so `az ml online-deployment create -f azureml/deployment.yml`
@@ -62,7 +62,7 @@ BATCH_SETTINGS = {"mini_batch_size": 64,            # files per run() call: a re
                   "output_action": "append_row", "output_file_name": "predictions.csv",
                   "error_threshold": 0,  # bad images never fail (their row has the error): a failure is a real one
                   "logging_level": "info"}
-# timeout: seconds per mini-batch. 64 images take ~2 s on one worker with the demo model (README, 900 px PNGs)
+# timeout: seconds per mini-batch. 64 images take ~2 s on one worker with the demo model (docs/guide.md, 900 px PNGs)
 # and ~16 s with ViT-Base fp32 (deployment.yml: ~4 s per 16): a margin for slow nodes, a hung one is retried
 BATCH_RETRY = {"max_retries": 3, "timeout": 300}
 BATCH_ENVIRONMENT_VARIABLES = {"TP4_ORT_THREADS": "2"}  # TP4_MAX_PIXELS: score.py's default
@@ -125,25 +125,19 @@ def parse_args(argv=None):
 # Local checks: model, staging, YAML
 # --------------------------------------------------------------------------------------------------
 def check_model(models_dir: str, sidecar: str) -> tuple[Path, dict]:
-    """The sidecar's path and content, as score.py's init() will read it (format, ONNX file, sha256)."""
-    score = import_score()
+    """The sidecar's path and content, as score.py's init() will read it (inference.read_sidecar: format, ONNX file,
+    sha256)."""
+    from inference import read_sidecar
+
     path = Path(sidecar) if Path(sidecar).is_absolute() or Path(sidecar).parent != Path(".") \
         else Path(models_dir) / sidecar
     if not path.is_file():
         raise UserError(f"sidecar {path} not found: run onnx_optimization.py first (it writes "
                         f"{Path(models_dir) / 'model_final.onnx'} and model_final.json).")
     try:
-        return path, score.read_sidecar(path)
+        return path, read_sidecar(path)
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(str(exc)) from None
-
-
-def import_score():
-    try:
-        import score  # noqa: PLC0415 - imports onnxruntime and the inference server's request classes
-    except ImportError as exc:
-        raise UserError(f"{exc.name} is not installed: pip install -r requirements.txt") from None
-    return score
 
 
 def check_detector(path: str, meta: dict):

@@ -417,6 +417,13 @@ def benchmark_runner(runner: Runner, inputs: np.ndarray, *, warmup: int = 5, run
                      warmup=warmup, runs=runs, max_seconds=max_seconds, desc=desc)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Logits [N, K] -> probabilities [N, K], in float64 (stable: the row maximum is subtracted first)."""
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
 class Classifier:
     """The model a sidecar describes (ONNX Runtime or OpenVINO), ready to score preprocessed batches."""
 
@@ -448,11 +455,7 @@ class Classifier:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, 3, H, W] -> probabilities [N, n_labels] (float64)."""
         step = self.max_batch or len(batch)
-        logits = np.concatenate([self.runner.run(batch[i:i + step])
-                                 for i in range(0, len(batch), step)]).astype(np.float64)
-        z = logits - logits.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return softmax(np.concatenate([self.runner.run(batch[i:i + step]) for i in range(0, len(batch), step)]))
 
     def label_of(self, probabilities: np.ndarray) -> str:
         """The decision threshold chosen on the validation split, stored in the sidecar (not argmax)."""

@@ -522,7 +522,7 @@ RESULT_COLUMNS = {
                                                            "backbone, patch distances) at batch_size images per call"),
     "backbone_mb": ("MB (10^6 bytes)", LOWER, _MODEL, "the detector's exported backbone on disk (0: run by PyTorch)"),
 }
-# Columns renamed when the four CSV writers were unified (README, "Colonnes des CSV"): old -> new
+# Columns renamed when the four CSV writers were unified: old -> new (a test checks that no old name comes back)
 RENAMED_COLUMNS = {"accuracy_loss_pt": "accuracy_delta_pt (sign reversed: negative = loss)",
                    "f1_loss_pt": "f1_delta_pt (sign reversed)", "auroc_loss_pt": "auroc_delta_pt (sign reversed)",
                    "agreement_pct": "agreement (fraction 0-1)", "prediction_agreement": "agreement",

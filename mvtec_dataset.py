@@ -163,17 +163,6 @@ def write_manifest(path: str | Path, manifest: dict, overwrite: bool = False) ->
     save_manifest(path, manifest)
 
 
-def load_manifest(path: str | Path) -> dict:
-    try:
-        manifest = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"split manifest {path} not found.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"split manifest {path} is not valid JSON ({exc}).") from None
-    split_from_manifest(manifest)  # validates
-    return manifest
-
-
 def prepare_split(data_dir, category: str, seed: int = 42, val_frac: float = 0.15, test_frac: float = 0.25):
     """Index a category and split it. Returns (split dict, manifest dict)."""
     samples = index_category(data_dir, category)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import onnx_optimization as oo
+import engines
 import quantize as qz
 from inference import (ENGINE_ORT, Runner, benchmark_runner, onnx_opset, runner_predict_logits, save_final,
                        write_sidecar)
@@ -368,7 +368,7 @@ def onnx_files(args, model, ckpt, ckpt_path: Path, prefix: str, optimize: bool) 
     if args.resume and is_fresh(fp32, ckpt_path):
         out["notes"].append(f"reused {fp32.name}")
     else:
-        info = oo.export_onnx(model, fp32, ckpt["preprocessing"], overwrite=args.overwrite)
+        info = engines.export_onnx(model, fp32, ckpt["preprocessing"], overwrite=args.overwrite)
         out["exporter"] = info["exporter"]
         out["notes"].append(f"exported {fp32.name} ({info['exporter']}, opset {info['opset']})")
     out["fp32-optimized"] = None
@@ -377,7 +377,7 @@ def onnx_files(args, model, ckpt, ckpt_path: Path, prefix: str, optimize: bool) 
         if args.resume and is_fresh(opt, fp32):
             out["fp32-optimized"] = opt
         else:
-            fusion = oo.optimize_onnx(fp32, opt, model.config, overwrite=args.overwrite)
+            fusion = engines.optimize_onnx(fp32, opt, model.config, overwrite=args.overwrite)
             if fusion["applied"]:
                 out["fp32-optimized"] = opt
                 out["notes"].append(f"ORT fusion {fusion['fused'] or 'no pattern matched'}")
@@ -385,19 +385,19 @@ def onnx_files(args, model, ckpt, ckpt_path: Path, prefix: str, optimize: bool) 
                 out["notes"].append(f"ORT fusion skipped ({fusion['reason']}): the plain export is used")
     int8 = models_dir / f"{prefix}int8.onnx"
     if not (args.resume and is_fresh(int8, fp32)):
-        oo.quantize_onnx_int8(fp32, int8, overwrite=args.overwrite)  # int8 of the plain export: fastest on AVX2
+        engines.quantize_onnx_int8(fp32, int8, overwrite=args.overwrite)  # int8 of the plain export: fastest on AVX2
     out["int8"] = int8
     return out
 
 
 def ort_int8_mixed_step(args, data: Data, model, ckpt, fp32: Path) -> Path:
     """ONNX Runtime int8 with the most sensitive layers kept fp32 (label-free rule on train + val, see
-    onnx_optimization.quantize_onnx_int8_mixed); reused with --resume when newer than the fp32 export."""
-    path = Path(args.models_dir) / oo.FILES["ort-int8-mixed"]
+    engines.quantize_onnx_int8_mixed); reused with --resume when newer than the fp32 export."""
+    path = Path(args.models_dir) / engines.FILES["ort-int8-mixed"]
     if args.resume and is_fresh(path, fp32):
         return path
     loaders = data.loaders(ckpt["preprocessing"], ("train", "val"), augment="none")
-    info = oo.quantize_onnx_int8_mixed(fp32, path, model, {n: loader.dataset for n, loader in loaders.items()},
+    info = engines.quantize_onnx_int8_mixed(fp32, path, model, {n: loader.dataset for n, loader in loaders.items()},
                                        checkpoint_threshold(ckpt), overwrite=args.overwrite)
     print(f"   ORT int8 mixed precision: {len(info['fp32_linears'])} nn.Linear kept fp32, agreement with fp32 on "
           f"train+val {info['agreement'] * 100:.1f} % -> {path}")
@@ -492,7 +492,7 @@ def engine_variant(name, step, role, path: Path, reference: Variant, *, engine=E
         reference.conversions[key] = (judged, test) if same_graph else judged_against(
             reference, CONVERSION, f"{fp32_graph.name} ({engine})", *graph, reference.threshold)
     conversion = reference.conversions[key]
-    return Variant(name, step, role, engine, oo.variant_precision(name, runner), path, oo.model_size_mb(path),
+    return Variant(name, step, role, engine, engines.variant_precision(name, runner), path, engines.model_size_mb(path),
                    reference.model_name, reference.params_m, reference.threshold, reference.loader, logits, labels,
                    reference.selection, chosen_on, runner=runner, reference=reference, judged=judged, test=test,
                    conversion=conversion, graph_file=f"{fp32_graph.name} ({engine})", exporter=exporter,
@@ -503,7 +503,7 @@ def openvino_step(args, data: Data, ckpt, fp32_onnx: Path, reference: Variant, s
                   threads, exporter) -> list[Variant]:
     """OpenVINO variants of one model (fp32, bf16 where the CPU has it, NNCF int8), each judged like the others."""
     loaders = data.loaders(ckpt["preprocessing"], ("train", "val"), augment="none")
-    specs = oo.openvino_variants(fp32_onnx, Path(args.models_dir), reference.model,
+    specs = engines.openvino_variants(fp32_onnx, Path(args.models_dir), reference.model,
                                  {n: loader.dataset for n, loader in loaders.items()}, reference.threshold,
                                  args.calibration_images, args.overwrite, prefix=prefix)
     return [engine_variant(f"{'student-' if reference.role == 'student' else ''}{name}", step, reference.role, path,
@@ -617,7 +617,7 @@ def end_to_end_step(args, final: Path | None, base_path: Path, data: Data, threa
         if final is None and not args.skip_end_to_end:
             print("[6] end to end: skipped, no deployable model was written")
         return []
-    from predict import benchmark_end_to_end
+    from end_to_end import benchmark_end_to_end
 
     root = Path(args.data_dir) / args.category
     images = [root / s.path for s in data.split["test"]]
@@ -630,18 +630,19 @@ def end_to_end_step(args, final: Path | None, base_path: Path, data: Data, threa
 
 
 def detector_step(args, base_ckpt: dict, base_path: Path, threads: int, rid: str) -> list[dict]:
-    """7. The good-only detector (anomaly_detector.py) on the baseline's PRETRAINED backbone (the fine-tuned one has
-    seen defects of test/), fitted on train/good only, and the classifier, on the images neither trained on."""
+    """7. The good-only detector (detector.py, as anomaly_detector.py runs it) on the baseline's PRETRAINED backbone
+    (the fine-tuned one has seen defects of test/), fitted on train/good only, and the classifier, on the images
+    neither trained on."""
     if args.skip_detector:
         return []
-    import anomaly_detector
+    from detector import detector_options, evaluate
 
     print("[7] good-only detector: fitted on train/good, compared with the classifier on its test images of test/")
-    det_args = anomaly_detector.parse_args(
-        ["--category", args.category, "--data-dir", str(args.data_dir), "--model-name", base_ckpt["model_name"],
-         "--compare-checkpoint", str(base_path), "--models-dir", args.models_dir, "--results-dir", args.results_dir,
-         "--num-threads", str(threads), "--seed", str(args.seed)] + (["--overwrite"] if args.overwrite else []))
-    result = anomaly_detector.evaluate(det_args, rid=rid)
+    options = detector_options(category=args.category, data_dir=str(args.data_dir), model_name=base_ckpt["model_name"],
+                               compare_checkpoint=str(base_path), models_dir=args.models_dir,
+                               results_dir=args.results_dir, num_threads=threads, seed=args.seed,
+                               overwrite=args.overwrite)
+    result = evaluate(options, rid=rid)
     return section_rows(result["rows"], "detector", args)
 
 
@@ -652,11 +653,13 @@ def package_members(args, *, models: dict) -> tuple[dict, list[str]]:
     """({name in the archive: file}, [missing deliverables, each with the script that makes it]) in the lab's layout
     (lab_targets.LAB_DELIVERABLES); nothing missing is invented. `models`: {archive name: file or None}."""
     members = {}
-    for p in sorted(HERE.glob("*.py")) + [HERE / "requirements.txt", HERE / "README.md"]:
+    for p in sorted(HERE.glob("*.py")) + [HERE / "requirements.txt", HERE / "constraints.txt", HERE / "README.md"]:
         if p.is_file():
             members[f"code/{p.name}"] = p
     for p in sorted((HERE / "azureml").glob("*.yml")):
         members[f"code/azureml/{p.name}"] = p
+    for p in sorted((HERE / "docs").glob("*.md")):
+        members[f"code/docs/{p.name}"] = p
     results = Path(args.results_dir)
     for p in sorted(results.glob("*.csv")) + sorted(results.glob("*.png")):
         if not BACKUP_RE.search(p.name):

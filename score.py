@@ -51,7 +51,6 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, ImageError, Classifier, PatchDetector, \
     env_number, find_sidecar, serving_model_dir, image_header, load_rgb, preprocess  # noqa: E402
-from inference import read_sidecar  # noqa: E402, F401 - what deploy_azure.py checks before shipping
 
 try:  # inside azmlinfsrv these names are mapped onto the server's own module
     from azureml.contrib.services.aml_request import rawhttp

@@ -20,7 +20,7 @@ from lab_io import UserError, benchmark, cpu_name
 from lab_targets import accuracy_with_interval, anomaly_scores, choose_threshold, predict_labels
 
 PRETRAINED_DEFAULT_LR = 1e-6    # fine-tuning a pretrained ViT after the linear probe (LP-FT), top block (Adam moves
-# every weight by ~lr per step whatever its gradient: at 1e-5 the first epoch undid the probe on real screw, see README)
+# every weight by ~lr per step whatever its gradient: at 1e-5 the first epoch undid the probe on real screw, see docs/guide.md)
 PRETRAINED_LAYER_DECAY = 0.75   # block i of L fine-tunes at lr * 0.75^(L - i): the early, generic blocks move least
 OFFLINE_DEFAULT_LR = 1e-3       # the offline presets start from random weights and need a larger step
 OFFLINE_DEFAULT_EPOCHS = 30     # ... and more epochs than the lab's 3 (used by tests and the demo)
@@ -453,12 +453,6 @@ def predict_logits(model, loader, device: torch.device | str = "cpu", desc: str 
     if not all_logits:
         return np.zeros((0, 2), np.float32), np.zeros((0,), np.int64)
     return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy().astype(np.int64)
-
-
-def softmax_np(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def classification_metrics(labels, logits, defect_types=None, threshold: float = 0.5) -> dict:

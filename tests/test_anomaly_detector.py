@@ -3,10 +3,12 @@ bank, the coreset and the error paths."""
 import csv
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
-import anomaly_detector as ad
+import detector as ad
+from inference import read_detector
 from lab_io import UserError
 
 
@@ -53,8 +55,8 @@ def test_fit_evaluate_and_outputs(fitted):
     overlays = sorted(p.name for p in (cwd / "resultats" / "detector_overlays" / "bottle").glob("*.png"))
     assert len(overlays) == 4 and any(n.startswith("good_") for n in overlays)  # one per test folder
 
-    bank, config = ad.load_detector(cwd / "modeles" / "detector_bottle.safetensors")
-    assert bank.dtype == torch.float16 and bank.shape[0] == int(overall["bank_patches"])
+    bank, config = read_detector(cwd / "modeles" / "detector_bottle.safetensors")
+    assert bank.dtype == np.float16 and bank.shape[0] == int(overall["bank_patches"])
     assert config["threshold"] == pytest.approx(float(overall["threshold"]), rel=1e-5)  # the CSV keeps 6 digits
     assert config["threshold_rule"] == overall["threshold_rule"]
     assert config["threshold_images"] == {"good": int(overall["n_threshold_good"]),
@@ -99,12 +101,24 @@ def test_a_foreign_file_is_not_a_detector(tmp_path):
     bad = tmp_path / "x.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="not a detector"):
-        ad.load_detector(bad)
+        read_detector(bad)
     with pytest.raises(UserError, match="not found"):
-        ad.load_detector(tmp_path / "missing.safetensors")
+        read_detector(tmp_path / "missing.safetensors")
 
 
 def test_default_input_is_24_patches_for_a_pretrained_backbone():
     assert ad.default_image_size("/models/dinov2-small", {"image_size": [224, 224]}, 14) == 336
     assert ad.default_image_size("google/vit-base-patch16-224-in21k", {"image_size": [224, 224]}, 16) == 384
     assert ad.default_image_size("offline-vit-tiny", {"image_size": [64, 64]}, 8) == 64  # random init: its own
+
+
+def test_detector_options_are_the_flags_defaults():
+    """The pipeline's detector_options() and anomaly_detector.py's flags share one table of defaults and one check."""
+    import anomaly_detector
+
+    assert vars(anomaly_detector.parse_args([])) == ad.DETECTOR_DEFAULTS
+    assert vars(ad.detector_options(category="screw", seed=3)) == {**ad.DETECTOR_DEFAULTS, "category": "screw", "seed": 3}
+    with pytest.raises(TypeError, match="unknown detector option"):
+        ad.detector_options(categroy="screw")
+    with pytest.raises(UserError, match="--coreset"):
+        ad.detector_options(coreset=0)

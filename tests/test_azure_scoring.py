@@ -28,8 +28,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 from deploy_azure import SCORING_CODE
+from inference import softmax
 from mvtec_dataset import image_to_tensor, load_rgb
-from train_utils import softmax_np
 
 SERVER_ENV = {"TP4_MAX_BODY_MB": "1", "TP4_MAX_IMAGES": "4", "TP4_MAX_PIXELS": "1000000",
               "TP4_MAX_REQUEST_PIXELS": "2000000"}
@@ -126,7 +126,7 @@ def reference(model_path: Path, images: list[Image.Image], pre: dict) -> np.ndar
     """Probabilities of a direct ONNX Runtime run, preprocessed by mvtec_dataset.image_to_tensor."""
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     batch = np.stack([image_to_tensor(img, pre).numpy() for img in images])
-    return softmax_np(session.run(["logits"], {"pixel_values": batch})[0].astype(np.float64))
+    return softmax(session.run(["logits"], {"pixel_values": batch})[0])
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -439,7 +439,7 @@ def test_openvino_ir_final_is_served(azure_model_dir, test_images, tmp_path):
     pre = sidecar["preprocessing"]
     images = [load_rgb(p) for p in test_images]
     x = np.stack([image_to_tensor(img, pre).numpy() for img in images])
-    expected = softmax_np(Runner(folder / "model_final.xml", "openvino", 1, "f32").run(x).astype(np.float64))
+    expected = softmax(Runner(folder / "model_final.xml", "openvino", 1, "f32").run(x))
     for name in ("srv", "srv2"):
         (tmp_path / name).mkdir()
     with azmlinfsrv(folder, tmp_path / "srv", env=SERVER_ENV) as base:

@@ -1,5 +1,5 @@
 """Result CSVs written by several processes at once: every row kept exactly once, one header (lab_io.csv_lock around
-the read-merge-replace of lab_io.append_csv_rows and predict.PredictionStore.save), a stuck lock is one clear error.
+the read-merge-replace of lab_io.append_csv_rows and prediction_store.PredictionStore.save), a stuck lock is one clear error.
 
 The writers are real processes (multiprocessing, "spawn": what Windows does, and no state shared by fork), released
 together by a barrier so that their writes interleave.
@@ -30,17 +30,17 @@ def _append_writer(path, writer: int, n: int, barrier) -> None:
 
 
 def _prediction(path: str, score: float, rid: str) -> dict:
-    import predict
+    import prediction_store
 
     result = {"path": path, "label": "good", "score": score, "error": "", "width": 8, "height": 8}
-    return predict.prediction_row(result, MODEL, IDENTITY, rid)
+    return prediction_store.prediction_row(result, MODEL, IDENTITY, rid)
 
 
 def _store_writer(path, writer: int, n: int, barrier) -> None:
-    """As predict._main: put a row per image, save every few images, save at the end."""
-    import predict
+    """As predict.py: put a row per image, save every few images, save at the end."""
+    import prediction_store
 
-    store = predict.PredictionStore(path, IDENTITY)
+    store = prediction_store.PredictionStore(path, IDENTITY)
     rid = lab_io.run_id()
     barrier.wait()
     for i in range(n):
@@ -87,13 +87,13 @@ def test_concurrent_appends_keep_every_row_once(tmp_path, writers):
 
 
 def test_two_prediction_stores_in_two_processes_keep_every_row(tmp_path):
-    import predict
+    import prediction_store
 
     path, n = tmp_path / "pred.csv", 60
     _run_together(_store_writer, path, 2, n)
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames[:len(predict.PREDICTION_COLUMNS)] == list(predict.PREDICTION_COLUMNS)
+        assert reader.fieldnames[:len(prediction_store.PREDICTION_COLUMNS)] == list(prediction_store.PREDICTION_COLUMNS)
         rows = list(reader)
     assert _header_count(path) == 1 and len(rows) == 2 * n
     assert Counter(r["path"] for r in rows) == {f"/line{w}/img{i:03d}.png": 1 for w in range(2) for i in range(n)}
@@ -104,13 +104,13 @@ def test_two_prediction_stores_in_two_processes_keep_every_row(tmp_path):
 
 def test_store_save_merges_rows_another_store_saved_meanwhile(tmp_path):
     """Two runs started on the same file: each save keeps the other's rows; one row per image (the last saved)."""
-    import predict
+    import prediction_store
 
     path = tmp_path / "pred.csv"
-    first = predict.PredictionStore(path, IDENTITY)
+    first = prediction_store.PredictionStore(path, IDENTITY)
     first.put(_prediction("/old.png", 0.1, "r0"))
     first.save()
-    a, b = predict.PredictionStore(path, IDENTITY), predict.PredictionStore(path, IDENTITY)
+    a, b = prediction_store.PredictionStore(path, IDENTITY), prediction_store.PredictionStore(path, IDENTITY)
     a.put(_prediction("/a.png", 0.2, "ra"))
     b.put(_prediction("/b.png", 0.3, "rb"))
     a.save()
@@ -125,12 +125,12 @@ def test_store_save_merges_rows_another_store_saved_meanwhile(tmp_path):
 
 
 def test_a_lock_held_too_long_is_one_clear_user_error(tmp_path, monkeypatch):
-    import predict
+    import prediction_store
 
     path = tmp_path / "results.csv"
     lock = f"{path}.lock"
     monkeypatch.setattr(lab_io, "CSV_LOCK_TIMEOUT_S", 0.2)
-    store = predict.PredictionStore(path, IDENTITY)
+    store = prediction_store.PredictionStore(path, IDENTITY)
     store.put(_prediction("/a.png", 0.2, "ra"))
     with FileLock(lock):  # another writer that does not let go
         for write in (lambda: lab_io.append_csv_rows(path, [{"run_id": "x", "runs": 1}]), store.save):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import anomaly_detector as ad
+import detector as ad
 from inference import MAP_SIZE, PatchDetector, load_rgb, preprocess, read_detector
 from lab_io import UserError
 
@@ -21,10 +21,10 @@ def test_served_detector_equals_the_pytorch_one(detector_files, test_paths):
     """The ONNX backbone + numpy scoring that predict.py and score.py use give the scores and maps of the PyTorch
     feature extractor anomaly_detector.py fitted the bank with."""
     served = PatchDetector(detector_files / "detector_bottle.safetensors", threads=1)
-    bank, config = ad.load_detector(detector_files / "detector_bottle.safetensors")
+    bank, config = read_detector(detector_files / "detector_bottle.safetensors")
     model, pre, _ = ad.load_backbone(config["model_name"], 0)
     pre = {**pre, **config["preprocessing"]}  # the input size the detector was fitted at
-    reference = ad.Detector(model, pre, config["model_name"], config["layers"], bank=bank,
+    reference = ad.Detector(model, pre, config["model_name"], config["layers"], bank=torch.from_numpy(bank),
                             threshold=config["threshold"])
     reference.score_top = config["image_score_top"]
     ref_scores, ref_maps = reference.score_features(ad.extract(reference.extractor, test_paths, pre, 16, "ref"))

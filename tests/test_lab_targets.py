@@ -160,6 +160,7 @@ def test_lp_ft_recipe_threshold_flows_to_sidecar_and_score(run, synthetic_root, 
     from werkzeug.wrappers import Request
 
     import score
+    from inference import read_sidecar
 
     monkeypatch.setenv("AZUREML_MODEL_DIR", str(tmp_path / "modeles"))
     score.init()
@@ -172,4 +173,4 @@ def test_lp_ft_recipe_threshold_flows_to_sidecar_and_score(run, synthetic_root, 
     bad = dict(json.loads(sidecar_path.read_text()), threshold=2.0)
     sidecar_path.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="threshold must be a probability"):
-        score.read_sidecar(sidecar_path)
+        read_sidecar(sidecar_path)

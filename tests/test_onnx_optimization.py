@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import load_model_hf as lm
-import onnx_optimization as oo
+import engines
 from inference import Runner, cpu_supports, make_session
 from lab_io import UserError
 from lab_targets import (CONVERSION, QUANTIZATION, choose_deployable, guard_kind, judge_selection, recommend,
@@ -204,7 +204,7 @@ def test_guard_and_choice_read_no_test_label():
 def test_fusion_is_skipped_for_non_transformers(tmp_path):
     from types import SimpleNamespace
 
-    result = oo.optimize_onnx(tmp_path / "absent.onnx", tmp_path / "out.onnx",
+    result = engines.optimize_onnx(tmp_path / "absent.onnx", tmp_path / "out.onnx",
                               SimpleNamespace(model_type="resnet", hidden_sizes=[64, 128]))
     assert not result["applied"] and "resnet" in result["reason"] and not (tmp_path / "out.onnx").exists()
 
@@ -231,10 +231,10 @@ def _local_model(tmp_path, arch):
 @pytest.mark.parametrize("arch", ["deit", "dinov2"])
 def test_other_architectures_export_and_run_in_ort(tmp_path, arch):
     model, pre = _local_model(tmp_path, arch)
-    info = oo.export_onnx(model, tmp_path / "m.onnx", pre, 17)
+    info = engines.export_onnx(model, tmp_path / "m.onnx", pre, 17)
     assert info["exporter"] == "torchscript" and info["opset"] == 17 and info["fallback_reason"] is None
-    fused = oo.optimize_onnx(tmp_path / "m.onnx", tmp_path / "m_opt.onnx", model.config)
-    oo.quantize_onnx_int8(tmp_path / "m.onnx", tmp_path / "m_int8.onnx")
+    fused = engines.optimize_onnx(tmp_path / "m.onnx", tmp_path / "m_opt.onnx", model.config)
+    engines.quantize_onnx_int8(tmp_path / "m.onnx", tmp_path / "m_int8.onnx")
     x = torch.randn(5, 3, *pre["image_size"])
     with torch.inference_mode():
         ref = model_logits(model, x).numpy()
@@ -257,7 +257,7 @@ def test_falls_back_to_the_dynamo_exporter(tmp_path, monkeypatch):
         return real_export(*args, dynamo=dynamo, **kwargs)
 
     monkeypatch.setattr(torch.onnx, "export", legacy_broken)
-    info = oo.export_onnx(model, tmp_path / "d.onnx", pre, 17)
+    info = engines.export_onnx(model, tmp_path / "d.onnx", pre, 17)
     assert info["exporter"] == "dynamo" and info["opset"] >= 18
     assert "simulated TorchScript exporter failure" in info["fallback_reason"]
     assert not list(tmp_path.glob("*.data"))  # weights inside the file: one file to deploy
@@ -328,19 +328,19 @@ def test_onnx_linear_nodes_match_every_layer_and_a_renamed_node_fails_loudly(tmp
 
     model, pre, _ = lm.load_pretrained("offline-vit-tiny")
     src = tmp_path / "m.onnx"
-    oo.export_onnx(model, src, pre, overwrite=True)
-    nodes = oo.onnx_linear_nodes(src)
+    engines.export_onnx(model, src, pre, overwrite=True)
+    nodes = engines.onnx_linear_nodes(src)
     assert all(len(nodes.get(name, [])) == 1 for name in backbone_linears(model))
     graph = onnx.load(str(src))
     for node in graph.graph.node:
         node.name = node.name.replace("/model/", "/renamed/")
     onnx.save(graph, str(tmp_path / "renamed.onnx"))
     with pytest.raises(UserError, match="no MatMul node"):
-        oo.quantize_onnx_int8_mixed(tmp_path / "renamed.onnx", tmp_path / "out.onnx", model,
+        engines.quantize_onnx_int8_mixed(tmp_path / "renamed.onnx", tmp_path / "out.onnx", model,
                                     {"train": [(torch.zeros(3, 64, 64), 0)], "val": []}, 0.5)
     assert not (tmp_path / "out.onnx").exists()
     with pytest.raises(UserError, match="no MatMul node"):  # NNCF's ignored scope comes from the same names
-        oo.quantize_openvino_int8(tmp_path / "renamed.onnx", tmp_path / "out.xml", model,
+        engines.quantize_openvino_int8(tmp_path / "renamed.onnx", tmp_path / "out.xml", model,
                                   {"train": [(torch.zeros(3, 64, 64), 0)], "val": []}, 0.5, 1)
     assert not (tmp_path / "out.xml").exists()
 
@@ -363,14 +363,14 @@ def test_mixed_precision_rule_stops_at_agreement_and_at_the_size_target(monkeypa
         seen.append(len(fp32_layers))
         return decisions(wrong_by_k[len(fp32_layers)]), f"model-{len(fp32_layers)}"
 
-    best, tried = oo.choose_fp32_layers(order, reference, candidate)
+    best, tried = engines.choose_fp32_layers(order, reference, candidate)
     assert best == (4, 1.0, "model-4") and seen == [0, 2, 4]  # 2 layers: one image better only, not kept
     assert tried == [(0, 0.95), (2, 0.96), (4, 1.0)]
 
     def too_large_from_4(fp32_layers):
         return None if len(fp32_layers) >= 4 else (decisions(wrong_by_k[len(fp32_layers)]), len(fp32_layers))
 
-    best, tried = oo.choose_fp32_layers(order, reference, too_large_from_4)
+    best, tried = engines.choose_fp32_layers(order, reference, too_large_from_4)
     assert best[0] == 0 and [k for k, _ in tried] == [0, 2]
 
 
@@ -384,11 +384,11 @@ def test_openvino_int8_leaves_the_chosen_layers_out_of_the_quantization(tmp_path
     monkeypatch.setattr(quantize, "MAX_FP32_LINEARS", (2,))  # one candidate: the 2 most sensitive layers fp32
     model, pre, _ = lm.load_pretrained("offline-vit-tiny")
     src = tmp_path / "m.onnx"
-    oo.export_onnx(model, src, pre, overwrite=True)
+    engines.export_onnx(model, src, pre, overwrite=True)
     images = [(torch.randn(3, *pre["image_size"]), i % 2) for i in range(8)]
-    info = oo.quantize_openvino_int8(src, tmp_path / "q.xml", model, {"train": images, "val": images[:2]}, 0.5, 4)
+    info = engines.quantize_openvino_int8(src, tmp_path / "q.xml", model, {"train": images, "val": images[:2]}, 0.5, 4)
     assert len(info["fp32_linears"]) == 2 and [k for k, _ in info["tried"]] == [2]
-    nodes = oo.onnx_linear_nodes(src)
+    nodes = engines.onnx_linear_nodes(src)
     fp32_nodes = {x for n in info["fp32_linears"] for x in nodes[n]}
     int8_nodes = {x for n, xs in nodes.items() if n not in info["fp32_linears"] for x in xs}
 

@@ -249,6 +249,7 @@ def test_archive_layout(project):
     with zipfile.ZipFile(path) as z:
         names = set(z.namelist())
         assert {"code/optimization_pipeline.py", "code/train_utils.py", "code/requirements.txt", "code/README.md",
+                "code/constraints.txt", "code/docs/guide.md",
                 "resultats/optimization_report.csv", "resultats/optimization_complete.png", "modeles/model_cpu.pth",
                 "modeles/model_quantized.pth", "modeles/model_final.json", "rapport.md"} <= names
         assert all(n.split("/")[0] in ("code", "resultats", "modeles", "rapport.md") for n in names)

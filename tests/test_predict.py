@@ -19,6 +19,9 @@ import pytest
 from PIL import Image
 
 import inference
+import end_to_end
+import heatmaps
+import image_pipeline
 import predict
 from inference import Runner, write_sidecar
 
@@ -36,7 +39,7 @@ def served(tmp_path_factory, synthetic_root):
     ONNX graph under OpenVINO); the test split's probabilities computed from mvtec_dataset's test loader."""
     import load_model_hf as lm
     from mvtec_dataset import make_loaders, prepare_split
-    from onnx_optimization import export_onnx
+    from engines import export_onnx
 
     cwd = tmp_path_factory.mktemp("predict")
     models = cwd / "modeles"
@@ -141,7 +144,7 @@ def test_one_preprocessing_for_training_serving_and_predict(served):
     from mvtec_dataset import image_to_tensor
 
     path = next(iter(served.expected))
-    item = predict.prepare_image(path, served.pre)
+    item = image_pipeline.prepare_image(path, served.pre)
     assert np.array_equal(item["pixels"], inference.preprocess(inference.load_rgb(path), served.pre))
     assert np.array_equal(item["pixels"], image_to_tensor(path, served.pre).numpy())
     assert item["read_s"] >= 0 and item["decode_s"] > 0 and item["resize_s"] > 0
@@ -210,10 +213,10 @@ def test_find_images_folders_globs_files(tmp_path):
     for name in ("a/1.png", "a/b/2.JPG", "a/.git/3.png", "a/.4.png", "a/5.txt", "c.tif"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    found = predict.find_images([str(tmp_path / "a"), str(tmp_path / "**/*.tif"), str(tmp_path / "a/1.png"),
+    found = image_pipeline.find_images([str(tmp_path / "a"), str(tmp_path / "**/*.tif"), str(tmp_path / "a/1.png"),
                                  str(tmp_path / "a/5.txt")])
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/1.png", "a/b/2.JPG", "c.tif", "a/5.txt"]
-    assert predict.find_images([str(tmp_path / "a")], exclude=(str(tmp_path / "a/b"),)) == [tmp_path / "a/1.png"]
+    assert image_pipeline.find_images([str(tmp_path / "a")], exclude=(str(tmp_path / "a/b"),)) == [tmp_path / "a/1.png"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,7 +359,7 @@ def test_heatmaps_refused_for_a_classifier(served, run, tmp_path):
 
 def test_heatmaps_are_written_as_scored_and_only_the_top_tiles_are_kept(tmp_path):
     rng = np.random.default_rng(0)
-    writer = predict.HeatmapWriter(tmp_path / "maps", threshold=2.0, max_tiles=3)
+    writer = heatmaps.HeatmapWriter(tmp_path / "maps", threshold=2.0, max_tiles=3)
     assert writer.scale == (0.0, 3.0)  # red at the threshold: the scale is known before the first image
     scores = rng.uniform(0, 4, 40)
     for i, score in enumerate(scores):
@@ -371,7 +374,7 @@ def test_heatmaps_are_written_as_scored_and_only_the_top_tiles_are_kept(tmp_path
     sheet = writer.close()
     with Image.open(sheet) as img:
         assert img.size == (6 * 320, 320 + 28)  # one row of the 3 most anomalous tiles
-    assert predict.HeatmapWriter(tmp_path / "none", threshold=1.0).close() is None
+    assert heatmaps.HeatmapWriter(tmp_path / "none", threshold=1.0).close() is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,6 +408,6 @@ def test_benchmark_measures_both_paths_in_the_same_run(served, tmp_path, capsys)
 def test_benchmark_function_for_the_pipeline(served):
     """What optimization_pipeline.py calls: rows ready for append_csv_rows, no CSV written by itself."""
     images = sorted((served.category / "test" / "good").glob("*.png"))[:4]
-    rows = predict.benchmark_end_to_end(served.models, images, repeats=1, batch_size=2, workers=0, verbose=False)
+    rows = end_to_end.benchmark_end_to_end(served.models, images, repeats=1, batch_size=2, workers=0, verbose=False)
     assert [r["variant"] for r in rows] == ["naive-pytorch-fp32", "ort-fp32"]
     assert rows[1]["decode_pool"] == "none" and rows[1]["end_to_end_speedup"] > 0

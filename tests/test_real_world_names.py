@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from load_test import find_images
-from mvtec_dataset import (index_category, load_manifest, make_loaders, make_synthetic_mvtec, prepare_split,
+from mvtec_dataset import (index_category, make_loaders, make_synthetic_mvtec, prepare_split,
                            preprocess_image, split_from_manifest, split_manifest, write_manifest)
 from lab_io import UserError
 
@@ -213,7 +213,7 @@ def test_manifest_round_trips_through_json_with_real_names(tree, tmp_path):
     write_manifest(path, manifest)
     write_manifest(path, manifest)  # same split again: kept as is, no backup
     assert [p.name for p in path.parent.iterdir()] == ["split.json"]
-    loaded = load_manifest(path)
+    loaded = json.loads(path.read_text(encoding="utf-8"))
     assert loaded == manifest
     restored = split_from_manifest(loaded)
     assert restored == split
