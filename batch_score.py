@@ -48,7 +48,7 @@ def init() -> None:
     threads = int(os.environ.get("TP4_ORT_THREADS", "0") or 0)
     _model = Classifier(find_sidecar(serving_model_dir()), threads=threads)
     logger.info("model %s loaded (variant %s, sha256 %s..., engine %s, batch %s, %s threads)",
-                _model.meta["onnx_path"], _model.info["variant"], _model.meta["sha256"][:12], _model.info["engine"],
+                _model.meta["model_path"], _model.info["variant"], _model.meta["sha256"][:12], _model.info["engine"],
                 batch_size(), threads or "default")
 
 

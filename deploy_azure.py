@@ -164,14 +164,14 @@ def stage(meta: dict, sidecar_path: Path, stage_dir: Path, detector=None, code: 
             shutil.rmtree(folder)  # our own earlier copy (marker present)
         folder.mkdir(parents=True)
     marker.write_text("model/ and code/ here are copies made by deploy_azure.py, replaced on every run\n")
-    onnx_copy = shutil.copy2(meta["onnx_path"], out["model"] / Path(meta["onnx_path"]).name)
-    copies = [(onnx_copy, meta["sha256"])]
+    model_copy = shutil.copy2(meta["model_path"], out["model"] / Path(meta["model_path"]).name)
+    copies = [(model_copy, meta["sha256"])]
     if meta.get("weights_file"):  # an OpenVINO IR: the .xml and its .bin weights
-        weights = Path(meta["onnx_path"]).with_name(meta["weights_file"])
+        weights = Path(meta["model_path"]).with_name(meta["weights_file"])
         copies.append((shutil.copy2(weights, out["model"] / weights.name), meta["weights_sha256"]))
     shutil.copy2(sidecar_path, out["model"] / sidecar_path.name)
     if detector is not None:  # score.py finds it by name: detector_<category>.safetensors
-        files = [Path(detector.meta["onnx_path"]), Path(detector.meta["backbone_path"])]
+        files = [Path(detector.meta["model_path"]), Path(detector.meta["backbone_path"])]
         if files[1].suffix == ".xml":
             files.append(files[1].with_suffix(".bin"))
         names = [f"detector_{meta['category']}.safetensors", files[1].name] + [f.name for f in files[2:]]
@@ -444,7 +444,7 @@ def main_batch(args, config_dir: Path, stage_dir: Path) -> int:
     conda_file = batch_dir / "environment.yml"
     conda_file.write_text("# written by deploy_azure.py --batch from environment.yml: no HTTP server, Azure's batch "
                           "runtime\n" + yaml.safe_dump(env, sort_keys=False), "utf-8")
-    print(f"model {meta['onnx_path']} (variant {meta['variant']}, category {meta['category']}, sha256 "
+    print(f"model {meta['model_path']} (variant {meta['variant']}, category {meta['category']}, sha256 "
           f"{meta['sha256'][:12]}... verified), the batch scoring code ({', '.join(BATCH_SCORING_CODE)}) and "
           f"environment.yml staged in {batch_dir}")
     if not import_sdk():
@@ -492,7 +492,7 @@ def main(argv=None) -> int:
     docs = check_yaml(config_dir)
     detector = check_detector(args.detector, meta) if args.detector else None
     staged = stage(meta, sidecar_path, stage_dir, detector)
-    print(f"model {meta['onnx_path']} (variant {meta['variant']}, category {meta['category']}, sha256 "
+    print(f"model {meta['model_path']} (variant {meta['variant']}, category {meta['category']}, sha256 "
           f"{meta['sha256'][:12]}... verified) and the scoring code ({', '.join(SCORING_CODE)}) staged in "
           f"{stage_dir}")
     if detector is not None:

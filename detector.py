@@ -15,12 +15,13 @@ from tqdm.auto import tqdm
 
 from engines import model_size_mb, save_openvino_ir
 from inference import (DETECTOR_FORMAT, IMAGE_SCORE_TOP, MAP_SIZE, SIGMA_PATCHES, NearestPatches, anomaly_maps,
-                       files_sha256, image_files, image_scores)
+                       files_sha256, image_scores)
 from lab_io import (UserError, append_csv_rows, atomic_write, cpu_name, environment_columns, format_table,
                     keep_previous, run_id, save_figure, size_on_disk_mb)
 from lab_targets import DETECTOR_GOOD_THRESHOLD_RULE, DETECTOR_THRESHOLD_RULE, choose_threshold
 from load_model_hf import OFFLINE_PRESETS, load_checkpoint, load_pretrained, read_checkpoint
-from mvtec_dataset import category_dir, image_to_tensor, load_rgb, prepare_split, split_from_manifest
+from mvtec_dataset import (category_dir, image_to_tensor, index_category, open_dataset_image, prepare_split,
+                           split_from_manifest)
 from train_utils import base_model_of, set_seed, set_threads, truncate_backbone
 
 
@@ -28,7 +29,8 @@ from train_utils import base_model_of, set_seed, set_threads, truncate_backbone
 DETECTOR_DEFAULTS = dict(category="bottle", data_dir="./data/mvtec", model_name="vit-base", layers="auto",
                          image_size=None, coreset=0.1, score_top=IMAGE_SCORE_TOP, max_bank=20000, threshold_from="val",
                          split_seed=42, holdout=0.1, engine="openvino", batch_size=16, compare_checkpoint=None,
-                         overlays=3, num_threads=None, models_dir="modeles", results_dir="resultats", seed=0, overwrite=False)
+                         overlays=3, num_threads=None, models_dir="modeles", results_dir="resultats", seed=0,
+                         overwrite=False)
 
 
 def check_detector_options(options):
@@ -52,23 +54,14 @@ def detector_options(**given) -> SimpleNamespace:
 # Data: the official split
 # --------------------------------------------------------------------------------------------------
 def official_split(data_dir, category: str) -> dict:
-    """{"train": [good paths], "test": [(path, label, defect_type, mask path or None)], "has_masks": bool}."""
+    """MVTec AD's own split of the category (mvtec_dataset.index_category): {"train": [good paths of train/good],
+    "test": [(path, label, defect_type, mask path or None) of test/], "has_masks": bool, "root": the folder}."""
     root = category_dir(data_dir, category)
-    good = root / "train" / "good"
-    if not good.is_dir() or not image_files(good):
-        raise UserError(f"{good} is missing or holds no image: the detector is fitted on good training parts only.")
-    if not (root / "test").is_dir():
-        raise UserError(f"{root / 'test'} is missing: nothing to evaluate the detector on.")
-    test = []
-    for folder in sorted(d for d in (root / "test").iterdir() if d.is_dir() and not d.name.startswith(".")):
-        for p in image_files(folder):
-            label = 0 if folder.name == "good" else 1
-            mask = root / "ground_truth" / folder.name / f"{p.stem}_mask.png"
-            test.append((p, label, folder.name, mask if label and mask.is_file() else None))
-    if not test or len({t[1] for t in test}) < 2:
-        raise UserError(f"{root / 'test'} needs test/good and at least one defect folder (e.g. test/broken_large).")
-    has_masks = any(t[3] is not None for t in test)
-    return {"train": image_files(good), "test": test, "has_masks": has_masks, "root": root}
+    samples = index_category(data_dir, category)
+    train = [root / s.path for s in samples if s.path.startswith("train/")]
+    test = [(root / s.path, s.label, s.defect_type, root / s.mask_path if s.mask_path else None)
+            for s in samples if s.path.startswith("test/")]
+    return {"train": train, "test": test, "has_masks": any(t[3] is not None for t in test), "root": root}
 
 
 def validation_images(args, root: Path, classifier: dict | None) -> list[tuple]:
@@ -145,7 +138,7 @@ def extract(extractor, paths: list[Path], pre: dict, batch_size: int, desc: str)
     `extractor`: the PyTorch PatchFeatures, or an inference.Runner of its ONNX / OpenVINO export."""
     out = []
     for i in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch", leave=False):
-        batch = torch.stack([image_to_tensor(load_rgb(p), pre) for p in paths[i:i + batch_size]])
+        batch = torch.stack([image_to_tensor(open_dataset_image(p), pre) for p in paths[i:i + batch_size]])
         if isinstance(extractor, torch.nn.Module):
             out.append(extractor(batch).float())
         else:
@@ -182,7 +175,7 @@ def compile_backbone(extractor: PatchFeatures, pre: dict, engine: str, path: Pat
     import openvino as ov
 
     nncf.set_log_level(logging.ERROR)
-    items = [image_to_tensor(load_rgb(p), pre).numpy()[None] for p in calibration]
+    items = [image_to_tensor(open_dataset_image(p), pre).numpy()[None] for p in calibration]
     quantized = nncf.quantize(ov.Core().read_model(str(onnx_path)), nncf.Dataset(items), subset_size=len(items),
                               model_type=nncf.ModelType.TRANSFORMER)
     xml = save_openvino_ir(quantized, path.with_suffix(".xml"), overwrite)
@@ -359,7 +352,7 @@ def save_overlays(test, scores, maps, threshold: float, folder: Path, per_type: 
         if seen.get(defect, 0) >= per_type:
             continue
         seen[defect] = seen.get(defect, 0) + 1
-        img = np.asarray(load_rgb(path).resize((MAP_SIZE, MAP_SIZE), Image.BILINEAR))
+        img = np.asarray(open_dataset_image(path).resize((MAP_SIZE, MAP_SIZE), Image.BILINEAR))
         fig, ax = plt.subplots(figsize=(4.2, 4.6))
         ax.imshow(img)
         im = ax.imshow(maps[i], cmap="jet", alpha=0.45, vmin=threshold * 0.8, vmax=vmax)
@@ -423,7 +416,7 @@ def compare_with_classifier(checkpoint: str, test: list, scores: np.ndarray, thr
                         "same category and data folder?")
     labels = np.array([test[i][1] for i in common])
     with torch.inference_mode():
-        x = torch.stack([image_to_tensor(load_rgb(test[i][0]), ckpt["preprocessing"]) for i in common])
+        x = torch.stack([image_to_tensor(open_dataset_image(test[i][0]), ckpt["preprocessing"]) for i in common])
         probs = np.concatenate([anomaly_scores(model_logits(model.eval(), x[j:j + 16]).float().numpy())
                                 for j in range(0, len(x), 16)])
     from load_model_hf import checkpoint_threshold

@@ -29,7 +29,7 @@ def baseline_checkpoint_path(model: Classifier, explicit: str | Path | None = No
         if not path.is_file():
             raise UserError(f"--baseline-checkpoint {path} not found")
         return path
-    folder = Path(model.meta["onnx_path"]).parent
+    folder = Path(model.meta["model_path"]).parent
     source = Path(str(model.meta.get("source_checkpoint") or ""))
     candidates = [folder / f"model_cpu_{model.info.get('category')}.pth"]
     if str(source) not in ("", "."):
@@ -204,7 +204,7 @@ def _end_to_end_rows(measured: dict, model, naive, checkpoint: Path, paths: list
                  "end_to_end_speedup": 1.0, **timings["naive"].per_image_ms()}
     agreement = float(np.mean(np.asarray(measured["naive_labels"]) == np.asarray(measured["pipe_labels"])))
     pipe_row = {**common, "variant": model.info["variant"], "backend": model.meta["engine"],
-                "precision": model_precision(model), "file": model.meta["onnx_path"],
+                "precision": model_precision(model), "file": model.meta["model_path"],
                 "model_sha256": model.meta["sha256"], "weights_sha256": model.meta.get("weights_sha256") or "",
                 "threshold": model.threshold, "warmup": measured["warm"], "batch_size": batch_size,
                 "threads": model.runner.threads, "decode_workers": workers,

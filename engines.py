@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference import ENGINE_ORT, ENGINE_OV, INPUT_NAME, OUTPUT_NAME, Runner, cpu_supports, make_session, onnx_opset
+from inference import (ENGINE_ORT, ENGINE_OV, INPUT_NAME, OUTPUT_NAME, Runner, cpu_supports, make_session,
+                       numeric_precision, onnx_opset)
 from lab_io import UserError, atomic_write, keep_previous, size_on_disk_mb
 from lab_targets import predict_labels
 from quantize import choose_fp32_layers
@@ -389,12 +390,5 @@ def model_size_mb(path: str | Path) -> float:
 
 
 def variant_precision(name: str, runner: Runner) -> str:
-    """The real numeric format: int8 weights, else what the engine really computes in (OpenVINO reports it)."""
-    if "int8" in name:
-        return "int8" + ("+bf16" if runner.precision == "bf16" else "")
-    return "bf16" if runner.precision == "bf16" else "fp32"
-
-
-# --------------------------------------------------------------------------------------------------
-# Plot
-# --------------------------------------------------------------------------------------------------
+    """The real numeric format of a variant run by `runner` (inference.numeric_precision)."""
+    return numeric_precision(name, runner.precision)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from inference import (DEFAULT_MAX_PIXELS, Classifier, ImageError, PatchDetector, find_sidecar, is_detector_file,
-                       is_image_file, load_rgb, normalize, resize_uint8)
+                       is_image_file, load_rgb, normalize, numeric_precision, resize_uint8)
 from lab_io import UserError
 
 
@@ -48,11 +48,8 @@ def load_model(model: str | Path, threads: int | None = None) -> Classifier | Pa
 
 
 def model_precision(model: Classifier) -> str:
-    """What really runs (as onnx_optimization.variant_precision): int8 weights, else the engine's precision."""
-    bf16 = model.runner.precision == "bf16"
-    if "int8" in str(model.info.get("variant")):
-        return "int8" + ("+bf16" if bf16 else "")
-    return "bf16" if bf16 else "fp32"
+    """What really runs (inference.numeric_precision of the served variant)."""
+    return numeric_precision(str(model.info.get("variant")), model.runner.precision)
 
 
 def _walk(folder: Path):

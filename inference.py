@@ -186,7 +186,7 @@ def onnx_opset(path: str | Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def write_sidecar(onnx_path: str | Path, *, variant: str, category: str, preprocessing: dict, exporter: str,
+def write_sidecar(model_path: str | Path, *, variant: str, category: str, preprocessing: dict, exporter: str,
                   source_checkpoint: str | Path, base_model: str, parity_result: dict, metrics: dict,
                   threshold: float = 0.5, engine: str = ENGINE_ORT, precision_hint: str = "f32",
                   sidecar_path: str | Path | None = None, overwrite: bool = False) -> dict:
@@ -194,19 +194,19 @@ def write_sidecar(onnx_path: str | Path, *, variant: str, category: str, preproc
 
     The model is an ONNX file (engine onnxruntime or openvino) or an OpenVINO IR .xml with its .bin weights
     (engine openvino); `precision_hint` is OpenVINO's INFERENCE_PRECISION_HINT (f32 or bf16)."""
-    onnx_path = Path(onnx_path)
-    sidecar_path = Path(sidecar_path) if sidecar_path else onnx_path.with_suffix(".json")
-    weights = onnx_path.with_suffix(".bin") if onnx_path.suffix == ".xml" else None
-    sidecar = {"format": SIDECAR_FORMAT, "model_file": onnx_path.name, "engine": engine,
+    model_path = Path(model_path)
+    sidecar_path = Path(sidecar_path) if sidecar_path else model_path.with_suffix(".json")
+    weights = model_path.with_suffix(".bin") if model_path.suffix == ".xml" else None
+    sidecar = {"format": SIDECAR_FORMAT, "model_file": model_path.name, "engine": engine,
                "precision_hint": precision_hint, "variant": variant, "category": category,
                "labels": list(LABELS), "input_name": INPUT_NAME, "output_name": OUTPUT_NAME,
                "threshold": float(threshold), "threshold_rule": THRESHOLD_TEXT,
                "preprocessing": sidecar_preprocessing(preprocessing),
-               "opset": onnx_opset(onnx_path) if onnx_path.suffix == ".onnx" else None,
+               "opset": onnx_opset(model_path) if model_path.suffix == ".onnx" else None,
                "exporter": exporter, "source_checkpoint": str(source_checkpoint), "base_model": base_model,
                "parity": json_safe(parity_result), "metrics": json_safe(metrics),
                "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "versions": library_versions(), "sha256": sha256_file(onnx_path)}
+               "versions": library_versions(), "sha256": sha256_file(model_path)}
     if weights is not None:
         sidecar.update(weights_file=weights.name, weights_sha256=sha256_file(weights))
     keep_previous(sidecar_path, overwrite)
@@ -242,7 +242,7 @@ def _is_sidecar(path: Path) -> bool:
 
 
 def read_sidecar(path: str | Path, verify_sha256: bool = True) -> dict:
-    """Load and check a sidecar; returns it with "onnx_path" added. Raises ValueError/FileNotFoundError."""
+    """Load and check a sidecar; returns it with "model_path" added. Raises ValueError/FileNotFoundError."""
     path = Path(path)
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -271,13 +271,13 @@ def read_sidecar(path: str | Path, verify_sha256: bool = True) -> dict:
         raise ValueError(f"sidecar {path}: preprocessing image_size must be [height, width], got {size!r}")
     if len(pre.get("mean", [])) != 3 or len(pre.get("std", [])) != 3 or min(pre["std"]) <= 0:
         raise ValueError(f"sidecar {path}: preprocessing mean and std must have 3 values (std > 0)")
-    onnx_path = path.parent / meta["model_file"]
-    if not onnx_path.is_file():
-        raise FileNotFoundError(f"ONNX file {onnx_path} named by {path} does not exist")
+    model_path = path.parent / meta["model_file"]
+    if not model_path.is_file():
+        raise FileNotFoundError(f"model file {model_path} named by {path} does not exist")
     if verify_sha256:
-        actual = sha256_file(onnx_path)
+        actual = sha256_file(model_path)
         if actual != meta["sha256"]:
-            raise ValueError(f"sha256 of {onnx_path} ({actual[:12]}...) differs from its sidecar's "
+            raise ValueError(f"sha256 of {model_path} ({actual[:12]}...) differs from its sidecar's "
                              f"({str(meta['sha256'])[:12]}...): the ONNX file was changed or the sidecar is stale; "
                              "re-run onnx_optimization.py")
     engine = meta.setdefault("engine", ENGINE_ORT)  # sidecars written before OpenVINO: ONNX Runtime
@@ -296,7 +296,7 @@ def read_sidecar(path: str | Path, verify_sha256: bool = True) -> dict:
     threshold = meta.get("threshold", 0.5)  # sidecars written before the threshold existed: argmax
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"sidecar {path}: threshold must be a probability in [0, 1], got {threshold!r}")
-    return {**meta, "threshold": float(threshold), "onnx_path": str(onnx_path)}
+    return {**meta, "threshold": float(threshold), "model_path": str(model_path)}
 
 
 def final_path(src: str | Path, models_dir: str | Path) -> Path:
@@ -417,6 +417,15 @@ def benchmark_runner(runner: Runner, inputs: np.ndarray, *, warmup: int = 5, run
                      warmup=warmup, runs=runs, max_seconds=max_seconds, desc=desc)
 
 
+def numeric_precision(variant: str, engine_precision: str) -> str:
+    """The real numeric format of a variant: int8 weights (its name says int8), else what the engine computes in
+    (OpenVINO reports bf16 or f32); "int8+bf16" for int8 weights with the rest in bf16."""
+    bf16 = engine_precision == "bf16"
+    if "int8" in variant:
+        return "int8" + ("+bf16" if bf16 else "")
+    return "bf16" if bf16 else "fp32"
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Logits [N, K] -> probabilities [N, K], in float64 (stable: the row maximum is subtracted first)."""
     z = np.asarray(logits, dtype=np.float64)
@@ -431,14 +440,14 @@ class Classifier:
 
     def __init__(self, sidecar_path: str | Path, threads: int = 0):
         self.meta = read_sidecar(sidecar_path)
-        self.runner = Runner(self.meta["onnx_path"], self.meta["engine"], threads or None,
+        self.runner = Runner(self.meta["model_path"], self.meta["engine"], threads or None,
                              self.meta["precision_hint"])
         self.max_batch = None
         if self.meta["engine"] == ENGINE_ORT:
             inputs = {i.name: i for i in self.runner.session.get_inputs()}
             outputs = [o.name for o in self.runner.session.get_outputs()]
             if self.meta["input_name"] not in inputs or self.meta["output_name"] not in outputs:
-                raise ValueError(f"{self.meta['onnx_path']} has inputs {list(inputs)} and outputs {outputs}, the "
+                raise ValueError(f"{self.meta['model_path']} has inputs {list(inputs)} and outputs {outputs}, the "
                                  f"sidecar names {self.meta['input_name']!r} -> {self.meta['output_name']!r}")
             batch_dim = inputs[self.meta["input_name"]].shape[0]
             self.max_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None  # None = dynamic
@@ -654,7 +663,7 @@ class PatchDetector:
         self.preprocessing = self.config["preprocessing"]
         self.labels = list(LABELS)
         detector_sha = sha256_file(path)
-        self.meta = {"onnx_path": str(path), "engine": self.runner.engine, "sha256": detector_sha,
+        self.meta = {"model_path": str(path), "engine": self.runner.engine, "sha256": detector_sha,
                      "weights_sha256": backbone_sha, "anomaly_map": True,
                      "precision_hint": self.runner.precision, "backbone_path": str(backbone_path)}
         variant = "detector-int8" if "int8" in str(self.config.get("engine")) else "detector-fp32"

@@ -31,7 +31,8 @@ import numpy as np
 import requests
 from tqdm.auto import tqdm
 
-from inference import IMAGE_EXTENSIONS, is_image_file
+from image_pipeline import find_images as find_image_files
+from inference import IMAGE_EXTENSIONS
 from lab_io import (ArgumentParser, UserError, append_csv_rows, format_table, latency_columns, positive_int, run_cli,
                     run_id, save_figure)
 
@@ -92,8 +93,9 @@ def parse_levels(text: str) -> list[int]:
 def find_images(folder: Path, limit: int) -> list[Path]:
     if not folder.is_dir():
         raise UserError(f"image folder {folder} not found: pass --images DIR, or --synthetic.")
-    paths = sorted(p for p in folder.rglob("*") if is_image_file(p) and p.is_file()
-                   and "ground_truth" not in p.parts)  # MVTec masks are not test images
+    root = folder.resolve()
+    paths = [p for p in find_image_files([str(folder)])  # recursive, sorted, hidden files skipped (as predict.py)
+             if "ground_truth" not in p.relative_to(root).parts]  # MVTec masks are not test images
     if not paths:
         raise UserError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) in {folder}.")
     # spread the choice over every subfolder (good and each defect type), deterministically

@@ -173,7 +173,7 @@ def prepare_split(data_dir, category: str, seed: int = 42, val_frac: float = 0.1
 # --------------------------------------------------------------------------------------------------
 # Images and preprocessing
 # --------------------------------------------------------------------------------------------------
-def load_rgb(path: str | Path) -> Image.Image:
+def open_dataset_image(path: str | Path) -> Image.Image:
     """Open any image as 3-channel RGB (inference.load_rgb: grayscale, palette, RGBA, 16-bit); a broken file is a
     UserError naming it."""
     try:
@@ -189,14 +189,14 @@ def preprocess_image(img: Image.Image, preprocessing: dict) -> torch.Tensor:
     return torch.from_numpy(inference.resize_uint8(img, preprocessing))
 
 
-def normalize(pixels_uint8: torch.Tensor, preprocessing: dict) -> torch.Tensor:
+def normalize_tensor(pixels_uint8: torch.Tensor, preprocessing: dict) -> torch.Tensor:
     """uint8 [.., 3, H, W] -> float32 normalised with the model's mean/std (inference.normalize)."""
     return torch.from_numpy(inference.normalize(pixels_uint8.numpy(), preprocessing))
 
 
 def image_to_tensor(path_or_image, preprocessing: dict) -> torch.Tensor:
     """One image file (or PIL image) -> normalised float tensor [3, H, W], exactly as in evaluation and serving."""
-    img = path_or_image if isinstance(path_or_image, Image.Image) else load_rgb(path_or_image)
+    img = path_or_image if isinstance(path_or_image, Image.Image) else open_dataset_image(path_or_image)
     return torch.from_numpy(inference.preprocess(img, preprocessing))
 
 
@@ -224,7 +224,7 @@ class MVTecDataset(Dataset):
         self.samples = list(samples)
         self.preprocessing = preprocessing
         self.augment = train_augmentation(augment) if train else None
-        self.images = [preprocess_image(load_rgb(self.root / s.path), preprocessing)
+        self.images = [preprocess_image(open_dataset_image(self.root / s.path), preprocessing)
                        for s in tqdm(self.samples, desc=desc, unit="img", leave=False)]
         self.labels = torch.tensor([s.label for s in self.samples], dtype=torch.long)
 
@@ -235,7 +235,7 @@ class MVTecDataset(Dataset):
         pixels = self.images[i]
         if self.augment is not None:
             pixels = self.augment(pixels)
-        return normalize(pixels, self.preprocessing), self.labels[i]
+        return normalize_tensor(pixels, self.preprocessing), self.labels[i]
 
     @property
     def defect_types(self) -> list[str]:
@@ -386,7 +386,7 @@ def main(argv=None) -> int:
     root = category_dir(args.data_dir, args.category)
     if not args.skip_image_check:
         for s in tqdm([s for part in split.values() for s in part], desc="checking images", unit="img"):
-            load_rgb(root / s.path)
+            open_dataset_image(root / s.path)
     all_samples = [s for part in split.values() for s in part]
     n_masks = sum(s.mask_path is not None for s in all_samples)
     print(f"MVTec AD category '{args.category}' in {root}: {len(all_samples)} labelled images, "

@@ -35,7 +35,7 @@ from lab_targets import (CPU_PRICE, CPU_VM, SELECTION_SPLIT, choose_deployable, 
                          measured_columns, recommend, variant_passes)
 from load_model_hf import checkpoint_threshold, load_checkpoint, resolve_model_path
 from mvtec_dataset import make_loaders, selection_loader, split_from_manifest
-from train_utils import benchmark_torch_model, classification_metrics, predict_logits, set_threads
+from train_utils import benchmark_batch, benchmark_torch_model, classification_metrics, predict_logits, set_threads
 
 
 def plot_comparison(variants: list[dict], path: Path, *, title: str, bench_batch: int, selected: str | None,
@@ -270,7 +270,7 @@ def time_variants(args, inputs: dict, variants: list[dict], runners: dict) -> fl
     dataset = inputs["loaders"]["test"].dataset
     bench = dict(warmup=args.warmup, runs=args.runs, max_seconds=args.max_seconds)
     for key, n in (("b1", 1), ("bn", args.bench_batch_size)):
-        x = np.stack([dataset[i % len(dataset)][0].numpy() for i in range(n)]).astype(np.float32)
+        x = benchmark_batch(dataset, n).numpy().astype(np.float32)
         for v in variants:
             desc = f"{v['variant']} batch {n}"
             if v["backend"] == "pytorch":

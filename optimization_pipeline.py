@@ -75,7 +75,6 @@ BACKUP_RE = re.compile(r"\.\d{8}-\d{6}(-\d+)?\.[A-Za-z]+$")  # files renamed by 
 # Arguments
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    presets = ", ".join([*HUB_PRESETS, *OFFLINE_PRESETS])
     p = ArgumentParser(
         description="Run the lab's whole optimisation chain (PyTorch fp32 baseline, PyTorch int8, ONNX Runtime fp32 "
                     "and int8, distilled student + its ONNX int8) in one measured run; write "
@@ -85,7 +84,24 @@ def parse_args(argv=None):
     p.add_argument("--demo", action="store_true",
                    help="offline demo: synthetic MVTec tree (written to data/synthetic if absent), baseline "
                         f"{DEMO['baseline_model']} and student {DEMO['student_model']} built from configs with RANDOM "
-                        "initial weights, no download; about 2-3 minutes on a 2-core CPU")
+                        "initial weights, no download; 2.5 to 7 minutes measured on a 2-core CPU")
+    _add_data_and_model_flags(p)
+    _add_measurement_flags(p)
+    _add_step_flags(p)
+    args = p.parse_args(argv)
+    _check_args(args)
+    mode = DEMO if args.demo else {"data_dir": "./data/mvtec", "baseline_model": "vit-base",
+                                   "student_model": "deit-small", "epochs": None, "student_epochs": None,
+                                   "lr": None, "student_lr": None}
+    for key in ("data_dir", "baseline_model", "student_model", "epochs", "student_epochs", "lr", "student_lr"):
+        if getattr(args, key) is None:
+            setattr(args, key, mode[key])
+    args.student_epochs = args.student_epochs or args.epochs
+    return args
+
+
+def _add_data_and_model_flags(p) -> None:
+    presets = ", ".join([*HUB_PRESETS, *OFFLINE_PRESETS])
     p.add_argument("--category", default="bottle", help="MVTec AD category (default: bottle)")
     p.add_argument("--data-dir", default=None,
                    help=f"folder holding the category folders (default: ./data/mvtec; {DEMO['data_dir']} with --demo)")
@@ -112,6 +128,9 @@ def parse_args(argv=None):
                    help="weight of the distillation term in the student's loss, 0-1 (default: 0.5)")
     p.add_argument("--distill-temperature", type=float, default=2.0,
                    help="softmax temperature of the distillation (default: 2.0)")
+
+
+def _add_measurement_flags(p) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, help="training / evaluation batch size (default: 16)")
     p.add_argument("--bench-batch-size", type=positive_int, default=8,
                    help="batch size of the throughput measurement (default: 8); latency is measured at batch 1")
@@ -129,6 +148,9 @@ def parse_args(argv=None):
     p.add_argument("--gpu-price-per-hour", type=float, default=GPU_PRICE,
                    help=f"USD per hour of the GPU machine, for the GPU row (default: {GPU_PRICE} = "
                         f"{GPU_VM})")
+
+
+def _add_step_flags(p) -> None:
     p.add_argument("--resume", action="store_true",
                    help="reuse earlier artefacts of the same category/model: modeles/model_cpu_<category>.pth "
                         "(e.g. from benchmark_gpu.py), the student checkpoint, model_quantized.pth and the ONNX "
@@ -160,7 +182,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="seed of the split, initial weights, shuffling (default: 42)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace earlier outputs instead of keeping them with a timestamp")
-    args = p.parse_args(argv)
+
+
+def _check_args(args) -> None:
+    """Ranges of the flags argparse cannot check (UserError)."""
     if args.warmup < 0 or args.max_bench_seconds <= 0:
         raise UserError("--warmup must be >= 0 and --max-bench-seconds > 0.")
     if not 0 <= args.distill_alpha <= 1 or args.distill_temperature <= 0:
@@ -174,14 +199,6 @@ def parse_args(argv=None):
     if args.package and not args.package.lower().endswith(".zip"):
         raise UserError(f"--package {args.package}: the archive name must end with .zip "
                         "(e.g. nom_prenom_tp_jour4.zip).")
-    mode = DEMO if args.demo else {"data_dir": "./data/mvtec", "baseline_model": "vit-base",
-                                   "student_model": "deit-small", "epochs": None, "student_epochs": None,
-                                   "lr": None, "student_lr": None}
-    for key in ("data_dir", "baseline_model", "student_model", "epochs", "student_epochs", "lr", "student_lr"):
-        if getattr(args, key) is None:
-            setattr(args, key, mode[key])
-    args.student_epochs = args.student_epochs or args.epochs
-    return args
 
 
 # --------------------------------------------------------------------------------------------------
@@ -702,20 +719,9 @@ def ensure_demo_data(args) -> None:
                          image_size=DEMO["image_size"], seed=0)  # the tree the demo settings were measured on
 
 
-def main(argv=None) -> int:
-    t_start = time.perf_counter()
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    threads = set_threads(args.num_threads)
-    gpu = None if args.skip_gpu or pick_device("auto").type == "cpu" else pick_device("auto")
-    if args.demo:
-        ensure_demo_data(args)
-        print(f"demo mode: baseline '{args.baseline_model}' and student '{args.student_model}' are small ViTs with "
-              f"RANDOM initial weights (no download), trained here on synthetic images")
-    rid = run_id()
-
-    # 1. baseline (+ the same model on the GPU, an extra row)
-    base_model, base_ckpt, base_path, data, base_reused = baseline_step(args, device)
+def baseline_variants(args, device, gpu, data, base_model, base_ckpt, base_path, base_reused) -> list:
+    """1-2. The baseline in PyTorch fp32 (+ the same model on the GPU, an extra row), bf16 where the CPU computes
+    it, and the two PyTorch int8 (the lab's dynamic one and the per-token SmoothQuant fix)."""
     test = data.loaders(base_ckpt["preprocessing"])["test"]
     chosen_on = data.selection(base_ckpt["preprocessing"])
     same = dict(model_name=base_ckpt["model_name"], threshold=checkpoint_threshold(base_ckpt), file=base_path)
@@ -730,55 +736,95 @@ def main(argv=None) -> int:
     if not args.skip_openvino and cpu_has_bf16():  # bf16 matmuls in hardware (AVX-512 BF16 / AMX)
         variants.append(torch_variant("pytorch-bf16", 1, "baseline", Bf16Autocast(base_model), test, chosen_on,
                                       precision="bf16", reference=base, params_m=base.params_m, **same))
-    # 2. PyTorch int8
-    quant_path = None
     if not args.skip_torch_int8:
         for smooth, name in ((False, "pytorch-int8-dynamic"), (True, "pytorch-int8-smoothquant")):
             qmodel, path, reused = torch_int8_step(args, data, base_model, base_ckpt, base_path, smooth=smooth)
-            quant_path = quant_path or path
             variants.append(torch_variant(name, 2, "baseline", qmodel, test, chosen_on, precision="int8",
                                           reference=base, reused=reused, params_m=base.params_m, **{**same, "file": path}))
-    # 3-4. ONNX Runtime
+    return variants
+
+
+def baseline_engine_variants(args, data, base, base_model, base_ckpt, base_path, threads) -> list:
+    """3-4. The baseline in ONNX Runtime (fp32 fused, dynamic int8, mixed-precision int8) and OpenVINO."""
+    print("[3-4/5] ONNX: export, ORT transformer fusion, dynamic int8")
+    files = onnx_files(args, base_model, base_ckpt, base_path, "model_", optimize=True)
+    print("   " + "; ".join(files["notes"]))
+    fp32_file = files["fp32-optimized"] or files["fp32"]
+    variants = [engine_variant("ort-fp32-optimized" if files["fp32-optimized"] else "ort-fp32", 3, "baseline",
+                               fp32_file, base, threads=threads, exporter=files["exporter"], fp32_graph=fp32_file),
+                engine_variant("ort-int8-dynamic", 4, "baseline", files["int8"], base, threads=threads,
+                               exporter=files["exporter"], fp32_graph=files["fp32"]),
+                engine_variant("ort-int8-mixed", 4, "baseline",
+                               ort_int8_mixed_step(args, data, base_model, base_ckpt, files["fp32"]), base,
+                               threads=threads, exporter=files["exporter"], fp32_graph=files["fp32"])]
+    if not args.skip_openvino:
+        variants += openvino_step(args, data, base_ckpt, files["fp32"], base, 4, "model_", threads=threads,
+                                  exporter=files["exporter"])
+    return variants
+
+
+def student_variants(args, device, data, base, base_model, base_ckpt, base_path, threads) -> tuple[list, dict, Path]:
+    """5. The distilled student in PyTorch fp32, its per-token int8, ORT int8 and OpenVINO. Returns (variants, its
+    checkpoint, its file)."""
+    s_model, student_ckpt, s_path, s_reused = student_step(args, device, data, base_model, base_ckpt, base_path)
+    student = torch_variant("student-pytorch-fp32", 5, "student", s_model,
+                            data.loaders(student_ckpt["preprocessing"])["test"],
+                            data.selection(student_ckpt["preprocessing"]), precision="fp32", file=s_path,
+                            model_name=student_ckpt["model_name"], threshold=checkpoint_threshold(student_ckpt),
+                            reference=base, kind=DISTILLATION, reused=s_reused)
+    variants = [student]
+    if not args.skip_torch_int8:
+        qmodel, path, reused = torch_int8_step(args, data, s_model, student_ckpt, s_path, smooth=True,
+                                               prefix="model_student_")
+        variants.append(torch_variant("student-pytorch-int8-smoothquant", 5, "student", qmodel, student.loader,
+                                      student.selection, precision="int8", reference=student, reused=reused,
+                                      params_m=student.params_m, file=path, model_name=student.model_name,
+                                      threshold=student.threshold))
     if not args.skip_onnx:
-        print("[3-4/5] ONNX: export, ORT transformer fusion, dynamic int8")
-        files = onnx_files(args, base_model, base_ckpt, base_path, "model_", optimize=True)
-        print("   " + "; ".join(files["notes"]))
-        fp32_file = files["fp32-optimized"] or files["fp32"]
-        variants.append(engine_variant("ort-fp32-optimized" if files["fp32-optimized"] else "ort-fp32", 3,
-                                       "baseline", fp32_file, base, threads=threads, exporter=files["exporter"],
-                                       fp32_graph=fp32_file))
-        variants.append(engine_variant("ort-int8-dynamic", 4, "baseline", files["int8"], base, threads=threads,
-                                       exporter=files["exporter"], fp32_graph=files["fp32"]))
-        variants.append(engine_variant("ort-int8-mixed", 4, "baseline",
-                                       ort_int8_mixed_step(args, data, base_model, base_ckpt, files["fp32"]), base,
+        files = onnx_files(args, s_model, student_ckpt, s_path, "model_student_", optimize=False)
+        variants.append(engine_variant("student-ort-int8-dynamic", 5, "student", files["int8"], student,
                                        threads=threads, exporter=files["exporter"], fp32_graph=files["fp32"]))
         if not args.skip_openvino:
-            variants += openvino_step(args, data, base_ckpt, files["fp32"], base, 4, "model_", threads=threads,
-                                      exporter=files["exporter"])
-    # 5. distilled student (+ its ONNX int8)
+            variants += openvino_step(args, data, student_ckpt, files["fp32"], student, 5, "model_student_",
+                                      threads=threads, exporter=files["exporter"])
+    return variants, student_ckpt, s_path
+
+
+def package_step(args, final: Path | None, base_path: Path, quant_path: Path | None) -> None:
+    """--package: the lab's archive, naming every deliverable it lacks."""
+    finals = [final, final.with_suffix(".json")] + ([final.with_suffix(".bin")] if final.suffix == ".xml" else []) \
+        if final else []
+    members, missing = package_members(args, models={"model_cpu.pth": base_path, "model_quantized.pth": quant_path,
+                                                     **{p.name: p for p in finals}})
+    zip_path = write_package(Path(args.package), members, args.overwrite)
+    print(f"archive written: {zip_path} ({len(members)} files, {size_on_disk_mb(zip_path):.1f} MB)")
+    if missing:
+        print(f"warning: the archive lacks {len(missing)} deliverable(s) of the lab: " + "; ".join(missing))
+
+
+def main(argv=None) -> int:
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    threads = set_threads(args.num_threads)
+    gpu = None if args.skip_gpu or pick_device("auto").type == "cpu" else pick_device("auto")
+    if args.demo:
+        ensure_demo_data(args)
+        print(f"demo mode: baseline '{args.baseline_model}' and student '{args.student_model}' are small ViTs with "
+              f"RANDOM initial weights (no download), trained here on synthetic images")
+    rid = run_id()
+
+    base_model, base_ckpt, base_path, data, base_reused = baseline_step(args, device)
+    variants = baseline_variants(args, device, gpu, data, base_model, base_ckpt, base_path, base_reused)
+    base = variants[0]
+    quant_path = next((v.file for v in variants if v.name == "pytorch-int8-dynamic"), None)
+    if not args.skip_onnx:
+        variants += baseline_engine_variants(args, data, base, base_model, base_ckpt, base_path, threads)
     student_ckpt, s_path = None, None
     if not args.skip_student:
-        s_model, student_ckpt, s_path, s_reused = student_step(args, device, data, base_model, base_ckpt, base_path)
-        student = torch_variant("student-pytorch-fp32", 5, "student", s_model,
-                                data.loaders(student_ckpt["preprocessing"])["test"],
-                                data.selection(student_ckpt["preprocessing"]), precision="fp32", file=s_path,
-                                model_name=student_ckpt["model_name"], threshold=checkpoint_threshold(student_ckpt),
-                                reference=base, kind=DISTILLATION, reused=s_reused)
-        variants.append(student)
-        if not args.skip_torch_int8:
-            qmodel, path, reused = torch_int8_step(args, data, s_model, student_ckpt, s_path, smooth=True,
-                                                   prefix="model_student_")
-            variants.append(torch_variant("student-pytorch-int8-smoothquant", 5, "student", qmodel, student.loader,
-                                          student.selection, precision="int8", reference=student, reused=reused,
-                                          params_m=student.params_m, file=path, model_name=student.model_name,
-                                          threshold=student.threshold))
-        if not args.skip_onnx:
-            files = onnx_files(args, s_model, student_ckpt, s_path, "model_student_", optimize=False)
-            variants.append(engine_variant("student-ort-int8-dynamic", 5, "student", files["int8"], student,
-                                           threads=threads, exporter=files["exporter"], fp32_graph=files["fp32"]))
-            if not args.skip_openvino:
-                variants += openvino_step(args, data, student_ckpt, files["fp32"], student, 5, "model_student_",
-                                          threads=threads, exporter=files["exporter"])
+        student, student_ckpt, s_path = student_variants(args, device, data, base, base_model, base_ckpt, base_path,
+                                                         threads)
+        variants += student
 
     # timing: every variant in the same run, same threads, same images
     print(f"timing {len(variants)} variants: batch 1 and batch {args.bench_batch_size}, {args.warmup} warm-up + up to "
@@ -797,14 +843,7 @@ def main(argv=None) -> int:
     print_summary(rows, final)
     print(f"results appended to {csv_path} (run_id {rid}); figure {png}; report {report}")
     if args.package:
-        finals = [final, final.with_suffix(".json")] + ([final.with_suffix(".bin")] if final.suffix == ".xml" else []) \
-            if final else []
-        members, missing = package_members(args, models={"model_cpu.pth": base_path, "model_quantized.pth": quant_path,
-                                                         **{p.name: p for p in finals}})
-        zip_path = write_package(Path(args.package), members, args.overwrite)
-        print(f"archive written: {zip_path} ({len(members)} files, {size_on_disk_mb(zip_path):.1f} MB)")
-        if missing:
-            print(f"warning: the archive lacks {len(missing)} deliverable(s) of the lab: " + "; ".join(missing))
+        package_step(args, final, base_path, quant_path)
     print(f"pipeline finished in {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -107,7 +107,13 @@ def parse_args(argv=None):
     return args
 
 
-def _raise_interrupt(signum, frame):  # SIGTERM (kill, a scheduler stopping the job) is handled as Ctrl+C
+# Set by the signal handler: a KeyboardInterrupt raised while Python runs a finalizer (e.g. a lock's __del__) is
+# printed and dropped, so the scoring loop also checks this flag after every image.
+STOP_REQUESTED = {"flag": False}
+
+
+def _raise_interrupt(signum, frame):  # Ctrl+C and SIGTERM (kill, a scheduler stopping the job) alike
+    STOP_REQUESTED["flag"] = True
     raise KeyboardInterrupt
 
 
@@ -126,20 +132,22 @@ def _shown(path: str | Path) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    STOP_REQUESTED["flag"] = False
     try:  # from the start: loading the model takes seconds
-        previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
+        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # main() called from another thread: signals are the main thread's business
         return _main(args)
     try:
         return _main(args)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def check_inputs(args, model) -> tuple[list[Path], Path]:
     """The model suits the flags, there are images, the output folder is writable: (images, output)."""
     if args.heatmaps and not gives_maps(model):
-        raise UserError(f"--heatmaps: {_shown(model.meta['onnx_path'])} ({model.info['variant']}) is a good/anomaly "
+        raise UserError(f"--heatmaps: {_shown(model.meta['model_path'])} ({model.info['variant']}) is a good/anomaly "
                         "classifier and gives no anomaly map, so there is nothing to draw: use the good-only "
                         "detector, --model modeles/detector_<category>.safetensors (written by anomaly_detector.py), "
                         "or run without --heatmaps.")
@@ -172,6 +180,8 @@ def score_all(args, model, todo: list[Path], store: PredictionStore, workers: in
                                    max_pixels=int(args.max_pixels), timing=timing, keep_uint8=bool(args.heatmaps)):
             store.put(prediction_row(result, model, identity, rid))
             n_put += 1
+            if STOP_REQUESTED["flag"]:  # the signal's KeyboardInterrupt was swallowed by a finalizer
+                raise KeyboardInterrupt
             if heatmaps:
                 heatmaps.add(result)
             bar.update()
@@ -205,7 +215,7 @@ def _main(args) -> int:
     states = {path: store.status(path) for path in images}
     status = Counter(states.values())
     todo = [path for path in images if states[path] != "done"]
-    print(f"model {_shown(model.meta['onnx_path'])}: {identity['variant']} ({model.meta['engine']}, "
+    print(f"model {_shown(model.meta['model_path'])}: {identity['variant']} ({model.meta['engine']}, "
           f"{model_precision(model)}, sha256 {identity['model_sha256'][:12]}...), threshold {model.threshold:.4g}, "
           f"input {model.preprocessing['image_size']}; {threads or 'default'} engine threads, "
           f"{_workers_text(workers, args.pool)}, batch {args.batch_size}")

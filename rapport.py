@@ -83,15 +83,21 @@ def report_markdown(all_rows: list[dict], csv_path: str | Path) -> str:
     parts = sections(all_rows)
     rows = parts["variant"]
     base = rows[0]
-    demo = base["mode"] == "demo"
-    final = next((r for r in rows if r.get("deployed_as")), None)
-    rec = next((r for r in rows if yes(r["recommended"])), None)
-    cpu_rows = [r for r in rows if r["device"] == "cpu"]
-    gpu_rows = [r for r in rows if r["device"] != "cpu"]
-    by = {r["variant"]: r for r in rows}
-    nb = base["throughput_batch_size"]
     out = []
     w = out.append
+    context_sections(w, base, csv_path)
+    method_section(w, rows, base)
+    results_section(w, rows, base)
+    recommendation_sections(w, rows, base)
+    end_to_end_section(w, parts["end_to_end"], base)
+    detector_section(w, parts["detector"], base)
+    limits_section(w, base)
+    return "\n".join(out)
+
+
+def context_sections(w, base: dict, csv_path) -> None:
+    """Title, the demo warning, 1. Contexte, 2. Machine et logiciels."""
+    demo = base["mode"] == "demo"
     w(f"# Rapport – TP Jour 4 : optimisation d'un ViT pour la détection de pièces défectueuses (MVTec AD, "
       f"catégorie `{base['category']}`)\n")
     w(f"Généré automatiquement par `optimization_pipeline.py` (exécution `{base['run_id']}`) à partir des mesures de "
@@ -116,6 +122,12 @@ def report_markdown(all_rows: list[dict], csv_path: str | Path) -> str:
     w(f"- Versions : Python `{base['python_version']}`, PyTorch `{base['torch_version']}`, Transformers "
       f"`{base['transformers_version']}`, ONNX `{base['onnx_version']}`, ONNX Runtime "
       f"`{base['onnxruntime_version']}`.\n")
+
+
+def method_section(w, rows: list[dict], base: dict) -> None:
+    """3. Méthode: data, reference, timing, cost, size, guards, recommendation rule, student."""
+    gpu_rows = [r for r in rows if r["device"] != "cpu"]
+    nb = base["throughput_batch_size"]
     w("## 3. Méthode\n")
     w(f"- Données : découpage unique et stratifié (graine `{base['seed']}`), train {base['n_train']}, val "
       f"{base['n_val']}, test {base['n_test']} images ; toutes les variantes sont évaluées sur les mêmes images de "
@@ -148,6 +160,11 @@ def report_markdown(all_rows: list[dict], csv_path: str | Path) -> str:
           f"{student['epochs'] or 'n/m'} époque(s)), entraîné par distillation des logits de la référence (alpha "
           f"{num(student, 'distill_alpha', 2)}, température {num(student, 'distill_temperature', 2)}).")
     w("")
+
+
+def results_section(w, rows: list[dict], base: dict) -> None:
+    """4. Résultats: one line per variant, then the business targets per variant."""
+    nb = base["throughput_batch_size"]
     w("## 4. Résultats\n")
     w(f"| variante | moteur | format | device | taille (Mo) | latence médiane / p95 / p99 (ms, batch "
       f"{base['batch_size']}) | débit (img/s, batch {nb}) | accuracy (%) | F1 | AUROC | Δ accuracy (pt) | "
@@ -174,6 +191,13 @@ def report_markdown(all_rows: list[dict], csv_path: str | Path) -> str:
         w(f"| `{r['variant']}` | " + " | ".join(verdict(r[t]) for t in TARGETS) + " |")
     w("")
 
+
+def recommendation_sections(w, rows: list[dict], base: dict) -> None:
+    """5. Interprétation, 6. Variante recommandée (and the deployable file), 7. Objectifs métier : bilan."""
+    final = next((r for r in rows if r.get("deployed_as")), None)
+    rec = next((r for r in rows if yes(r["recommended"])), None)
+    cpu_rows = [r for r in rows if r["device"] == "cpu"]
+    by = {r["variant"]: r for r in rows}
     w("## 5. Interprétation et comparaisons\n")
     for r in rows[1:]:
         w("- " + describe_variant(r, base, by))
@@ -209,8 +233,11 @@ def report_markdown(all_rows: list[dict], csv_path: str | Path) -> str:
             line += " " + ADVICE[t]
         w(line)
     w("")
-    end_to_end_section(w, parts["end_to_end"], base)
-    detector_section(w, parts["detector"], base)
+
+
+def limits_section(w, base: dict) -> None:
+    """10. Limites de la mesure."""
+    demo = base["mode"] == "demo"
     w("## 10. Limites de la mesure\n")
     w(f"- Une seule machine et une seule exécution : les latences varient d'un passage à l'autre (bruit de mesure, "
       f"autres processus, fréquence du CPU) ; comparez la p95 à la médiane (référence : "
@@ -226,7 +253,6 @@ def report_markdown(all_rows: list[dict], csv_path: str | Path) -> str:
           "l'accuracy n'est pas représentative de MVTec AD ; refaire la mesure avec `--category bottle` "
           "(ViT-Base pré-entraîné, DeiT-Small).")
     w("")
-    return "\n".join(out)
 
 
 def end_to_end_section(w, e2e: list[dict], base: dict) -> None:
@@ -404,13 +430,50 @@ def color_of(r: dict) -> str:
     return COLORS.get(color_key(r), ("tab:red", ""))[0]
 
 
+def _accuracy_vs_latency(ax, rows: list[dict], lat: np.ndarray, accuracy: np.ndarray, colors: list, lat_target: float,
+                         base_acc: float) -> None:
+    """The scatter panel: accuracy (%) against batch-1 latency (log), the targets' lines and zone."""
+    acc_floor = max(TARGET_MIN_ACCURACY * 100, base_acc - TARGET_MAX_LOSS_PT)
+    ax.axvspan(min(lat.min(), lat_target) * 0.5, lat_target, ymin=0, ymax=1, color="tab:green", alpha=0.07)
+    ax.axvline(lat_target, color="tab:red", linestyle="--", linewidth=1.2)
+    ax.axhline(TARGET_MIN_ACCURACY * 100, color="tab:red", linestyle="--", linewidth=1.2)
+    ax.axhline(base_acc - TARGET_MAX_LOSS_PT, color="tab:brown", linestyle=":", linewidth=1.2)
+    for i, r in enumerate(rows):
+        rec = r["recommended"] == "True"
+        ax.scatter(lat[i], accuracy[i] * 100, s=260 if rec else 70, marker="*" if rec else "o",
+                   color=colors[i], edgecolor="black", zorder=3)
+        ax.annotate(r["variant"], (lat[i], accuracy[i] * 100), xytext=(6, 6 - 9 * (i % 3)),
+                    textcoords="offset points", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlim(min(lat.min(), lat_target) * 0.5, lat.max() * 2)
+    lo = min(accuracy.min() * 100, acc_floor) - 5
+    ax.set_ylim(max(0, lo), 102)
+    ax.set_title("Accuracy vs latency (green zone: -80 % time; star = recommended)")
+    ax.set_xlabel("latency at batch 1, ms per image (median, log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3, which="both")
+
+
+def _legend_handles(rows: list[dict]) -> list:
+    """One entry per colour present, the GPU hatch when a GPU row exists, the target lines, the recommended mark."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    present = {color_key(r) for r in rows}
+    handles = [Patch(color=c, label=lab) for key, (c, lab) in COLORS.items() if key in present]
+    if any(r["device"] != "cpu" for r in rows):
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="GPU (extra row, GPU price)"))
+    handles += [Line2D([], [], color="tab:red", linestyle="--", label="business target"),
+                Line2D([], [], color="tab:brown", linestyle=":", label="baseline accuracy - 1 pt"),
+                Patch(facecolor="white", edgecolor="black", linewidth=2.5, label="* recommended variant")]
+    return handles
+
+
 def plot_summary(rows: list[dict], path: Path, title: str, overwrite: bool) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
 
     f = {k: np.array([float(r[k]) for r in rows]) for k in
          ("latency_median_ms", "latency_p95_ms", "size_mb", "accuracy", "cost_per_1000_images_usd",
@@ -467,34 +530,8 @@ def plot_summary(rows: list[dict], path: Path, title: str, overwrite: bool) -> P
          "USD per 1 000 images", short, target=cost_target,
          target_label=f"target -70 % cost = {short(cost_target)} USD", log=span(f["cost_per_1000_images_usd"]))
 
-    ax = axes[1, 2]
-    acc_floor = max(TARGET_MIN_ACCURACY * 100, base_acc - TARGET_MAX_LOSS_PT)
-    ax.axvspan(min(lat.min(), lat_target) * 0.5, lat_target, ymin=0, ymax=1, color="tab:green", alpha=0.07)
-    ax.axvline(lat_target, color="tab:red", linestyle="--", linewidth=1.2)
-    ax.axhline(TARGET_MIN_ACCURACY * 100, color="tab:red", linestyle="--", linewidth=1.2)
-    ax.axhline(base_acc - TARGET_MAX_LOSS_PT, color="tab:brown", linestyle=":", linewidth=1.2)
-    for i, r in enumerate(rows):
-        rec = r["recommended"] == "True"
-        ax.scatter(lat[i], f["accuracy"][i] * 100, s=260 if rec else 70, marker="*" if rec else "o",
-                   color=colors[i], edgecolor="black", zorder=3)
-        ax.annotate(r["variant"], (lat[i], f["accuracy"][i] * 100), xytext=(6, 6 - 9 * (i % 3)),
-                    textcoords="offset points", fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlim(min(lat.min(), lat_target) * 0.5, lat.max() * 2)
-    lo = min(f["accuracy"].min() * 100, acc_floor) - 5
-    ax.set_ylim(max(0, lo), 102)
-    ax.set_title("Accuracy vs latency (green zone: -80 % time; star = recommended)")
-    ax.set_xlabel("latency at batch 1, ms per image (median, log scale)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3, which="both")
-
-    present = {color_key(r) for r in rows}
-    handles = [Patch(color=c, label=lab) for key, (c, lab) in COLORS.items() if key in present]
-    if any(r["device"] != "cpu" for r in rows):
-        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="GPU (extra row, GPU price)"))
-    handles += [Line2D([], [], color="tab:red", linestyle="--", label="business target"),
-                Line2D([], [], color="tab:brown", linestyle=":", label="baseline accuracy - 1 pt"),
-                Patch(facecolor="white", edgecolor="black", linewidth=2.5, label="* recommended variant")]
+    _accuracy_vs_latency(axes[1, 2], rows, lat, f["accuracy"], colors, lat_target, base_acc)
+    handles = _legend_handles(rows)
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=9)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))

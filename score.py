@@ -230,7 +230,7 @@ def init() -> None:
     threads = int(os.environ.get("TP4_ORT_THREADS", "0") or 0)
     _model = Classifier(sidecar, threads=threads)
     logger.info("model %s loaded (variant %s, sha256 %s..., category %s, input %s, labels %s); limits %s",
-                _model.meta["onnx_path"], _model.info["variant"], str(_model.info["sha256"])[:12],
+                _model.meta["model_path"], _model.info["variant"], str(_model.info["sha256"])[:12],
                 _model.info["category"], _model.info["input_size"], _model.labels, lim)
     _detector = None
     found = sorted(serving_model_dir().rglob(f"detector_{_model.info['category']}.safetensors"))

@@ -336,6 +336,22 @@ def param_groups(model, lr: float, *, weight_decay: float, layer_decay: float = 
             for (mult, no_decay), params in groups.items()]
 
 
+def training_loss(model, pixels, labels, weight, teacher=None, distill_alpha: float = 0.5,
+                  distill_temperature: float = 2.0) -> torch.Tensor:
+    """Weighted cross-entropy; with `teacher`, mixed with the KL divergence to the teacher's softened logits
+    (knowledge distillation, Hinton et al. 2015), scaled by T^2 so that its gradients keep their size."""
+    logits = model_logits(model, pixels)
+    loss = F.cross_entropy(logits.float(), labels, weight=weight)
+    if teacher is None:
+        return loss
+    with torch.no_grad():
+        teacher_logits = model_logits(teacher, pixels).float()
+    t = distill_temperature
+    kd = F.kl_div(F.log_softmax(logits.float() / t, dim=-1), F.softmax(teacher_logits / t, dim=-1),
+                  reduction="batchmean") * t * t
+    return (1 - distill_alpha) * loss + distill_alpha * kd
+
+
 def train_model(model, train_loader, val_loader, *, epochs: int, lr: float, device: torch.device,
                 weight_decay: float = 0.05, warmup_frac: float = 0.1, loss_weights: torch.Tensor | None = None,
                 grad_clip: float = 1.0, amp: bool = True, teacher=None, distill_alpha: float = 0.5,
@@ -397,15 +413,7 @@ def train_model(model, train_loader, val_loader, *, epochs: int, lr: float, devi
         for pixels, labels in bar:
             pixels, labels = pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model_logits(model, pixels)
-                loss = F.cross_entropy(logits.float(), labels, weight=weight)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = model_logits(teacher, pixels).float()
-                    t = distill_temperature
-                    kd = F.kl_div(F.log_softmax(logits.float() / t, dim=-1), F.softmax(teacher_logits / t, dim=-1),
-                                  reduction="batchmean") * t * t
-                    loss = (1 - distill_alpha) * loss + distill_alpha * kd
+                loss = training_loss(model, pixels, labels, weight, teacher, distill_alpha, distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -509,7 +517,6 @@ def benchmark_batch(dataset, batch_size: int) -> torch.Tensor:
     if len(dataset) == 0:
         raise UserError("the saved test split is empty: nothing to evaluate.")
     return torch.stack([dataset[i % len(dataset)][0] for i in range(batch_size)])
-
 
 
 def benchmark_torch_model(model, example: torch.Tensor, device="cpu", **kwargs) -> dict:

@@ -79,8 +79,8 @@ def test_without_masks_gives_image_metrics_only(tmp_path, synthetic_root, run):
     assert "highest score of 6 held-out good images" in result.stdout
 
 
-@pytest.mark.parametrize("remove, message", [("train/good", "fitted on good training parts only"),
-                                             ("test", "nothing to evaluate")])
+@pytest.mark.parametrize("remove, message", [("train/good", "train/good is missing or holds no image"),
+                                             ("test", "test/good is missing or holds no image")])
 def test_incomplete_category_is_one_line(tmp_path, synthetic_root, run, remove, message):
     data = tmp_path / "data"
     shutil.copytree(synthetic_root / "bottle", data / "bottle")

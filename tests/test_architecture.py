@@ -110,3 +110,13 @@ def test_rounding_never_flatters():
     assert sig(row, "cost_per_1000_images_usd") == "0,0000534"  # costlier
     assert num(row, "mcnemar_p", 2) == "0,12"                # neutral: half-even
     assert num({"accuracy": ""}, "accuracy") == "n/m"
+
+
+def test_no_function_over_80_lines():
+    """Short functions: a script's main parses, calls helpers and prints; a helper does one job."""
+    long = []
+    for path in ROOT.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

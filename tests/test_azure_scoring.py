@@ -29,7 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 from deploy_azure import SCORING_CODE
 from inference import softmax
-from mvtec_dataset import image_to_tensor, load_rgb
+from mvtec_dataset import image_to_tensor, open_dataset_image
 
 SERVER_ENV = {"TP4_MAX_BODY_MB": "1", "TP4_MAX_IMAGES": "4", "TP4_MAX_PIXELS": "1000000",
               "TP4_MAX_REQUEST_PIXELS": "2000000"}
@@ -178,19 +178,19 @@ def test_raw_images_match_direct_onnxruntime(server, azure_model_dir, test_image
         r = requests.post(server, data=path.read_bytes(), headers={"Content-Type": "image/png"}, timeout=30)
         assert r.status_code == 200, r.text
         reply = r.json()
-        check_predictions(reply, reference(onnx_path, [load_rgb(path)], pre))
+        check_predictions(reply, reference(onnx_path, [open_dataset_image(path)], pre))
         assert reply["model"]["sha256"] == sidecar["sha256"] and reply["model"]["variant"] == "ort-fp32-test"
         assert reply["model"]["created"] == sidecar["created"]
         assert reply["inference_ms"] > 0 and reply["total_ms"] >= reply["inference_ms"]
     # JPEG, grayscale, RGBA (composited on black like load_rgb), a non-square size
-    rgb = load_rgb(test_images[1])
+    rgb = open_dataset_image(test_images[1])
     variants = {"image/jpeg": png_bytes(rgb, "JPEG"), "image/png": png_bytes(rgb.convert("L")),
                 "image/x-png": png_bytes(rgb.convert("RGBA")), "application/octet-stream":
                 png_bytes(rgb.resize((150, 90)))}
     for content_type, data in variants.items():
         r = requests.post(server, data=data, headers={"Content-Type": content_type}, timeout=30)
         assert r.status_code == 200, (content_type, r.text)
-        check_predictions(r.json(), reference(onnx_path, [load_rgb(io.BytesIO(data))], pre))
+        check_predictions(r.json(), reference(onnx_path, [open_dataset_image(io.BytesIO(data))], pre))
 
 
 def test_json_base64_batch(server, azure_model_dir, test_images):
@@ -199,7 +199,7 @@ def test_json_base64_batch(server, azure_model_dir, test_images):
     encoded[1] = "data:image/png;base64," + encoded[1]  # what a browser's FileReader produces
     r = requests.post(server, json={"images": encoded}, timeout=30)
     assert r.status_code == 200, r.text
-    expected = reference(model_dir / "model" / "model_final.onnx", [load_rgb(p) for p in test_images[:3]],
+    expected = reference(model_dir / "model" / "model_final.onnx", [open_dataset_image(p) for p in test_images[:3]],
                          sidecar["preprocessing"])
     check_predictions(r.json(), expected)
     # GET describes the served model and the limits
@@ -277,7 +277,7 @@ def test_numpy_preprocessing_equals_image_to_tensor(azure_model_dir, test_images
     import score
 
     pre = azure_model_dir[1]["preprocessing"]
-    rgb = load_rgb(test_images[2])
+    rgb = open_dataset_image(test_images[2])
     for img in (rgb, rgb.resize((131, 77)), Image.new("RGB", (300, 200), (255, 0, 10))):
         assert np.abs(score.preprocess(img, pre) - image_to_tensor(img, pre).numpy()).max() < 1e-6
 
@@ -437,7 +437,7 @@ def test_openvino_ir_final_is_served(azure_model_dir, test_images, tmp_path):
                          precision_hint="f32")
     assert meta["weights_file"] == "model_final.bin" and meta["opset"] is None
     pre = sidecar["preprocessing"]
-    images = [load_rgb(p) for p in test_images]
+    images = [open_dataset_image(p) for p in test_images]
     x = np.stack([image_to_tensor(img, pre).numpy() for img in images])
     expected = softmax(Runner(folder / "model_final.xml", "openvino", 1, "f32").run(x))
     for name in ("srv", "srv2"):

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mvtec_dataset import (SYNTHETIC_DEFECTS, MVTecDataset, image_to_tensor, index_category,
-                           load_rgb, make_split, make_synthetic_mvtec, prepare_split, save_manifest,
+                           open_dataset_image, make_split, make_synthetic_mvtec, prepare_split, save_manifest,
                            split_from_manifest)
 from lab_io import UserError
 
@@ -62,7 +62,7 @@ def test_images_of_any_mode_become_rgb_tensors(tmp_path, mode):
     img = Image.fromarray(arr).convert(mode) if mode != "I;16" else Image.fromarray(arr.astype(np.uint16) * 256)
     path = tmp_path / f"img_{mode.replace(';', '')}.png"
     img.save(path)
-    assert load_rgb(path).mode == "RGB"
+    assert open_dataset_image(path).mode == "RGB"
     tensor = image_to_tensor(path, PRE)
     assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
     assert -1.0 <= tensor.min() and tensor.max() <= 1.0
