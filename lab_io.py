@@ -139,14 +139,21 @@ def save_figure(fig, path: str | Path, overwrite: bool = False) -> Path:
 CSV_LOCK_TIMEOUT_S = 60.0  # a writer holds a CSV's lock for one read-merge-replace (milliseconds): longer = stuck
 
 
+def lock_file(path: str | Path) -> Path:
+    """The lock file of the CSV `path`: hidden, so that resultats/ shows the results only."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
 @contextlib.contextmanager
 def csv_lock(path: str | Path, timeout: float | None = None):
-    """Hold `<path>.lock` around a read-merge-replace of the CSV `path`, so that runs writing to one CSV at the same
-    time never drop each other's rows. A separate lock file, not the CSV itself: the CSV is replaced by a rename
-    (atomic_write), which Windows refuses on a locked file. An OS lock (filelock), released when the process dies."""
+    """Hold `.<name>.lock` (hidden, beside the CSV `path`) around a read-merge-replace of the CSV, so that runs writing
+    to one CSV at the same time never drop each other's rows. A separate lock file, not the CSV itself: the CSV is
+    replaced by a rename (atomic_write), which Windows refuses on a locked file. An OS lock (filelock), released when
+    the process dies; the empty file stays."""
     from filelock import FileLock, Timeout
 
-    lock_path = Path(f"{path}.lock")
+    lock_path = lock_file(path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     timeout = CSV_LOCK_TIMEOUT_S if timeout is None else timeout
     lock = FileLock(lock_path, timeout=timeout)

@@ -83,7 +83,7 @@ def test_concurrent_appends_keep_every_row_once(tmp_path, writers):
         assert "threads" in csv.DictReader(f).fieldnames
     assert sum(r["threads"] == "1" for r in rows) == 1
     assert {r["latency_median_ms"] for r in rows if r["runs"] == "3"} == {f"{3 / 7:.6g}"}  # formatted as before
-    assert not list(tmp_path.glob(".results.csv.*"))  # no temporary file left behind
+    assert not list(tmp_path.glob(".results.csv.*.tmp"))  # no temporary file left behind (atomic_write)
 
 
 def test_two_prediction_stores_in_two_processes_keep_every_row(tmp_path):
@@ -128,7 +128,8 @@ def test_a_lock_held_too_long_is_one_clear_user_error(tmp_path, monkeypatch):
     import prediction_store
 
     path = tmp_path / "results.csv"
-    lock = f"{path}.lock"
+    lock = str(lab_io.lock_file(path))
+    assert lock == str(tmp_path / ".results.csv.lock")
     monkeypatch.setattr(lab_io, "CSV_LOCK_TIMEOUT_S", 0.2)
     store = prediction_store.PredictionStore(path, IDENTITY)
     store.put(_prediction("/a.png", 0.2, "ra"))

@@ -294,7 +294,7 @@ def test_interrupt_saves_done_rows_and_resume_completes(served, tmp_path, monkey
     assert "error: interrupted: 8 of the 14 images to score were saved" in err and "run the same command again" in err
     rows = read_rows(out)
     assert len(rows) == 9 and all(r["label"] and r["model_sha256"] and r["scored_at"] for r in rows)
-    assert not list(tmp_path.glob(".pred.csv.*"))  # no temporary file left behind
+    assert not list(tmp_path.glob(".pred.csv.*.tmp"))  # no temporary file left behind (atomic_write)
 
     calls["n"] = 0
     monkeypatch.setattr(inference.Classifier, "predict", lambda self, b: interrupted(self, b, RuntimeError, at=2))
@@ -339,7 +339,7 @@ def test_killed_mid_run_leaves_a_complete_csv(served, tmp_path, sig):
     rows = read_rows(out)
     assert 1 <= len(rows) < 150
     assert all(r["label"] and r["anomaly_probability"] and r["run_id"] for r in rows)
-    assert not list(tmp_path.glob(".pred.csv.*"))
+    assert not list(tmp_path.glob(".pred.csv.*.tmp"))
 
 
 # --------------------------------------------------------------------------------------------------
