@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import numpy as np
 # Azure's batch runtime loads this file by its path: its sibling modules are not importable otherwise
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import DEFAULT_MAX_PIXELS, Classifier, ImageError, env_number, find_sidecar, load_rgb, preprocess, \
-    serving_model_dir  # noqa: E402
+    serving_model_dir, serving_threads  # noqa: E402
 from lab_targets import BATCH_COLUMNS  # noqa: E402
 
 
@@ -45,7 +44,7 @@ _model: Classifier | None = None
 def init() -> None:
     """Called once per worker process: find, verify (sha256) and load the model. Any error fails the job early."""
     global _model
-    threads = int(os.environ.get("TP4_ORT_THREADS", "0") or 0)
+    threads = serving_threads()
     _model = Classifier(find_sidecar(serving_model_dir()), threads=threads)
     logger.info("model %s loaded (variant %s, sha256 %s..., engine %s, batch %s, %s threads)",
                 _model.meta["model_path"], _model.info["variant"], _model.meta["sha256"][:12], _model.info["engine"],

@@ -77,6 +77,14 @@ def env_number(name: str, default: float) -> float:
     return value
 
 
+def serving_threads() -> int:
+    """TP4_ORT_THREADS, the engine's intra-op threads for the Azure entry scripts (0 or unset: the engine's choice)."""
+    text = os.environ.get("TP4_ORT_THREADS") or "0"
+    if not text.isdigit():
+        raise ValueError(f"environment variable TP4_ORT_THREADS must be a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def serving_model_dir() -> Path:
     """Where the Azure entry scripts (score.py, batch_score.py) find the model: AZUREML_MODEL_DIR (Azure, or
     azmlinfsrv --model_dir), else ./modeles."""

@@ -39,7 +39,6 @@ import base64
 import binascii
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ from PIL import Image
 # azmlinfsrv (locally and on Azure) loads this file by its path: its sibling modules are not importable otherwise
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, ImageError, Classifier, PatchDetector, \
-    env_number, find_sidecar, serving_model_dir, image_header, load_rgb, preprocess  # noqa: E402
+    env_number, find_sidecar, serving_model_dir, serving_threads, image_header, load_rgb, preprocess  # noqa: E402
 
 try:  # inside azmlinfsrv these names are mapped onto the server's own module
     from azureml.contrib.services.aml_request import rawhttp
@@ -227,7 +226,7 @@ def init() -> None:
     global _model, _detector
     lim = limits()
     sidecar = find_sidecar(serving_model_dir())
-    threads = int(os.environ.get("TP4_ORT_THREADS", "0") or 0)
+    threads = serving_threads()
     _model = Classifier(sidecar, threads=threads)
     logger.info("model %s loaded (variant %s, sha256 %s..., category %s, input %s, labels %s); limits %s",
                 _model.meta["model_path"], _model.info["variant"], str(_model.info["sha256"])[:12],

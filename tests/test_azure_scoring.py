@@ -361,11 +361,16 @@ def test_init_rejects_bad_sidecars(azure_model_dir, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # deploy_azure.py
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture
-def deploy_setup(azure_model_dir, tmp_path):
-    shutil.copytree(azure_model_dir[0] / "model", tmp_path / "modeles")
+def deploy_folder(model_root: Path, tmp_path: Path) -> Path:
+    """A folder as deploy_azure.py sees it: modeles/ (the model pair of `model_root`) and azureml/ (no build/)."""
+    shutil.copytree(model_root / "model", tmp_path / "modeles")
     shutil.copytree(ROOT / "azureml", tmp_path / "azureml", ignore=shutil.ignore_patterns("build"))
     return tmp_path
+
+
+@pytest.fixture
+def deploy_setup(azure_model_dir, tmp_path):
+    return deploy_folder(azure_model_dir[0], tmp_path)
 
 
 NO_AZURE_ENV = {"AZURE_SUBSCRIPTION_ID": "", "AZURE_RESOURCE_GROUP": "", "AZUREML_WORKSPACE": ""}

@@ -16,9 +16,8 @@ from PIL import Image
 
 from deploy_azure import BATCH_RETRY, BATCH_SCORING_CODE, BATCH_SETTINGS, HTTP_SERVER_PACKAGE
 from inference import Classifier, find_sidecar, load_rgb, preprocess
-from test_azure_scoring import NO_AZURE_ENV, _post, make_model_pair
+from test_azure_scoring import NO_AZURE_ENV, _post, deploy_folder, make_model_pair
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {"TP4_ORT_THREADS": "1", "TP4_MAX_PIXELS": "1000000", "TP4_BATCH_SIZE": "3"}  # 3: batches cut across errors
 
 
@@ -120,9 +119,7 @@ def test_init_refuses_a_tampered_model(model_root, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture
 def deploy_setup(model_root, tmp_path):
-    shutil.copytree(model_root[0] / "model", tmp_path / "modeles")
-    shutil.copytree(ROOT / "azureml", tmp_path / "azureml", ignore=shutil.ignore_patterns("build"))
-    return tmp_path
+    return deploy_folder(model_root[0], tmp_path)
 
 
 def test_batch_dry_run_writes_the_spec(run, deploy_setup, model_root):
