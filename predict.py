@@ -107,14 +107,17 @@ def parse_args(argv=None):
     return args
 
 
-# Set by the signal handler: a KeyboardInterrupt raised while Python runs a finalizer (e.g. a lock's __del__) is
-# printed and dropped, so the scoring loop also checks this flag after every image.
-STOP_REQUESTED = {"flag": False}
+# Ctrl+C and SIGTERM. Inside the scoring loop the first signal only sets "flag" and the loop stops after the image it
+# is on: a KeyboardInterrupt raised at an arbitrary point can land in a finalizer (filelock's, a weakref callback),
+# where Python prints a traceback and drops it. Outside the loop, or at a second signal, it is raised at once.
+STOP_REQUESTED = {"flag": False, "in_loop": False}
 
 
-def _raise_interrupt(signum, frame):  # Ctrl+C and SIGTERM (kill, a scheduler stopping the job) alike
+def _request_stop(signum, frame):
+    first_in_loop = STOP_REQUESTED["in_loop"] and not STOP_REQUESTED["flag"]
     STOP_REQUESTED["flag"] = True
-    raise KeyboardInterrupt
+    if not first_in_loop:
+        raise KeyboardInterrupt
 
 
 def _workers_text(workers: int, pool: str) -> str:
@@ -132,9 +135,9 @@ def _shown(path: str | Path) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    STOP_REQUESTED["flag"] = False
+    STOP_REQUESTED.update(flag=False, in_loop=False)
     try:  # from the start: loading the model takes seconds
-        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # main() called from another thread: signals are the main thread's business
         return _main(args)
     try:
@@ -180,14 +183,15 @@ def score_all(args, model, todo: list[Path], store: PredictionStore, workers: in
                                    max_pixels=int(args.max_pixels), timing=timing, keep_uint8=bool(args.heatmaps)):
             store.put(prediction_row(result, model, identity, rid))
             n_put += 1
-            if STOP_REQUESTED["flag"]:  # the signal's KeyboardInterrupt was swallowed by a finalizer
-                raise KeyboardInterrupt
             if heatmaps:
                 heatmaps.add(result)
             bar.update()
             if store.dirty >= args.save_every or time.perf_counter() - last_save > SAVE_SECONDS:
                 store.save()
                 last_save = time.perf_counter()
+            if STOP_REQUESTED["flag"]:  # Ctrl+C / SIGTERM during this image
+                raise KeyboardInterrupt
+            STOP_REQUESTED["in_loop"] = True  # from the first image on: a signal stops the loop after its image
         timing.wall_s = time.perf_counter() - t0
     except KeyboardInterrupt:
         bar.close()
@@ -198,6 +202,7 @@ def score_all(args, model, todo: list[Path], store: PredictionStore, workers: in
               "run the same command again to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
+        STOP_REQUESTED["in_loop"] = False
         bar.close()
         store.save()  # rows done before any error are never lost
     return None
