@@ -101,20 +101,27 @@ class PatchFeatures(torch.nn.Module):
         hidden = self.base(pixel_values=pixels, output_hidden_states=True, interpolate_pos_encoding=True) \
             if self._interpolates else self.base(pixel_values=pixels, output_hidden_states=True)
         gh, gw = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
-        maps = []
-        for layer in self.layers:
-            tokens = hidden.hidden_states[layer][:, -gh * gw:]  # patch tokens (after CLS / distillation tokens)
-            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)  # batch axis stays dynamic
-            if self.neighbourhood > 1:  # PatchCore's local averaging: it blurs defects of a patch or two away
-                grid = F.avg_pool2d(grid, self.neighbourhood, stride=1, padding=self.neighbourhood // 2,
-                                    count_include_pad=False)
-            maps.append(F.normalize(grid, dim=1))
-        feats = torch.cat(maps, 1).flatten(2).transpose(1, 2)
-        return F.normalize(feats, dim=-1)
+        return patch_features(hidden.hidden_states, self.layers, (gh, gw), self.neighbourhood)
 
     @property
     def _interpolates(self) -> bool:
         return getattr(self.base.config, "model_type", "") != "dinov2"  # DINOv2 always interpolates
+
+
+def patch_features(hidden_states, layers: list[int], grid: tuple[int, int], neighbourhood: int = 1) -> torch.Tensor:
+    """The hidden states of a ViT pass -> L2-normalised patch features [N, gh * gw, D] of `layers` (PatchFeatures'
+    rule; the hybrid classifier applies it to its own pass)."""
+    gh, gw = grid
+    maps = []
+    for layer in layers:
+        tokens = hidden_states[layer][:, -gh * gw:]  # patch tokens (after CLS / distillation tokens)
+        grid_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)  # batch axis stays dynamic
+        if neighbourhood > 1:  # PatchCore's local averaging: it blurs defects of a patch or two away
+            grid_map = F.avg_pool2d(grid_map, neighbourhood, stride=1, padding=neighbourhood // 2,
+                                    count_include_pad=False)
+        maps.append(F.normalize(grid_map, dim=1))
+    feats = torch.cat(maps, 1).flatten(2).transpose(1, 2)
+    return F.normalize(feats, dim=-1)
 
 
 def resolve_layers(spec: str, depth: int) -> list[int]:

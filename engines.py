@@ -55,6 +55,7 @@ def _quiet_export():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"The feature will be removed",
                                 module=r"torch\.onnx")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"transformers\.")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"hybrid")  # top-k count: fixed H x W
         yield
 
 
@@ -205,7 +206,11 @@ def ranked_linear_nodes(src: Path, model, train) -> tuple[list[str], dict[str, l
     if len(train) == 0:
         raise UserError("no training image to rank the layers for the mixed-precision int8.")
     names = backbone_linears(model)
-    nodes = onnx_linear_nodes(src)
+    graph_nodes = onnx_linear_nodes(src)
+    # the tracer may drop a wrapper's level ('model.dinov2...' -> '/model/dinov2/...'): match the longest suffix
+    suffixes = {n: next((".".join(n.split(".")[i:]) for i in range(n.count(".") + 1)
+                         if ".".join(n.split(".")[i:]) in graph_nodes), None) for n in names}
+    nodes = {n: graph_nodes[key] for n, key in suffixes.items() if key is not None}
     unmatched = [n for n in names if n not in nodes]
     if unmatched:
         raise UserError(f"{src}: {len(unmatched)} nn.Linear layer(s) have no MatMul node in the graph (e.g. "
@@ -297,7 +302,8 @@ def _quiet_logs():
 # OpenVINO: the same ONNX file in fp32 / bf16, and int8 by NNCF post-training quantization
 # --------------------------------------------------------------------------------------------------
 def openvino_variants(fp32_onnx: Path, models_dir: Path, model, datasets: dict, threshold: float,
-                      n_calibration: int, overwrite: bool, prefix: str = "model_", basis: dict | None = None) -> dict:
+                      n_calibration: int, overwrite: bool, prefix: str = "model_", basis: dict | None = None,
+                      fp16_constants: bool = False) -> dict:
     """{variant: (file, engine, precision hint)}: OpenVINO fp32 on the exported ONNX file, bf16 where the CPU has
     it, and NNCF int8 (quantize_openvino_int8; rest f32 and, where the CPU has it, bf16). `model`: the PyTorch fp32
     model the file was exported from; `datasets`: its "train" and "val" datasets (no augmentation)."""
@@ -307,7 +313,7 @@ def openvino_variants(fp32_onnx: Path, models_dir: Path, model, datasets: dict, 
         out["ov-bf16"] = (fp32_onnx, ENGINE_OV, "bf16")
     xml = models_dir / FILES["ov-int8-nncf"].replace("model_", prefix, 1)
     info = quantize_openvino_int8(fp32_onnx, xml, model, datasets, threshold, n_calibration, overwrite=overwrite,
-                                  basis=basis)
+                                  basis=basis, fp16_constants=fp16_constants)
     tried = ", ".join(f"{n} fp32: {a * 100:.1f} %" for n, a in info["tried"])
     print(f"OpenVINO int8 (NNCF post-training quantization, ModelType.TRANSFORMER, {info['calibration']} training "
           f"images for calibration): decisions agreeing with fp32 on {info['agreement_images']} train+val images "
@@ -320,9 +326,10 @@ def openvino_variants(fp32_onnx: Path, models_dir: Path, model, datasets: dict, 
 
 
 def quantize_openvino_int8(src: Path, dst_xml: Path, model, datasets: dict, threshold: float, n_calibration: int,
-                           *, overwrite: bool = False, basis: dict | None = None) -> dict:
+                           *, overwrite: bool = False, basis: dict | None = None, fp16_constants: bool = False) -> dict:
     """NNCF post-training int8 of an ONNX file read by OpenVINO, calibrated on the first `n_calibration` training
-    images, saved as OpenVINO IR (dst .xml + .bin, fp32 weights where not int8).
+    images, saved as OpenVINO IR (dst .xml + .bin, fp32 weights where not int8; stored fp16 with fp16_constants,
+    judged so).
 
     Mixed precision by the label-free rule of the ORT int8 (mixed_precision_basis, quantize.choose_fp32_layers): the
     most sensitive nn.Linear layers are left out of NNCF's quantization (an IgnoredScope of their node names, checked by
@@ -351,24 +358,30 @@ def quantize_openvino_int8(src: Path, dst_xml: Path, model, datasets: dict, thre
                 quantized = nncf.quantize(ov.Core().read_model(str(src)), nncf.Dataset(calibration),
                                           subset_size=len(calibration), model_type=nncf.ModelType.TRANSFORMER,
                                           ignored_scope=scope)
-            if fp32_layers:  # the size of the IR as it would be saved (fp32 weights stay fp32)
+            if fp32_layers:  # the size of the IR as it will be saved
                 probe = Path(tmp) / f"k{len(fp32_layers)}.xml"
-                ov.save_model(quantized, str(probe), compress_to_fp16=False)
+                ov.save_model(quantized, str(probe), compress_to_fp16=fp16_constants)
                 if model_size_mb(probe) >= TARGET_MAX_SIZE_MB:
                     return None
-            compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            judged = quantized
+            if fp16_constants:  # judged as it will be saved: its fp32 constants rounded to fp16
+                probe = Path(tmp) / f"c{len(fp32_layers)}.xml"
+                ov.save_model(quantized, str(probe), compress_to_fp16=True)
+                judged = ov.Core().read_model(str(probe))
+            compiled = ov.Core().compile_model(judged, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
             return predict_labels(np.concatenate([compiled(images[i:i + 16])[0]
                                                   for i in range(0, len(images), 16)]), threshold), quantized
 
         best, tried = choose_fp32_layers(order, reference, candidate)
-    save_openvino_ir(best[2], dst_xml, overwrite)
+    save_openvino_ir(best[2], dst_xml, overwrite, fp16_constants=fp16_constants)
     return {"calibration": len(calibration), "agreement_images": len(images), "fp32_linears": order[:best[0]],
             "agreement": best[1], "tried": tried, "seconds": time.perf_counter() - t0}
 
 
-def save_openvino_ir(model, dst_xml: Path, overwrite: bool) -> Path:
-    """An OpenVINO model saved as IR (dst .xml + .bin, fp32 weights kept fp32), atomically: both files are written in a
-    temporary folder beside them, then moved in, the weights first (the .xml never points at missing weights)."""
+def save_openvino_ir(model, dst_xml: Path, overwrite: bool, fp16_constants: bool = False) -> Path:
+    """An OpenVINO model saved as IR (dst .xml + .bin, fp32 weights kept fp32 unless fp16_constants: then stored fp16,
+    computed fp32), atomically: both files are written in a temporary folder beside them, then moved in, the weights
+    first (the .xml never points at missing weights)."""
     import tempfile
 
     import openvino as ov
@@ -376,7 +389,7 @@ def save_openvino_ir(model, dst_xml: Path, overwrite: bool) -> Path:
     dst_xml.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst_xml.parent, prefix=".ir-") as tmp:
         tmp_xml = Path(tmp) / dst_xml.name
-        ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+        ov.save_model(model, str(tmp_xml), compress_to_fp16=fp16_constants)
         for suffix in (".bin", ".xml"):
             keep_previous(dst_xml.with_suffix(suffix), overwrite)
             os.replace(tmp_xml.with_suffix(suffix), dst_xml.with_suffix(suffix))

@@ -37,6 +37,7 @@ INT8_MIN_AGREEMENT = 1.0 - TARGET_MAX_LOSS_PT / 100.0
 # What every choice is measured on: the saved train + val images, without their labels (never the test split)
 SELECTION_SPLITS = ("train", "val")
 SELECTION_SPLIT = "+".join(SELECTION_SPLITS)
+BANK_EXCLUDED = "-bank"  # the hybrid's guard: the selection images but its memory bank's (train good) ones
 
 LAB_EPOCHS = 3                     # the lab's command: benchmark_gpu.py --epochs 3 (pretrained models)
 
@@ -193,11 +194,12 @@ GUARD_MIN_AGREEMENT = {CONVERSION: PARITY_MIN_AGREEMENT, QUANTIZATION: INT8_MIN_
 
 
 def judge_selection(kind: str, reference_logits, logits, *, threshold: float = 0.5,
-                    reference: str = "pytorch-fp32", reference_threshold: float | None = None) -> dict:
+                    reference: str = "pytorch-fp32", reference_threshold: float | None = None, mask=None) -> dict:
     """THE guard: may this variant be recommended or deployed? Its decisions (at `threshold`) vs those of
     `reference` (the model it was made from, at `reference_threshold`, default the same) on the same selection
     images (SELECTION_SPLITS, in the same order), without labels. kind = CONVERSION, QUANTIZATION or DISTILLATION
-    (see the module doc).
+    (see the module doc). `mask`: which selection images count (the hybrid's variants leave out the images of its
+    memory bank, whose decisions cannot move: hybrid.guard_mask); split then reads SELECTION_SPLIT + BANK_EXCLUDED.
     Returns "kind", "rule" (text), "split", "n", "changed", "agreement", "passed", "reference", "threshold"."""
     if kind not in GUARD_MIN_AGREEMENT:
         raise ValueError(f"unknown guard kind {kind!r}")
@@ -205,12 +207,15 @@ def judge_selection(kind: str, reference_logits, logits, *, threshold: float = 0
     pred = predict_labels(logits, threshold)
     if ref.shape != pred.shape:
         raise ValueError(f"the variant was run on {len(pred)} selection images, its reference on {len(ref)}")
+    split = SELECTION_SPLIT
+    if mask is not None:
+        ref, pred, split = ref[np.asarray(mask, dtype=bool)], pred[np.asarray(mask, dtype=bool)], split + BANK_EXCLUDED
     n, changed = len(ref), int((ref != pred).sum())
     agreement = 1.0 - changed / n if n else float("nan")
     minimum = GUARD_MIN_AGREEMENT[kind]
     return {"kind": kind, "rule": f"{kind}: decisions identical to {reference} on >= {minimum * 100:g} % of the "
-                                  f"{SELECTION_SPLIT} images (no label, the test split is not read)",
-            "split": SELECTION_SPLIT, "n": n, "changed": changed, "agreement": agreement,
+                                  f"{split} images (no label, the test split is not read)",
+            "split": split, "n": n, "changed": changed, "agreement": agreement,
             "passed": bool(n and agreement >= minimum), "reference": reference, "threshold": float(threshold)}
 
 
@@ -272,6 +277,24 @@ def variant_passes(*verdicts: bool | None) -> bool:
     model it was made from), that model's own, and the conversion of the fp32 graph it runs; None = no such guard
     (the baseline, no exported graph). All of them on the selection images: no test label."""
     return all(v in (True, None) for v in verdicts)
+
+
+def hybrid_wins(head: dict, fused: dict) -> bool:
+    """THE rule that puts the hybrid (head logit + patch distances) in place of the plain head: on the validation
+    split only, it ranks better (AUROC) and decides no worse (balanced accuracy, each at its own val-chosen
+    threshold). A perfectly separated val (AUROC 1.0) keeps the plain head: nothing to gain, a bank to pay."""
+    return fused["auroc"] > head["auroc"] and fused["balanced_accuracy"] >= head["balanced_accuracy"]
+
+
+HYBRID_PREFIX = "hybrid-"  # the variants of the hybrid classifier (hybrid.py)
+
+
+def selection_candidates(rows: list[dict]) -> list[dict]:
+    """The rows recommend() and choose_deployable() choose among: the hybrid's when it was built (it replaced the plain
+    head on val: lab_targets.hybrid_wins, or --hybrid on) and one of them can be deployed, else every row. The plain
+    classifier's rows stay in the CSV, for the lesson and the comparison."""
+    hybrid = [r for r in rows if r["variant"].startswith(HYBRID_PREFIX)]
+    return hybrid if hybrid and choose_deployable(hybrid) else rows
 
 
 def recommend(rows: list[dict]) -> dict | None:
@@ -405,6 +428,10 @@ RESULT_COLUMNS = {
     "onnx_graph_accuracy_delta_pt": ("points", HIGHER, _GUARD, "that graph - its PyTorch model, test accuracy "
                                                                "(reported)"),
     "onnx_graph_passed": ("", NEUTRAL, _GUARD, "conversion guard of that graph (guard_split)"),
+    "flips_vs_classifier": ("images", NEUTRAL, _GUARD, "hybrid variants: test decisions that differ from the plain "
+                                                       "classifier's (PyTorch fp32); measured once, read by no choice"),
+    "bank_mb": ("MB (10^6 bytes)", LOWER, _MODEL, "hybrid variants: the memory bank of good train patches held in "
+                                                   "the graph (float32), part of size_mb"),
     "guards_passed": ("", NEUTRAL, _GUARD, "lab_targets.variant_passes: own guard, its source's, conversion "
                                            "(all on guard_split)"),
     "recommended": ("", NEUTRAL, _GUARD, "lab_targets.recommend: fastest CPU variant passing its guards"),

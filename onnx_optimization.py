@@ -14,6 +14,9 @@ the same run at batch 1 and at --bench-batch-size. lab_targets.choose_deployable
 modeles/model_final.onnx or model_final.xml + .bin, with modeles/model_final.json (engine, precision, input,
 threshold, sha256) for the Azure scoring script. Kept too: model_fp32.onnx, model_fp32_optimized.onnx,
 model_int8.onnx, model_int8_nncf.xml.
+The hybrid (hybrid.py: the head logit and the patch distances to the train split's good patches, fused, in one
+graph) is fitted on train; when it beats the head on val (lab_targets.hybrid_wins) its OpenVINO fp32 / bf16 / NNCF
+int8 variants get their own rows (guards against the PyTorch hybrid) and model_final is chosen among them.
 Outputs: resultats/onnx_results.csv (one row per variant), resultats/onnx_comparison.png.
 """
 from __future__ import annotations
@@ -26,13 +29,15 @@ import torch
 
 from engines import (DEFAULT_OPSET, FILES, export_onnx, mixed_precision_basis, model_size_mb, openvino_variants,
                      optimize_onnx, quantize_onnx_int8, quantize_onnx_int8_mixed, variant_precision)
+from hybrid import (HYBRID_CHOICES, HYBRID_HELP, describe_hybrid, fit_hybrid, guard_mask, hybrid_variants,
+                    hybrid_verdict)
 from inference import (ENGINE_ORT, ENGINE_OV, FINAL_ONNX, Runner, benchmark_runner, final_path, onnx_opset,
                        ort_threads, runner_predict_logits, save_final, write_sidecar)
 from lab_io import (ArgumentParser, UserError, append_csv_rows, cpu_flags, cpu_name, environment_columns,
                     format_table, positive_int, run_cli, run_id, save_figure, size_on_disk_mb)
-from lab_targets import (CPU_PRICE, CPU_VM, SELECTION_SPLIT, choose_deployable, compare_logits, describe_flips,
-                         describe_guard, format_accuracy, guard_columns, guard_kind, judge_selection,
-                         measured_columns, recommend, variant_passes)
+from lab_targets import (BANK_EXCLUDED, CPU_PRICE, CPU_VM, HYBRID_PREFIX, SELECTION_SPLIT, choose_deployable,
+                         compare_logits, describe_flips, describe_guard, format_accuracy, guard_columns, guard_kind,
+                         judge_selection, measured_columns, recommend, selection_candidates, variant_passes)
 from load_model_hf import checkpoint_threshold, load_checkpoint, resolve_model_path
 from mvtec_dataset import make_loaders, selection_loader, split_from_manifest
 from train_utils import benchmark_batch, benchmark_torch_model, classification_metrics, predict_logits, set_threads
@@ -60,7 +65,8 @@ def plot_comparison(variants: list[dict], path: Path, *, title: str, bench_batch
     ]
     fig, axes = plt.subplots(2, 2, figsize=(15, 9))
     for ax, (name, unit, values, err, fmt) in zip(axes.flat, panels):
-        bars = ax.bar(names, values, color=colors, yerr=[[0] * len(err), err] if err else None, capsize=4)
+        bars = ax.bar(names, values, color=colors, yerr=[[0] * len(err), err] if err else None, capsize=4,
+                      hatch=[("//" if n.startswith(HYBRID_PREFIX) else "") for n in names])
         for i, (bar, value, v) in enumerate(zip(bars, values, variants)):
             label = fmt.format(value) + (" *" if v["variant"] == selected else "")
             top = value + (err[i] if err else 0)  # above the p95 whisker
@@ -79,8 +85,11 @@ def plot_comparison(variants: list[dict], path: Path, *, title: str, bench_batch
                         Patch(color="tab:blue", label="ONNX Runtime fp32"),
                         Patch(color="tab:orange", label="ONNX Runtime int8 (dynamic)"),
                         Patch(color="tab:cyan", label="OpenVINO fp32"),
-                        Patch(color="tab:green", label="OpenVINO bf16 / int8 (NNCF)")],
-               loc="lower center", ncol=5, title="* = saved as modeles/model_final" if selected else None)
+                        Patch(color="tab:green", label="OpenVINO bf16 / int8 (NNCF)"),
+                        *([Patch(facecolor="white", edgecolor="black", hatch="//",
+                                 label="hybrid: head + patch distances")] if any(
+                            n.startswith(HYBRID_PREFIX) for n in names) else [])],
+               loc="lower center", ncol=6, title="* = saved as modeles/model_final" if selected else None)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
     saved = save_figure(fig, path, overwrite)
@@ -99,7 +108,9 @@ def result_rows(variants, *, args, rid, ckpt, ckpt_path, export_info, threads_to
         judged = v.get("judged")
         # an ONNX variant is also judged by the conversion of the fp32 graph it runs or was quantized from (as in
         # the pipeline): int8 comes from model_fp32.onnx
-        graph = v if v["precision"] == "fp32" else graphs.get("ov-fp32" if v["backend"] == ENGINE_OV else "ort-fp32")
+        prefix = HYBRID_PREFIX if v["variant"].startswith(HYBRID_PREFIX) else ""  # its own fp32 graph
+        graph = v if v["precision"] == "fp32" else \
+            graphs.get(prefix + ("ov-fp32" if v["backend"] == ENGINE_OV else "ort-fp32"))
         conversion = graph.get("judged") if v["backend"] != "pytorch" and graph else None
         row = {"run_id": rid, "script": "onnx_optimization.py", "category": args.category, "variant": v["variant"],
                "backend": v["backend"], "precision": v["precision"], "device": "cpu", "device_name": cpu_name(),
@@ -113,13 +124,16 @@ def result_rows(variants, *, args, rid, ckpt, ckpt_path, export_info, threads_to
                "onnx_graph_checked": Path(graph["file"]).name if conversion else "",
                "onnx_graph_agreement": conversion["agreement"] if conversion else "",
                "onnx_graph_accuracy_delta_pt": graph["test"]["accuracy_diff_pt"] if conversion else "",
-               "onnx_graph_passed": conversion["passed"] if conversion else ""}
+               "onnx_graph_passed": conversion["passed"] if conversion else "",
+               "flips_vs_classifier": v["vs_classifier"]["flips"] if "vs_classifier" in v else "",
+               "bank_mb": v.get("bank_mb", "")}
         reference = reference or row
         row["size_ratio"] = reference["size_mb"] / row["size_mb"]
         row["guards_passed"] = variant_passes(judged["passed"] if judged else None,
                                               conversion["passed"] if conversion else None)
         rows.append(row)
-    best, final = recommend(rows), choose_deployable(rows)
+    candidates = selection_candidates(rows)
+    best, final = recommend(candidates), choose_deployable(candidates)
     for row in rows:
         row["recommended"] = row is best
         row["deployed_as"] = str(final_path(row["file"], models_dir)) if row is final else ""
@@ -162,6 +176,7 @@ def parse_args(argv=None):
                         help="skip the OpenVINO variants (fp32, bf16 where the CPU has it, NNCF int8)")
     parser.add_argument("--calibration-images", type=positive_int, default=128,
                         help="training images that calibrate NNCF's int8 quantization (default: 128)")
+    parser.add_argument("--hybrid", choices=HYBRID_CHOICES, default="auto", help=HYBRID_HELP)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace earlier ONNX files, sidecar and plot instead of keeping them with a timestamp")
     args = parser.parse_args(argv)
@@ -232,17 +247,11 @@ def build_variants(args, inputs: dict, threads_ort: int | None) -> tuple[dict, d
     return export_info, fusion, specs
 
 
-def judge_variants(inputs: dict, specs: dict, fusion: dict, threads_ort: int | None) -> tuple[list[dict], dict]:
-    """2. Decisions on train + val (the guards, no label) and on the whole test split (the report), PyTorch fp32 as
-    the reference. Returns (variants, {variant: its Runner})."""
-    model, threshold, selection = inputs["model"], inputs["threshold"], inputs["selection"]
-    loader, ckpt_path, ref_selection = inputs["loaders"]["test"], inputs["ckpt_path"], inputs["ref_selection"]
-    print(f"decision threshold on P(anomaly): {threshold:.3f} ({inputs['ckpt'].get('threshold_rule', 'argmax')}), "
-          f"the same for every variant")
-    ref_logits, labels = predict_logits(model, loader, "cpu", desc="PyTorch fp32 test")
-    variants = [{"variant": "pytorch-fp32", "backend": "pytorch", "precision": "fp32", "file": str(ckpt_path),
-                 "size_mb": size_on_disk_mb(ckpt_path), "logits": ref_logits, "judged": None, "test": None}]
-    runners = {}
+def _judge(specs: dict, reference: dict, inputs: dict, fusion: dict, threads_ort, runners: dict) -> list[dict]:
+    """The variants of `specs` judged against `reference` ({"name", "selection": logits on train + val, "test": logits,
+    "labels"}): guard on train + val (no label), report on test."""
+    threshold, selection, loader = inputs["threshold"], inputs["selection"], inputs["loaders"]["test"]
+    variants = []
     for name, (path, engine, precision) in specs.items():
         runners[name] = Runner(path, engine, threads_ort, precision)
         chosen_on, _ = runner_predict_logits(runners[name], selection, desc=f"{name} {SELECTION_SPLIT}")
@@ -250,10 +259,56 @@ def judge_variants(inputs: dict, specs: dict, fusion: dict, threads_ort: int | N
         variants.append({"variant": name, "backend": engine, "precision": variant_precision(name, runners[name]),
                          "file": str(path), "size_mb": model_size_mb(path), "logits": logits,
                          "opset": onnx_opset(path) if Path(path).suffix == ".onnx" else "",
-                         "judged": judge_selection(guard_kind(name), ref_selection, chosen_on, threshold=threshold),
-                         "test": compare_logits(ref_logits, logits, labels, threshold=threshold),
+                         "judged": judge_selection(guard_kind(name), reference["selection"], chosen_on,
+                                                   threshold=threshold, reference=reference["name"],
+                                                   mask=reference.get("mask")),
+                         "test": compare_logits(reference["test"], logits, reference["labels"], threshold=threshold),
                          "fused": ";".join(f"{k}={n}" for k, n in fusion["fused"].items())
                          if name == "ort-fp32-optimized" else ""})
+    return variants
+
+
+def build_hybrid(args, inputs: dict) -> dict | None:
+    """The hybrid (hybrid.fit_hybrid on train, chosen on val) and, when used, its one-graph variants."""
+    if args.hybrid == "off":
+        return None
+    if args.no_openvino:
+        print("note: the hybrid classifier was not fitted: its variants run in OpenVINO (--no-openvino)")
+        return None
+    model, info = fit_hybrid(inputs["model"], inputs["train_val"], inputs["threshold"], batch_size=args.batch_size)
+    print(describe_hybrid(info, args.hybrid))
+    if not hybrid_verdict(info, args.hybrid):
+        return None
+    export, specs = hybrid_variants(model, args.models_dir, inputs["train_val"], info, inputs["threshold"],
+                                    inputs["ckpt"]["preprocessing"], args.opset, args.calibration_images,
+                                    args.overwrite)
+    return {"model": model, "info": info, "specs": specs, "export": export}
+
+
+def judge_variants(inputs: dict, specs: dict, fusion: dict, threads_ort: int | None,
+                   hybrid: dict | None = None) -> tuple[list[dict], dict]:
+    """2. Decisions on train + val (the guards, no label) and on the whole test split (the report), PyTorch fp32 as
+    the reference; the hybrid's variants against the PyTorch hybrid, their flips vs the classifier reported too.
+    Returns (variants, {variant: its Runner})."""
+    model, threshold, loader = inputs["model"], inputs["threshold"], inputs["loaders"]["test"]
+    print(f"decision threshold on P(anomaly): {threshold:.3f} ({inputs['ckpt'].get('threshold_rule', 'argmax')}), "
+          f"the same for every variant")
+    ref_logits, labels = predict_logits(model, loader, "cpu", desc="PyTorch fp32 test")
+    variants = [{"variant": "pytorch-fp32", "backend": "pytorch", "precision": "fp32", "file": str(inputs["ckpt_path"]),
+                 "size_mb": size_on_disk_mb(inputs["ckpt_path"]), "logits": ref_logits, "judged": None, "test": None}]
+    runners = {}
+    plain = {"name": "pytorch-fp32", "selection": inputs["ref_selection"], "test": ref_logits, "labels": labels}
+    variants += _judge(specs, plain, inputs, fusion, threads_ort, runners)
+    if hybrid is not None:
+        reference = {"name": "pytorch-hybrid-fp32", "labels": labels,
+                     "mask": guard_mask(hybrid["info"], *(len(inputs["train_val"][n]) for n in ("train", "val"))),
+                     "selection": predict_logits(hybrid["model"], inputs["selection"], "cpu",
+                                                 desc=f"PyTorch hybrid {SELECTION_SPLIT}")[0],
+                     "test": predict_logits(hybrid["model"], loader, "cpu", desc="PyTorch hybrid test")[0]}
+        for v in _judge(hybrid["specs"], reference, inputs, fusion, threads_ort, runners):
+            v["vs_classifier"] = compare_logits(ref_logits, v["logits"], labels, threshold=threshold)
+            v["bank_mb"] = hybrid["info"]["bank_mb"]
+            variants.append(v)
     for v in variants:
         v["metrics"] = classification_metrics(labels, v["logits"], loader.dataset.defect_types, threshold=threshold)
         v["labels"] = labels
@@ -294,11 +349,16 @@ def print_summary(args, inputs: dict, variants: list[dict], rows: list[dict]) ->
     print(f"guard (lab_targets.judge_selection, it alone decides what may be recommended or deployed): decisions "
           f"vs PyTorch fp32 on the {len(inputs['ref_selection'])} {SELECTION_SPLIT} images, no label; test "
           f"(agreement, flips) is measured once and reported, no choice reads it")
+    if any("vs_classifier" in v for v in variants):
+        print(f"hybrid-* variants: guard vs the PyTorch hybrid on the {SELECTION_SPLIT} images but its bank's "
+              f"({SELECTION_SPLIT}{BANK_EXCLUDED}), test differences vs the PyTorch hybrid, then vs the plain "
+              f"classifier")
     for v in variants[1:]:
         t = v["test"]
         print(f"  {v['variant']:<20} {describe_guard(v['judged'])}; test: accuracy {format_accuracy(v['metrics'])}, "
               f"difference {t['accuracy_diff_pt']:+.2f} pt; {describe_flips(t)}; max |logit diff| "
-              f"{t['max_abs_logit_diff']:.3g}")
+              f"{t['max_abs_logit_diff']:.3g}" + (f"; vs the plain classifier: {describe_flips(v['vs_classifier'])}"
+                                                   if "vs_classifier" in v else ""))
 
 
 def deploy_final(args, inputs: dict, final: dict, reference: dict, specs: dict, export_info: dict) -> None:
@@ -327,7 +387,8 @@ def main(argv=None) -> int:
           f"'{args.category}', test split {len(inputs['loaders']['test'].dataset)} images; threads: ORT "
           f"{threads_ort or 'ORT default'}, torch {threads_torch}")
     export_info, fusion, specs = build_variants(args, inputs, threads_ort)
-    variants, runners = judge_variants(inputs, specs, fusion, threads_ort)
+    hybrid = build_hybrid(args, inputs)
+    variants, runners = judge_variants(inputs, specs, fusion, threads_ort, hybrid)
     load = time_variants(args, inputs, variants, runners)
 
     # 4. Rows, the rules of lab_targets (recommend, choose_deployable), save, report
@@ -348,7 +409,7 @@ def main(argv=None) -> int:
         print(f"error: no ONNX variant passed its guard: {FINAL_ONNX} was not written "
               f"(see the guard lines above and {csv_path}).")
         return 1
-    deploy_final(args, inputs, final, variants[0], specs, export_info)
+    deploy_final(args, inputs, final, variants[0], {**specs, **(hybrid["specs"] if hybrid else {})}, export_info)
     return 0
 
 

@@ -43,6 +43,8 @@ import torch.nn.functional as F
 
 import engines
 import quantize as qz
+from hybrid import (HYBRID_CHOICES, HYBRID_HELP, describe_hybrid, fit_hybrid, guard_mask, hybrid_variants,
+                    hybrid_verdict)
 from inference import (ENGINE_ORT, Runner, benchmark_runner, onnx_opset, runner_predict_logits, save_final,
                        write_sidecar)
 from lab_io import (ArgumentParser, UserError, append_csv_rows, atomic_write, cpu_has_bf16, environment_columns,
@@ -50,8 +52,8 @@ from lab_io import (ArgumentParser, UserError, append_csv_rows, atomic_write, cp
 from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, DISTILLATION, END_TO_END_IMAGES, END_TO_END_REPEATS,
                          GPU_PRICE, GPU_VM, LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE, QUANTIZATION, SELECTION_SPLIT,
                          SELECTION_SPLITS, TARGETS, choose_deployable, compare_logits, describe_guard, format_accuracy,
-                         guard_columns, guard_kind, judge_selection, measured_columns, recommend, targets_met,
-                         variant_passes)
+                         guard_columns, guard_kind, judge_selection, measured_columns, recommend,
+                         selection_candidates, targets_met, variant_passes)
 from load_model_hf import (HUB_PRESETS, OFFLINE_PRESETS, checkpoint_threshold, count_parameters, load_pretrained,
                            model_from_checkpoint, read_checkpoint, save_checkpoint)
 from mvtec_dataset import (make_loaders, make_synthetic_mvtec, prepare_split, selection_loader, split_from_manifest,
@@ -162,6 +164,7 @@ def _add_step_flags(p) -> None:
                    help="skip the OpenVINO variants (fp32, bf16 where the CPU has it, NNCF int8) and PyTorch bf16")
     p.add_argument("--calibration-images", type=positive_int, default=128,
                    help="training images that calibrate NNCF's int8 quantization (default: 128)")
+    p.add_argument("--hybrid", choices=HYBRID_CHOICES, default="auto", help=HYBRID_HELP)
     p.add_argument("--skip-gpu", action="store_true", help="no GPU row even when a GPU is present")
     p.add_argument("--skip-end-to-end", action="store_true",
                    help="skip step 6 (image files -> labels: the deployable model through predict.py's pipeline vs "
@@ -460,13 +463,16 @@ class Variant:
     bn: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     conversions: dict = field(default_factory=dict)  # {(fp32 graph, engine): its conversion guard vs this model}
+    extra: dict = field(default_factory=dict)        # columns of this kind of variant only (the hybrid's)
+    guard_mask: np.ndarray = None                    # selection images its variants are judged on (None = all)
 
 
 def judged_against(reference: Variant, kind: str, name: str, selection_logits, logits, labels, threshold: float):
     """(the guard on the selection images, the test report) of a variant vs `reference` at the variant's
     threshold; a distilled student has its own threshold, its reference's decisions keep theirs."""
     guard = judge_selection(kind, reference.selection_logits, selection_logits, threshold=threshold,
-                            reference=reference.name, reference_threshold=reference.threshold)
+                            reference=reference.name, reference_threshold=reference.threshold,
+                            mask=reference.guard_mask)
     test = compare_logits(reference.logits, logits, labels, threshold=threshold,
                           reference_threshold=reference.threshold)
     print(f"   {name}: {describe_guard(guard)}")
@@ -568,7 +574,7 @@ def build_rows(variants: list[Variant], args, *, rid, data: Data, training: dict
                "onnx_graph_accuracy_delta_pt": v.conversion[1]["accuracy_diff_pt"] if v.conversion else "",
                "onnx_graph_passed": v.conversion[0]["passed"] if v.conversion else None,
                "file": str(v.file), "exporter": v.exporter, "opset": v.opset, "reused": v.reused,
-               **training.get(v.role, {}), "gpu_name": training["gpu_name"], **environment}
+               **training.get(v.role, {}), "gpu_name": training["gpu_name"], **environment, **v.extra}
         base = base or row
         row["size_ratio"] = base["size_mb"] / row["size_mb"]
         row.update(targets_met(row))
@@ -576,7 +582,7 @@ def build_rows(variants: list[Variant], args, *, rid, data: Data, training: dict
         row["onnx_graph_passed"] = "" if row["onnx_graph_passed"] is None else row["onnx_graph_passed"]
         row["target_onnx_parity"] = row["onnx_graph_passed"]
         rows.append(row)
-    best = recommend(rows)
+    best = recommend(selection_candidates(rows))
     for r in rows:
         r["recommended"], r["deployed_as"] = r is best, ""
     return rows
@@ -603,7 +609,7 @@ def training_columns(ckpt: dict | None) -> dict:
 
 def deploy_final(rows: list[dict], variants: list[Variant], args, checkpoints: dict) -> Path | None:
     """model_final.onnx + sidecar from lab_targets.choose_deployable (the row gets `deployed_as`)."""
-    final_row = choose_deployable(rows)
+    final_row = choose_deployable(selection_candidates(rows))
     if final_row is None:
         return None
     v = variants[rows.index(final_row)]
@@ -763,6 +769,36 @@ def baseline_engine_variants(args, data, base, base_model, base_ckpt, base_path,
     return variants
 
 
+def hybrid_engine_variants(args, data, base, base_model, base_ckpt, threads) -> list:
+    """4. The hybrid (head logit + patch distances, hybrid.py) fitted on train, chosen on val; when used, its one
+    graph in OpenVINO fp32 / bf16 / NNCF int8, each judged against the PyTorch hybrid (a reference, not a row)."""
+    if args.hybrid == "off":
+        return []
+    loaders = data.loaders(base_ckpt["preprocessing"], ("train", "val"), augment="none")
+    datasets = {n: loader.dataset for n, loader in loaders.items()}
+    model, info = fit_hybrid(base_model, datasets, base.threshold, batch_size=args.batch_size)
+    print("   " + describe_hybrid(info, args.hybrid))
+    if not hybrid_verdict(info, args.hybrid):
+        return []
+    export, specs = hybrid_variants(model, args.models_dir, datasets, info, base.threshold,
+                                    base_ckpt["preprocessing"], engines.DEFAULT_OPSET, args.calibration_images,
+                                    args.overwrite)
+    onnx_file = Path(export["path"])
+    reference = torch_variant("pytorch-hybrid-fp32", 4, "baseline", model, base.loader, base.selection,
+                              precision="fp32", file=onnx_file, model_name=base.model_name,
+                              threshold=base.threshold, params_m=base.params_m)
+    reference.guard_mask = guard_mask(info, len(datasets["train"]), len(datasets["val"]))
+    variants = []
+    for name, (path, engine, precision) in specs.items():
+        v = engine_variant(name, 4, "baseline", path, reference, engine=engine, precision=precision, threads=threads,
+                           exporter=export["exporter"], fp32_graph=onnx_file)
+        v.extra = {"flips_vs_classifier": compare_logits(base.logits, v.logits, v.labels,
+                                                         threshold=base.threshold)["flips"],
+                   "bank_mb": info["bank_mb"]}
+        variants.append(v)
+    return variants
+
+
 def student_variants(args, device, data, base, base_model, base_ckpt, base_path, threads) -> tuple[list, dict, Path]:
     """5. The distilled student in PyTorch fp32, its per-token int8, ORT int8 and OpenVINO. Returns (variants, its
     checkpoint, its file)."""
@@ -820,6 +856,8 @@ def main(argv=None) -> int:
     quant_path = next((v.file for v in variants if v.name == "pytorch-int8-dynamic"), None)
     if not args.skip_onnx:
         variants += baseline_engine_variants(args, data, base, base_model, base_ckpt, base_path, threads)
+        if not args.skip_openvino:
+            variants += hybrid_engine_variants(args, data, base, base_model, base_ckpt, threads)
     student_ckpt, s_path = None, None
     if not args.skip_student:
         student, student_ckpt, s_path = student_variants(args, device, data, base, base_model, base_ckpt, base_path,

@@ -20,7 +20,7 @@ import numpy as np
 from lab_io import UserError, atomic_write_text, keep_previous, read_csv_rows, run_cli, save_figure
 from lab_targets import (HIGHER, LOWER, NEUTRAL, TARGET_COST_REDUCTION_PCT, TARGET_END_TO_END_SPEEDUP,
                          TARGET_MAX_LOSS_PT, TARGET_MAX_SIZE_MB, TARGET_MIN_ACCURACY, TARGET_TIME_REDUCTION_PCT, TARGETS,
-                         better_direction)
+                         HYBRID_PREFIX, better_direction, recommend)
 
 REPORT_CSV, REPORT_PNG, REPORT_MD = "optimization_report.csv", "optimization_complete.png", "rapport.md"
 ROUNDING = {HIGHER: ROUND_FLOOR, LOWER: ROUND_CEILING, NEUTRAL: ROUND_HALF_EVEN}
@@ -225,6 +225,7 @@ def recommendation_sections(w, rows: list[dict], base: dict) -> None:
         else:
             w("La variante recommandée n'est pas un fichier ONNX et aucune variante ONNX ne passe les garde-fous : "
               "`model_final.onnx` n'a pas été écrit par cette exécution.\n")
+    hybrid_paragraph(w, rows)
     w("## 7. Objectifs métier : bilan\n")
     for t, label in zip(TARGETS, FRENCH_TARGET_NAMES):
         ok = [f"`{r['variant']}`" for r in cpu_rows if yes(r[t])]
@@ -232,6 +233,33 @@ def recommendation_sections(w, rows: list[dict], base: dict) -> None:
         if rec is not None and rec[t] == "False":
             line += " " + ADVICE[t]
         w(line)
+    w("")
+
+
+def hybrid_paragraph(w, rows: list[dict]) -> None:
+    """Section 6, the hybrid classifier's rows (when it was built): accuracy with interval, decisions changed vs the
+    plain classifier, latency at batch 1 vs the fastest plain variant that passes its guards, size and bank."""
+    hybrid = [r for r in rows if r["variant"].startswith(HYBRID_PREFIX)]
+    if not hybrid:
+        return
+    typed = [{**r, "guards_passed": yes(r["guards_passed"]), "latency_median_ms": float(r["latency_median_ms"])}
+             for r in rows if r not in hybrid and r["latency_median_ms"]]  # the CSV's strings, for the rule
+    plain = recommend(typed)
+    plain = next(r for r in rows if r["variant"] == plain["variant"]) if plain else None
+    w("**Classifieur hybride** (logit de la tête + distances des patchs du même passage aux patchs des bonnes pièces "
+      "du train, fusionnés par une régression logistique ajustée sur train, seuil choisi sur val ; un seul graphe). "
+      "Il n'est construit que s'il bat la tête seule sur la validation (AUROC et accuracy équilibrée, "
+      "`lab_targets.hybrid_wins`) ou avec `--hybrid on` ; la recommandation et le modèle déployé sont alors choisis "
+      "parmi ses variantes (`lab_targets.selection_candidates`)."
+      + (f" Variante du classifieur seul la plus rapide passant ses garde-fous : `{plain['variant']}`, "
+         f"{num(plain, 'latency_median_ms', 2)} ms à batch 1, accuracy {num(plain, 'accuracy', 2, 100)} %." if plain
+         else "") + "\n")
+    for r in hybrid:
+        w(f"- `{r['variant']}` : accuracy {num(r, 'accuracy', 2, 100)} % (IC 95 % {num(r, 'accuracy_ci_low', 1, 100)}"
+          f"–{num(r, 'accuracy_ci_high', 1, 100)}), {r['flips_vs_classifier']} décision(s) de test différentes de "
+          f"celles du classifieur seul (PyTorch fp32), latence {num(r, 'latency_median_ms', 2)} ms à batch 1, taille "
+          f"{num(r, 'size_mb', 2)} Mo dont {num(r, 'bank_mb', 2)} Mo de banque de patchs, garde-fous "
+          f"{'passés' if yes(r['guards_passed']) else '**non passés**'}.")
     w("")
 
 

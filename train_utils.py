@@ -137,7 +137,8 @@ def base_model_of(model):
     return None, None
 
 
-def _pool(hidden: torch.Tensor, pooling: str) -> torch.Tensor:
+def pool_tokens(hidden: torch.Tensor, pooling: str) -> torch.Tensor:
+    """The head's input from a block's (layer-normed) tokens, as base_model_of's `pooling` says."""
     return torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], 1) if pooling == "cls+mean" else hidden[:, 0]
 
 
@@ -157,7 +158,7 @@ def frozen_features(model, loader, device, desc: str = "features",
             items = [dataset[j] for j in range(i, min(len(dataset), i + step))]
             pixels = torch.stack([x for x, _ in items]).to(device)
             hidden = base(pixel_values=pixels, output_hidden_states=True).hidden_states[1:]
-            feats.append(torch.stack([_pool(base.layernorm(h), pooling) for h in hidden], 1).float().cpu())
+            feats.append(torch.stack([pool_tokens(base.layernorm(h), pooling) for h in hidden], 1).float().cpu())
             labels += [int(y) for _, y in items]
     finally:
         dataset.augment = augment

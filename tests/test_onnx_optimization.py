@@ -31,7 +31,7 @@ def project(tmp_path_factory, synthetic_root):
     cwd = tmp_path_factory.mktemp("onnx")
     save_untrained_checkpoint(cwd, synthetic_root)
     result = run_script("onnx_optimization.py", "--category", "bottle", "--model-path", "model_cpu_bottle.pth",
-                        "--data-dir", synthetic_root, *FAST, cwd=cwd)
+                        "--data-dir", synthetic_root, "--hybrid", "off", *FAST, cwd=cwd)
     return cwd, result
 
 

@@ -12,11 +12,13 @@ from lab_io import cpu_has_bf16
 
 FAST = ("--baseline-model", "offline-vit-tiny", "--student-model", "offline-vit-tiny", "--epochs", "1",
         "--student-epochs", "1", "--runs", "3", "--warmup", "1", "--bench-batch-size", "2", "--num-threads", "1",
-        "--end-to-end-images", "24", "--end-to-end-repeats", "1")
+        "--end-to-end-images", "24", "--end-to-end-repeats", "1", "--hybrid", "on")
 BF16 = cpu_has_bf16()  # the bf16 variants exist only where the CPU computes bf16 in hardware
 VARIANTS = ["pytorch-fp32", *["pytorch-bf16"] * BF16, "pytorch-int8-dynamic", "pytorch-int8-smoothquant",
             "ort-fp32-optimized", "ort-int8-dynamic", "ort-int8-mixed",
-            "ov-fp32", *["ov-bf16"] * BF16, "ov-int8-nncf", *["ov-int8-nncf-bf16"] * BF16, "student-pytorch-fp32",
+            "ov-fp32", *["ov-bf16"] * BF16, "ov-int8-nncf", *["ov-int8-nncf-bf16"] * BF16,
+            "hybrid-ov-fp32", *["hybrid-ov-bf16"] * BF16, "hybrid-ov-int8-nncf", *["hybrid-ov-int8-nncf-bf16"] * BF16,
+            "student-pytorch-fp32",
             "student-pytorch-int8-smoothquant", "student-ort-int8-dynamic", "student-ov-fp32", *["student-ov-bf16"] * BF16, "student-ov-int8-nncf",
             *["student-ov-int8-nncf-bf16"] * BF16]
 TARGETS = ["target_time_80", "target_cost_70", "target_size_30mb", "target_accuracy_95", "target_loss_1pt",
@@ -91,14 +93,22 @@ def test_csv_png_report_and_final_model(project):
         assert r["target_onnx_parity"] in (("True", "False") if r["backend"] != "pytorch" else ("",))
     base = rows[0]
     assert float(base["speedup"]) == 1 and float(base["accuracy_delta_pt"]) == 0 and base["target_time_80"] == "False"
+    # --hybrid on: the hybrid's variants are the candidates when one of them passes, else every variant
+    hybrid = [r for r in rows if r["variant"].startswith("hybrid-") and r["guards_passed"] == "True"]
     assert [r["variant"] for r in rows if r["recommended"] == "True"] == [
-        min((r for r in rows if r["guards_passed"] == "True"), key=lambda r: float(r["latency_median_ms"]))["variant"]]
+        min(hybrid or (r for r in rows if r["guards_passed"] == "True"),
+            key=lambda r: float(r["latency_median_ms"]))["variant"]]
     by = {r["variant"]: r for r in rows}
     assert float(by["pytorch-int8-dynamic"]["size_mb"]) < 0.5 * float(base["size_mb"])  # int8 checkpoint
     # every verdict on the train + val images (no label); a student is judged against the baseline, and what is made
     # from it inherits its verdict
     for r in rows[1:]:
-        assert r["guard_split"] == "train+val" and int(r["guard_images"]) == int(r["n_train"]) + int(r["n_val"])
+        if r["variant"].startswith("hybrid-"):  # its bank's images (the train good ones) do not count
+            assert r["guard_split"] == "train+val-bank" and int(r["guard_images"]) < int(r["n_train"]) + int(r["n_val"])
+            assert r["guard_reference"] == "pytorch-hybrid-fp32" and float(r["bank_mb"]) > 0
+            assert r["flips_vs_classifier"] != ""
+        else:
+            assert r["guard_split"] == "train+val" and int(r["guard_images"]) == int(r["n_train"]) + int(r["n_val"])
     student = by["student-pytorch-fp32"]
     assert student["guard_reference"] == "pytorch-fp32" and student["guard"].startswith("distillation")
     assert by["student-ort-int8-dynamic"]["guard_reference"] == "student-pytorch-fp32"
@@ -111,7 +121,7 @@ def test_csv_png_report_and_final_model(project):
         "model_fp32_optimized.onnx (onnxruntime)", "model_fp32.onnx (onnxruntime)", "model_fp32.onnx (onnxruntime)",
         "model_student_fp32.onnx (onnxruntime)"]  # ort-fp32-optimized, ort-int8-dynamic, ort-int8-mixed, student
     assert {r["onnx_graph_checked"] for r in rows if r["backend"] == "openvino" and r["role"] == "baseline"} == {
-        "model_fp32.onnx (openvino)"}
+        "model_fp32.onnx (openvino)", "model_hybrid_fp32.onnx (openvino)"}
     assert by["ov-int8-nncf"]["precision"] == "int8" and by["ov-fp32"]["precision"] == "fp32"
     if BF16:
         assert by["pytorch-bf16"]["precision"] == "bf16" and by["ov-int8-nncf-bf16"]["precision"] == "int8+bf16"
@@ -128,6 +138,7 @@ def test_csv_png_report_and_final_model(project):
     report = project["report"]
     assert report.startswith("# Rapport") and "## 6. Variante recommandée" in report
     assert f"**`{[r for r in rows if r['recommended'] == 'True'][0]['variant']}`**" in report
+    assert "**Classifieur hybride**" in report and "`hybrid-ov-int8-nncf` : accuracy" in report
     for word in ("Machine", "Méthode", "Résultats", "Limites", base["cpu_name"], base["torch_version"]):
         assert word in report
     assert "recommended:" in result.stdout and "pipeline finished in" in result.stdout
