@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference import (ENGINE_ORT, ENGINE_OV, INPUT_NAME, OUTPUT_NAME, Runner, cpu_supports, make_session,
-                       numeric_precision, onnx_opset)
+from inference import (ENGINE_ORT, ENGINE_OV, INPUT_NAME, MAP_OUTPUT_NAME, OUTPUT_NAME, Runner, cpu_supports,
+                       make_session, numeric_precision, onnx_opset)
 from lab_io import UserError, atomic_write, keep_previous, size_on_disk_mb
 from lab_targets import predict_labels
 from quantize import choose_fp32_layers
@@ -41,6 +41,17 @@ class _LogitsOnly(torch.nn.Module):
         return model_logits(self.model, pixel_values)
 
 
+class _LogitsAndMap(torch.nn.Module):
+    """pixel_values -> (logits, patch distances): the hybrid's graph, its map as a second named output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values, with_map=True)  # through the module call: node names keep its scope
+
+
 @contextmanager
 def _quiet_export():
     """Silence the exporters' known noise, and nothing else.
@@ -55,7 +66,8 @@ def _quiet_export():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"The feature will be removed",
                                 module=r"torch\.onnx")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"transformers\.")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"hybrid")  # top-k count: fixed H x W
+        # the hybrid's top-k count comes from the patch count: constant for a fixed H x W, like the checks above
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"hybrid")
         yield
 
 
@@ -79,7 +91,7 @@ def _check_against_torch(model, path: Path, image_size, threads: int | None = No
 
 
 def export_onnx(model, path: str | Path, preprocessing: dict, opset: int = DEFAULT_OPSET, *,
-                exporter: str = "auto", overwrite: bool = False) -> dict:
+                exporter: str = "auto", overwrite: bool = False, map_output: bool = False) -> dict:
     """Export `model` (pixel_values [batch, 3, H, W] -> logits [batch, 2]) to `path` with a dynamic batch axis.
 
     exporter 'torchscript' = torch.onnx.export(dynamo=False): quick, opset 17, the graph ORT's transformer
@@ -94,7 +106,8 @@ def export_onnx(model, path: str | Path, preprocessing: dict, opset: int = DEFAU
     model = model.eval().cpu()
     image_size = [int(v) for v in preprocessing["image_size"]]
     example = torch.randn(2, 3, *image_size, generator=torch.Generator().manual_seed(0))
-    wrapped = _LogitsOnly(model).eval()
+    wrapped = (_LogitsAndMap(model) if map_output else _LogitsOnly(model)).eval()
+    outputs = [OUTPUT_NAME, MAP_OUTPUT_NAME] if map_output else [OUTPUT_NAME]
     tries = {"auto": ["torchscript", "dynamo"], "torchscript": ["torchscript"], "dynamo": ["dynamo"]}[exporter]
     failures = []
     for name in tries:
@@ -105,12 +118,12 @@ def export_onnx(model, path: str | Path, preprocessing: dict, opset: int = DEFAU
             with _quiet_export(), torch.inference_mode(False), torch.no_grad():
                 if name == "torchscript":
                     torch.onnx.export(wrapped, (example,), str(tmp), dynamo=False, opset_version=opset,
-                                      input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                                      input_names=[INPUT_NAME], output_names=outputs,
+                                      dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in outputs}})
                 else:
                     batch = torch.export.Dim("batch", min=1, max=4096)
                     torch.onnx.export(wrapped, (example,), str(tmp), dynamo=True, opset_version=max(opset, 18),
-                                      input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False,
+                                      input_names=[INPUT_NAME], output_names=outputs, verbose=False,
                                       dynamic_shapes={INPUT_NAME: {0: batch}}, external_data=False)
             info["export_seconds"] = time.perf_counter() - t0
             onnx.checker.check_model(str(tmp))

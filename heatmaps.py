@@ -56,18 +56,19 @@ def contact_sheet(tiles: list[tuple[object, str]], columns: int = 6):
     return sheet
 
 
-HEATMAP_SCALE = (0.0, 1.5)  # overlay colours in multiples of the detector's threshold: red = the threshold
+HEATMAP_SCALE = (0.0, 1.5)  # overlay colours in multiples of the model's map_reference (red): the detector's
+# threshold, or a hybrid classifier's 95th percentile of val good scores
 
 
 class HeatmapWriter:
     """--heatmaps, streamed: the overlay PNG of each anomalous image (folder/<name>_<hash>_heatmap.png) is written as
     soon as the image is scored, and contact_sheet.png of the max_tiles most anomalous at the end: only those tiles
-    are kept in memory, whatever the number of images. One colour scale for the whole run, fixed by the detector's
-    threshold (HEATMAP_SCALE), so that two overlays can be compared and none waits for the last image."""
+    are kept in memory, whatever the number of images. One colour scale for the whole run, fixed by the model's
+    map_reference (HEATMAP_SCALE), so that two overlays can be compared and none waits for the last image."""
 
-    def __init__(self, folder: str | Path, threshold: float, max_tiles: int = 48):
+    def __init__(self, folder: str | Path, reference: float, max_tiles: int = 48):
         self.folder, self.max_tiles = Path(folder), max_tiles
-        self.scale = (HEATMAP_SCALE[0] * threshold, HEATMAP_SCALE[1] * threshold)
+        self.scale = (HEATMAP_SCALE[0] * reference, HEATMAP_SCALE[1] * reference)
         self.written = 0
         self._top: list[tuple[float, int, object, str]] = []  # min-heap on the score: the weakest goes first
 

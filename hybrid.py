@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from detector import greedy_coreset, patch_features
 from inference import IMAGE_SCORE_TOP, image_scores, nearest_distances
 from lab_io import UserError
-from lab_targets import HYBRID_PREFIX, choose_threshold, hybrid_wins
+from lab_targets import HYBRID_PREFIX, auroc_no_gain_share, choose_threshold, hybrid_wins
 from train_utils import base_model_of, pool_tokens
 
 HYBRID_CORESET = 0.1          # share of the good train patches kept in the bank (PatchCore's 10 %)
@@ -50,9 +50,13 @@ class HybridClassifier(torch.nn.Module):
         self.register_buffer("bank_sq_b", (self.bank_b * self.bank_b).sum(-1))
         self.register_buffer("fusion", torch.tensor([float(v) for v in fusion], dtype=torch.float32))
 
-    def _patch_score(self, feats: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _nearest(feats: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor) -> torch.Tensor:
+        """[N, P] distance of each patch to its nearest bank patch."""
         d2 = (feats * feats).sum(-1, keepdim=True) - 2.0 * feats @ bank.T + bank_sq
-        nearest = d2.min(-1).values.clamp(min=0.0).sqrt()  # [N, P]
+        return d2.min(-1).values.clamp(min=0.0).sqrt()
+
+    def _top_mean(self, nearest: torch.Tensor) -> torch.Tensor:
         k = max(1, int(self.score_top * nearest.shape[1]))
         return nearest.topk(k, dim=1).values.mean(1)
 
@@ -64,12 +68,23 @@ class HybridClassifier(torch.nn.Module):
         grid = (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
         return logits[:, 1] - logits[:, 0], patch_features(out.hidden_states, self.layers, grid)
 
-    def forward(self, pixel_values):
+    def logits_and_map(self, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [N, 2], patch distances [N, P]: the mean of the two half-banks' nearest distances, on the patch
+        grid, row by row: where the defect is)."""
         z, feats = self.evidence(pixel_values)
-        score = 0.5 * (self._patch_score(feats, self.bank_a, self.bank_sq_a)
-                       + self._patch_score(feats, self.bank_b, self.bank_sq_b))
+        near_a = self._nearest(feats, self.bank_a, self.bank_sq_a)
+        near_b = self._nearest(feats, self.bank_b, self.bank_sq_b)
+        score = 0.5 * (self._top_mean(near_a) + self._top_mean(near_b))
         f = self.fusion[0] * z + self.fusion[1] * torch.log(score.clamp(min=DISTANCE_FLOOR)) + self.fusion[2]
-        return torch.stack([-f / 2, f / 2], 1)
+        return torch.stack([-f / 2, f / 2], 1), 0.5 * (near_a + near_b)
+
+    def forward(self, pixel_values, with_map: bool = False):
+        """logits [N, 2], or (logits, patch distances) with_map (the exported graph's two outputs)."""
+        logits, patch_map = self.logits_and_map(pixel_values)
+        return (logits, patch_map) if with_map else logits
+
+    def grid(self, image_size) -> list[int]:
+        return [int(image_size[0]) // self.patch_size, int(image_size[1]) // self.patch_size]
 
 
 @torch.inference_mode()
@@ -162,6 +177,7 @@ def fit_hybrid(model, datasets: dict, threshold: float, *, batch_size: int = 16,
     own_threshold = choose_threshold(1 / (1 + np.exp(-fused_va)), y_va)
     head = _val_summary(z_va, y_va, (1 / (1 + np.exp(-z_va)) >= threshold).astype(np.int64))
     fused = _val_summary(fused_va, y_va, (fused_va >= _logit(own_threshold)).astype(np.int64))
+    fused["no_gain_share"] = auroc_no_gain_share(y_va, z_va, fused_va, seed=seed)
     shifted = bias + _logit(threshold) - _logit(own_threshold)
     hybrid = HybridClassifier(model, layers, torch.from_numpy(bank_a), torch.from_numpy(bank_b),
                               (weight[0], weight[1], shifted), score_top).eval()
@@ -170,6 +186,8 @@ def fit_hybrid(model, datasets: dict, threshold: float, *, batch_size: int = 16,
             "bank_mb": (bank_a.nbytes + bank_b.nbytes) / 1e6, "bank_images": int(len(good)), "C": c,
             "w_logit": float(weight[0]), "w_log_distance": float(weight[1]), "bias": shifted,
             "own_threshold": float(own_threshold), "val_head": head, "val_fused": fused,
+            # the colour scale of its maps (red = this distance): the 95th percentile of the val good images' scores
+            "map_reference": float(np.quantile(s_va[y_va == 0], 0.95)),
             "seconds": time.perf_counter() - t0}
     return hybrid, info
 
@@ -181,7 +199,8 @@ def describe_hybrid(info: dict, mode: str = "auto") -> str:
     return (f"hybrid head logit + patch distances (blocks {'+'.join(map(str, info['layers']))}, bank of "
             f"{info['bank_patches']} good train patches from {info['bank_images']} images, {info['bank_mb']:.1f} MB; "
             f"fusion C={info['C']}, {info['w_logit']:.3g} x logit + {info['w_log_distance']:.3g} x log distance): "
-            f"val AUROC {head['auroc']:.3f} -> {fused['auroc']:.3f}, val balanced accuracy "
+            f"val AUROC {head['auroc']:.3f} -> {fused['auroc']:.3f} (no gain in {fused['no_gain_share'] * 100:.1f} % "
+            f"of the bootstrap resamples), val balanced accuracy "
             f"{head['balanced_accuracy']:.3f} -> {fused['balanced_accuracy']:.3f}: {verdict} ({info['seconds']:.0f} s)")
 
 
@@ -228,7 +247,7 @@ def hybrid_variants(hybrid: HybridClassifier, models_dir, datasets: dict, info: 
 
     models_dir = Path(models_dir)
     onnx_file = models_dir / HYBRID_ONNX
-    export = export_onnx(hybrid, onnx_file, preprocessing, opset, overwrite=overwrite)
+    export = export_onnx(hybrid, onnx_file, preprocessing, opset, overwrite=overwrite, map_output=True)
     print(f"exported the hybrid to {export['path']} ({export['exporter']}, opset {export['opset']}, "
           f"{export['export_seconds']:.1f} s); max |logit diff| vs PyTorch on random input "
           f"{export['check_max_abs_diff']:.2g}")

@@ -32,6 +32,7 @@ SIDECAR_FORMAT = "tp4-onnx-sidecar-v1"
 ENGINE_ORT, ENGINE_OV = "onnxruntime", "openvino"
 FINAL_ONNX, FINAL_SIDECAR = "model_final.onnx", "model_final.json"
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
+MAP_OUTPUT_NAME = "patch_distances"  # the hybrid classifier's second output: [N, gh * gw], where the defect is
 REQUIRED_KEYS = ("format", "model_file", "variant", "category", "labels", "input_name", "output_name",
                  "preprocessing", "sha256")
 THRESHOLD_TEXT = "P(anomaly) = softmax(logits)[1] >= threshold; threshold chosen on the validation split"
@@ -197,7 +198,8 @@ def onnx_opset(path: str | Path) -> int:
 def write_sidecar(model_path: str | Path, *, variant: str, category: str, preprocessing: dict, exporter: str,
                   source_checkpoint: str | Path, base_model: str, parity_result: dict, metrics: dict,
                   threshold: float = 0.5, engine: str = ENGINE_ORT, precision_hint: str = "f32",
-                  sidecar_path: str | Path | None = None, overwrite: bool = False) -> dict:
+                  sidecar_path: str | Path | None = None, overwrite: bool = False,
+                  map_grid: list[int] | None = None, map_reference: float | None = None) -> dict:
     """Write `<model stem>.json` next to the model (format tp4-onnx-sidecar-v1), atomically. Returns it.
 
     The model is an ONNX file (engine onnxruntime or openvino) or an OpenVINO IR .xml with its .bin weights
@@ -217,6 +219,9 @@ def write_sidecar(model_path: str | Path, *, variant: str, category: str, prepro
                "versions": library_versions(), "sha256": sha256_file(model_path)}
     if weights is not None:
         sidecar.update(weights_file=weights.name, weights_sha256=sha256_file(weights))
+    if map_grid:  # a hybrid classifier: its second output is the patch map on this grid
+        sidecar.update(anomaly_map=True, map_output=MAP_OUTPUT_NAME, map_grid=[int(v) for v in map_grid],
+                       map_reference=float(map_reference))
     keep_previous(sidecar_path, overwrite)
     atomic_write_text(sidecar_path, json.dumps(sidecar, indent=1, allow_nan=False) + "\n")
     return sidecar
@@ -351,7 +356,8 @@ def make_session(path: str | Path, threads: int | None = None):
 
 
 class Runner:
-    """One model compiled for the CPU by one engine: run(float32 [N, 3, H, W]) -> logits float32 [N, 2].
+    """One model compiled for the CPU by one engine: run(float32 [N, 3, H, W]) -> logits float32 [N, 2]; run_all ->
+    every output, in the graph's order (the hybrid's: logits, patch distances).
 
     engine 'onnxruntime' (an ONNX file) or 'openvino' (an ONNX file or an IR .xml); `precision` is OpenVINO's
     INFERENCE_PRECISION_HINT, always set explicitly ('f32' or 'bf16': on a CPU with BF16, OpenVINO's silent default
@@ -365,10 +371,13 @@ class Runner:
                 raise ValueError(f"ONNX Runtime on CPU runs the graph's own precision, not {precision!r}")
             session = make_session(path, threads)
             feed_name = session.get_inputs()[0].name
-            self.run = lambda x: session.run(None, {feed_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+            self.run_all = lambda x: session.run(None, {feed_name: np.ascontiguousarray(x, dtype=np.float32)})
+            self.run = lambda x: self.run_all(x)[0]
             self.session = session
         elif engine == ENGINE_OV:
             request, self.precision = _openvino_request(path, threads, precision)
+            self.run_all = lambda x: [v.copy() for v in request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+                                      .to_tuple()]
             self.run = lambda x: request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})[0].copy()
         else:
             raise ValueError(f"unknown engine {engine!r}: use {ENGINE_ORT} or {ENGINE_OV}")
@@ -468,6 +477,10 @@ class Classifier:
         self.info["precision"] = self.runner.precision
         self.info["labels"] = self.labels
         self.info["input_size"] = self.preprocessing["image_size"]
+        self.map_grid = tuple(self.meta["map_grid"]) if self.meta.get("anomaly_map") else None
+        self.map_reference = self.meta.get("map_reference")  # the patch distance drawn red (predict.py --heatmaps)
+        if self.map_grid:
+            self.info["map_grid"] = list(self.map_grid)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, 3, H, W] -> probabilities [N, n_labels] (float64)."""
@@ -481,9 +494,19 @@ class Classifier:
     def label_for(self, score: float) -> str:
         return decide(score, self.threshold, self.labels)
 
-    def score(self, batch: np.ndarray) -> tuple[np.ndarray, None]:
-        """(P(anomaly) [N], no map): the interface PatchDetector shares."""
-        return self.predict(batch)[:, self.anomaly_index], None
+    def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(P(anomaly) [N], anomaly maps [N, MAP_SIZE, MAP_SIZE] of a hybrid classifier, else None): the interface
+        PatchDetector shares."""
+        if not self.map_grid:
+            return self.predict(batch)[:, self.anomaly_index], None
+        probabilities, patches = self.predict_with_map(batch)
+        return probabilities[:, self.anomaly_index], anomaly_maps(patches, self.map_grid)
+
+    def predict_with_map(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A hybrid classifier (sidecar "anomaly_map"): (probabilities [N, n_labels], patch distances [N, gh * gw])."""
+        step = self.max_batch or len(batch)
+        outs = [self.runner.run_all(batch[i:i + step]) for i in range(0, len(batch), step)]
+        return softmax(np.concatenate([o[0] for o in outs])), np.concatenate([o[1] for o in outs])
 
 
 def decide(score: float, threshold: float, labels: list[str]) -> str:
@@ -667,6 +690,7 @@ class PatchDetector:
         self.nearest = NearestPatches(bank.astype(np.float32), threads or None)
         self.grid = tuple(self.config["grid"])
         self.threshold = float(self.config["threshold"])
+        self.map_reference = self.threshold  # its score is a patch distance: the threshold is drawn red
         self.score_top = float(self.config.get("image_score_top", 0.0))  # detectors saved before it: the maximum
         self.preprocessing = self.config["preprocessing"]
         self.labels = list(LABELS)

@@ -279,11 +279,36 @@ def variant_passes(*verdicts: bool | None) -> bool:
     return all(v in (True, None) for v in verdicts)
 
 
+HYBRID_BOOTSTRAP = 2000   # paired, stratified resamples of the val images
+HYBRID_MAX_P = 0.05       # at most 5 % of them may show no AUROC gain
+
+
+def auroc_no_gain_share(labels, base_scores, new_scores, resamples: int = HYBRID_BOOTSTRAP, seed: int = 0) -> float:
+    """Share of paired bootstrap resamples of the images (good and defective resampled apart, so that each resample
+    has both) in which `new_scores` rank no better than `base_scores` (AUROC gain <= 0): how often a val gain this size
+    is noise. 1.0 without both classes."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if not len(pos) or not len(neg):
+        return 1.0
+    rng = np.random.default_rng(seed)
+    worse = 0
+    for _ in range(resamples):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        worse += roc_auc_score(labels[idx], np.asarray(new_scores)[idx]) <= roc_auc_score(labels[idx],
+                                                                                          np.asarray(base_scores)[idx])
+    return worse / resamples
+
+
 def hybrid_wins(head: dict, fused: dict) -> bool:
-    """THE rule that puts the hybrid (head logit + patch distances) in place of the plain head: on the validation
-    split only, it ranks better (AUROC) and decides no worse (balanced accuracy, each at its own val-chosen
-    threshold). A perfectly separated val (AUROC 1.0) keeps the plain head: nothing to gain, a bank to pay."""
-    return fused["auroc"] > head["auroc"] and fused["balanced_accuracy"] >= head["balanced_accuracy"]
+    """THE rule that puts the hybrid (head logit + patch distances) in place of the plain head, on the validation
+    split only: it ranks better (AUROC), the gain is not noise (fused["no_gain_share"] = auroc_no_gain_share <
+    HYBRID_MAX_P) and it decides no worse (balanced accuracy, each at its own val-chosen threshold). A head that is
+    already near perfect on val keeps its place: a gain of an image or two is noise, and the bank has a cost."""
+    return (fused["auroc"] > head["auroc"] and fused["no_gain_share"] < HYBRID_MAX_P
+            and fused["balanced_accuracy"] >= head["balanced_accuracy"])
 
 
 HYBRID_PREFIX = "hybrid-"  # the variants of the hybrid classifier (hybrid.py)

@@ -361,16 +361,21 @@ def print_summary(args, inputs: dict, variants: list[dict], rows: list[dict]) ->
                                                    if "vs_classifier" in v else ""))
 
 
-def deploy_final(args, inputs: dict, final: dict, reference: dict, specs: dict, export_info: dict) -> None:
-    """model_final.* + its sidecar (engine, precision, input, threshold, guard, sha256) for score.py."""
+def deploy_final(args, inputs: dict, final: dict, reference: dict, specs: dict, export_info: dict,
+                 hybrid: dict | None) -> None:
+    """model_final.* + its sidecar (engine, precision, input, threshold, guard, sha256; a hybrid's map grid) for
+    score.py."""
     ckpt = inputs["ckpt"]
+    map_grid = hybrid["model"].grid(ckpt["preprocessing"]["image_size"]) \
+        if hybrid and final["variant"].startswith(HYBRID_PREFIX) else None
     final_path = save_final(final["file"], Path(args.models_dir), args.overwrite)
     sidecar = write_sidecar(final_path, variant=final["variant"], category=args.category,
                             preprocessing=ckpt["preprocessing"], exporter=export_info["exporter"],
                             source_checkpoint=inputs["ckpt_path"], base_model=ckpt["model_name"],
                             parity_result={**final["judged"], "test": final["test"]}, metrics=final["metrics"],
                             threshold=inputs["threshold"], engine=final["backend"],
-                            precision_hint=specs[final["variant"]][2], overwrite=args.overwrite)
+                            precision_hint=specs[final["variant"]][2], overwrite=args.overwrite,
+                            map_grid=map_grid, map_reference=hybrid["info"]["map_reference"] if map_grid else None)
     print(f"saved {final_path} = {final['variant']} (lab_targets.choose_deployable: the recommended variant, or the "
           f"fastest servable one passing its guards; {final['b1']['latency_median_ms']:.1f} ms vs "
           f"{reference['b1']['latency_median_ms']:.1f} ms for PyTorch fp32); sidecar "
@@ -409,7 +414,8 @@ def main(argv=None) -> int:
         print(f"error: no ONNX variant passed its guard: {FINAL_ONNX} was not written "
               f"(see the guard lines above and {csv_path}).")
         return 1
-    deploy_final(args, inputs, final, variants[0], {**specs, **(hybrid["specs"] if hybrid else {})}, export_info)
+    deploy_final(args, inputs, final, variants[0], {**specs, **(hybrid["specs"] if hybrid else {})}, export_info,
+                 hybrid)
     return 0
 
 

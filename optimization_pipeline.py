@@ -465,6 +465,8 @@ class Variant:
     conversions: dict = field(default_factory=dict)  # {(fp32 graph, engine): its conversion guard vs this model}
     extra: dict = field(default_factory=dict)        # columns of this kind of variant only (the hybrid's)
     guard_mask: np.ndarray = None                    # selection images its variants are judged on (None = all)
+    map_grid: list | None = None                     # a hybrid's patch grid: its graph's second output
+    map_reference: float | None = None               # ... and the patch distance its maps draw red
 
 
 def judged_against(reference: Variant, kind: str, name: str, selection_logits, logits, labels, threshold: float):
@@ -619,7 +621,8 @@ def deploy_final(rows: list[dict], variants: list[Variant], args, checkpoints: d
                   exporter=v.exporter, source_checkpoint=source, base_model=ckpt["model_name"],
                   parity_result={**v.judged, "test": v.test,
                                  "onnx_conversion": v.conversion[0] if v.conversion else None}, metrics=v.metrics,
-                  threshold=v.threshold, engine=v.backend, precision_hint=v.precision_hint, overwrite=args.overwrite)
+                  threshold=v.threshold, engine=v.backend, precision_hint=v.precision_hint, overwrite=args.overwrite,
+                  map_grid=v.map_grid, map_reference=v.map_reference)
     final_row["deployed_as"] = str(final)
     return final
 
@@ -795,6 +798,8 @@ def hybrid_engine_variants(args, data, base, base_model, base_ckpt, threads) -> 
         v.extra = {"flips_vs_classifier": compare_logits(base.logits, v.logits, v.labels,
                                                          threshold=base.threshold)["flips"],
                    "bank_mb": info["bank_mb"]}
+        v.map_grid = model.grid(base_ckpt["preprocessing"]["image_size"])
+        v.map_reference = info["map_reference"]
         variants.append(v)
     return variants
 

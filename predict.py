@@ -86,7 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=10, help="most anomalous files listed in the summary (default: 10)")
     p.add_argument("--heatmaps", default=None, metavar="DIR",
                    help="write an overlay PNG per anomalous image and contact_sheet.png in DIR (a model that gives "
-                        "anomaly maps: the detector of anomaly_detector.py; a classifier gives none: exit code 2)")
+                        "anomaly maps: the detector of anomaly_detector.py or a hybrid-* model_final; a plain "
+                        "classifier gives none: exit code 2)")
     p.add_argument("--benchmark", action="store_true",
                    help="also time this pipeline against the naive baseline (PIL + PyTorch fp32, batch 1) on the same "
                         "images; rows appended to RESULTS_DIR/end_to_end.csv")
@@ -228,7 +229,7 @@ def _main(args) -> int:
           f"{status['changed']} changed since scored), {status['done']} already in {_shown(output)} (skipped)")
 
     rid, timing = run_id(), Timing()
-    heatmaps = HeatmapWriter(args.heatmaps, model.threshold) if args.heatmaps else None
+    heatmaps = HeatmapWriter(args.heatmaps, model.map_reference) if args.heatmaps else None
     interrupted = score_all(args, model, todo, store, workers, rid, timing, heatmaps)
     if interrupted is not None:
         return interrupted

@@ -19,7 +19,9 @@ Maps (optional): when the model folder also holds the good-only detector of the 
 (detector_<category>.safetensors + its backbone, from anomaly_detector.py; deploy_azure.py --detector ships them),
 a request with ?maps=1 (or "maps": true in the JSON) gets, per image, "detector": {"label", "anomaly_score",
 "threshold", "anomaly_map": {"grid": [h, w], "values": [[...]]}} (patch distances on the patch grid) and
-"detector_ms"; without a detector such a request is a 400 "no_detector".
+"detector_ms"; without a detector such a request is a 400 "no_detector". A hybrid classifier (model_final of a
+hybrid-* variant: its sidecar says "anomaly_map") gives its own map, from the same pass: "anomaly_map" per prediction,
+no detector needed.
 GET /score: the model's (and detector's) description and these limits. Bad requests get
 {"error": {"status", "code", "message"}} with a 4xx status (400 unreadable input, 413 too large, 415 unsupported Content-Type), never a 500.
 Limits (environment variables): TP4_MAX_BODY_MB (10), TP4_MAX_IMAGES (16 per request), TP4_MAX_PIXELS (25e6 per
@@ -208,14 +210,18 @@ def _images_from_json(body: bytes, lim: dict) -> tuple[list[tuple[str, bytes]], 
     return decoded, doc.get("maps") is True
 
 
+def map_reply(patches: np.ndarray, grid) -> dict:
+    """A map at the patch grid (rows top to bottom; upsample it to the image for display, as predict.py --heatmaps
+    does)."""
+    gh, gw = grid
+    return {"grid": [gh, gw], "unit": "patch distance", "values": np.round(patches.reshape(gh, gw), 5).tolist()}
+
+
 def detector_reply(patches: np.ndarray) -> dict:
-    """One image's answer of the good-only detector: its decision, score and the map at the patch grid
-    (rows top to bottom; upsample it to the image for display, as predict.py --heatmaps does)."""
+    """One image's answer of the good-only detector: its decision, score and map."""
     score = float(_detector.image_scores(patches[None])[0])
-    gh, gw = _detector.grid
     return {"label": _detector.label_for(score), "anomaly_score": score, "threshold": _detector.threshold,
-            "anomaly_map": {"grid": [gh, gw], "unit": "patch distance",
-                            "values": np.round(patches.reshape(gh, gw), 5).tolist()}}
+            "anomaly_map": map_reply(patches, _detector.grid)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,18 +265,19 @@ def run(request):
             raise RequestError(405, "method_not_allowed", f"method {request.method} is not allowed: use POST")
         images, json_maps = parse_images(read_body(request, lim["max_body_bytes"]), request.mimetype, lim)
         want_maps = json_maps or request.args.get("maps", "").lower() in ("1", "true", "yes")  # or ?maps=1
-        if want_maps and _detector is None:
+        own_maps = want_maps and bool(_model.map_grid)  # a hybrid classifier: its own graph gives the map
+        if want_maps and not own_maps and _detector is None:
             raise RequestError(400, "no_detector", "maps were requested but this deployment ships no good-only "
                                                    "detector (deploy_azure.py --detector modeles/detector_<category>"
                                                    ".safetensors)")
         preprocessings = [_model.preprocessing]
-        if want_maps and _detector.preprocessing != _model.preprocessing:
+        if want_maps and not own_maps and _detector.preprocessing != _model.preprocessing:
             preprocessings.append(_detector.preprocessing)
         batches = model_inputs(images, preprocessings, lim)
         del images
         batch = batches[0]
         t1 = time.perf_counter()
-        probs = _model.predict(batch)
+        probs, patches = _model.predict_with_map(batch) if own_maps else (_model.predict(batch), None)
         t2 = time.perf_counter()
         predictions = []
         for i, p in enumerate(probs):
@@ -279,7 +286,10 @@ def run(request):
                                 "probabilities": {name: float(v) for name, v in zip(_model.labels, p)}})
         reply = {"predictions": predictions, "n_images": len(predictions), "model": _model.info,
                  "preprocess_ms": (t1 - t0) * 1000.0, "inference_ms": (t2 - t1) * 1000.0}
-        if want_maps:
+        if own_maps:
+            for pred, image_patches in zip(predictions, patches):
+                pred["anomaly_map"] = map_reply(image_patches, _model.map_grid)
+        elif want_maps:
             t3 = time.perf_counter()
             for pred, patches in zip(predictions, _detector.patch_distances(batches[-1])):
                 pred["detector"] = detector_reply(patches)

@@ -11,7 +11,7 @@ import torch
 import hybrid as hy
 import load_model_hf as lm
 from inference import image_scores, nearest_distances
-from lab_targets import hybrid_wins
+from lab_targets import auroc_no_gain_share, hybrid_wins
 from mvtec_dataset import make_loaders, split_from_manifest
 from train_utils import model_logits
 
@@ -71,11 +71,19 @@ def test_decisions_at_the_classifier_threshold_are_the_val_chosen_ones(fitted):
                       info["val_fused"]["balanced_accuracy"])
 
 
-def test_hybrid_rule_keeps_a_perfect_head():
-    perfect = {"auroc": 1.0, "balanced_accuracy": 1.0}
+def test_hybrid_rule_asks_for_a_gain_that_is_not_noise():
+    perfect = {"auroc": 1.0, "balanced_accuracy": 1.0, "no_gain_share": 1.0}
     assert not hybrid_wins(perfect, perfect)
-    assert hybrid_wins({"auroc": 0.90, "balanced_accuracy": 0.85}, {"auroc": 0.95, "balanced_accuracy": 0.85})
-    assert not hybrid_wins({"auroc": 0.90, "balanced_accuracy": 0.85}, {"auroc": 0.95, "balanced_accuracy": 0.80})
+    head = {"auroc": 0.90, "balanced_accuracy": 0.85}
+    assert hybrid_wins(head, {"auroc": 0.95, "balanced_accuracy": 0.85, "no_gain_share": 0.01})
+    assert not hybrid_wins(head, {"auroc": 0.95, "balanced_accuracy": 0.85, "no_gain_share": 0.20})  # noise
+    assert not hybrid_wins(head, {"auroc": 0.95, "balanced_accuracy": 0.80, "no_gain_share": 0.01})
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 40 + [1] * 40)
+    noisy = labels + rng.normal(0, 1.0, 80)
+    assert auroc_no_gain_share(labels, noisy, noisy) == 1.0  # the same scores never gain
+    assert auroc_no_gain_share(labels, noisy, labels + rng.normal(0, 0.2, 80)) < 0.01  # much better scores
+    assert 0.05 < auroc_no_gain_share(labels, noisy, noisy + rng.normal(0, 0.05, 80)) < 0.95  # a wobble
 
 
 def test_part3_exports_judges_deploys_and_serves_the_hybrid(fitted, synthetic_root, monkeypatch):
@@ -123,13 +131,28 @@ def test_part3_exports_judges_deploys_and_serves_the_hybrid(fitted, synthetic_ro
     served = json.loads(reply.get_data())["predictions"]
     assert len(served) == len(paths)
 
+    # its own map, from the same pass (no detector shipped): on the patch grid of the sidecar
+    reply = score.run(Request(EnvironBuilder(method="POST", data=body, query_string="maps=1",
+                                             content_type="application/json").get_environ()))
+    assert reply.status_code == 200, reply.get_data()
+    mapped = json.loads(reply.get_data())["predictions"]
+    gh, gw = sidecar["map_grid"]
+    assert sidecar["anomaly_map"] and sidecar["map_reference"] > 0
+    for p in mapped:
+        assert p["anomaly_map"]["grid"] == [gh, gw] and len(p["anomaly_map"]["values"]) == gh
+        assert min(min(row) for row in p["anomaly_map"]["values"]) >= 0
+    assert [p["anomaly_probability"] for p in mapped] == pytest.approx([p["anomaly_probability"] for p in served])
+
     # predict.py serves the same model_final: the same probabilities as score.py for the same files
     listing = cwd / "hybrid_inputs"
     listing.mkdir()
     for p in paths:
         (listing / p.name).write_bytes(p.read_bytes())
-    out = run_script("predict.py", "--input", listing, "--output", cwd / "predictions.csv", cwd=cwd)
+    out = run_script("predict.py", "--input", listing, "--output", cwd / "predictions.csv", "--heatmaps",
+                     cwd / "hybrid_maps", cwd=cwd)
     assert out.returncode == 0, out.stderr[-2000:]
+    anomalous = sum(s["label"] == "anomaly" for s in served)
+    assert len(list((cwd / "hybrid_maps").glob("*_heatmap.png"))) == anomalous  # an overlay per anomalous image
     with open(cwd / "predictions.csv", newline="", encoding="utf-8") as f:
         predicted = {r["path"].replace("\\", "/").rsplit("/", 1)[-1]: float(r["anomaly_probability"])
                      for r in csv.DictReader(f)}

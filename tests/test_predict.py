@@ -359,7 +359,7 @@ def test_heatmaps_refused_for_a_classifier(served, run, tmp_path):
 
 def test_heatmaps_are_written_as_scored_and_only_the_top_tiles_are_kept(tmp_path):
     rng = np.random.default_rng(0)
-    writer = heatmaps.HeatmapWriter(tmp_path / "maps", threshold=2.0, max_tiles=3)
+    writer = heatmaps.HeatmapWriter(tmp_path / "maps", reference=2.0, max_tiles=3)
     assert writer.scale == (0.0, 3.0)  # red at the threshold: the scale is known before the first image
     scores = rng.uniform(0, 4, 40)
     for i, score in enumerate(scores):
@@ -374,7 +374,7 @@ def test_heatmaps_are_written_as_scored_and_only_the_top_tiles_are_kept(tmp_path
     sheet = writer.close()
     with Image.open(sheet) as img:
         assert img.size == (6 * 320, 320 + 28)  # one row of the 3 most anomalous tiles
-    assert heatmaps.HeatmapWriter(tmp_path / "none", threshold=1.0).close() is None
+    assert heatmaps.HeatmapWriter(tmp_path / "none", reference=1.0).close() is None
 
 
 # --------------------------------------------------------------------------------------------------
