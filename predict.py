@@ -237,7 +237,8 @@ def _main(args) -> int:
     if heatmaps:
         sheet = heatmaps.close()
         print(f"heat maps: {heatmaps.written} overlay(s) in {args.heatmaps}, colours from "
-              f"{heatmaps.scale[0]:.3g} to {heatmaps.scale[1]:.3g} (red = the threshold {model.threshold:.3g})"
+              f"{heatmaps.scale[0]:.3g} to {heatmaps.scale[1]:.3g} (red = patch distance {model.map_reference:.3g}: "
+              f"{'the 95th percentile of its val good images' if isinstance(model, Classifier) else 'the threshold'})"
               + (f", contact sheet {sheet}" if sheet else ""))
     if args.benchmark:
         readable = [p for p in images if store.rows.get(str(p), {}).get("label")]
