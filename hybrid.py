@@ -155,6 +155,8 @@ def fit_hybrid(model, datasets: dict, threshold: float, *, batch_size: int = 16,
     import time
 
     t0 = time.perf_counter()
+    if base_model_of(model)[0] is None:
+        raise UserError(f"{type(model).__name__} is not a ViT / DeiT / DINOv2 classifier with a 2-class head")
     depth = len(base_model_of(model)[0].encoder.layer)
     layers = hybrid_layers(depth)
     probe = HybridClassifier(model, layers, torch.zeros(1, 1), torch.zeros(1, 1), (1, 0, 0), score_top)
@@ -190,6 +192,23 @@ def fit_hybrid(model, datasets: dict, threshold: float, *, batch_size: int = 16,
             "map_reference": float(np.quantile(s_va[y_va == 0], 0.95)),
             "seconds": time.perf_counter() - t0}
     return hybrid, info
+
+
+def fit_for_mode(model, datasets: dict, threshold: float, mode: str, batch_size: int = 16):
+    """fit_hybrid for --hybrid `mode`: (hybrid, info) when its variants are to be built (hybrid_verdict), else
+    (None, info or None); the line that says which and why is printed. With auto, a model or a split the hybrid cannot
+    use (not a ViT, no defect in train or val) is a note, not an error; with on, it is the error."""
+    if mode == "off":
+        return None, None
+    try:
+        hybrid, info = fit_hybrid(model, datasets, threshold, batch_size=batch_size)
+    except UserError as exc:
+        if mode == "on":
+            raise
+        print(f"note: the hybrid classifier was not fitted: {exc}")
+        return None, None
+    print(describe_hybrid(info, mode))
+    return (hybrid, info) if hybrid_verdict(info, mode) else (None, info)
 
 
 def describe_hybrid(info: dict, mode: str = "auto") -> str:

@@ -29,8 +29,7 @@ import torch
 
 from engines import (DEFAULT_OPSET, FILES, export_onnx, mixed_precision_basis, model_size_mb, openvino_variants,
                      optimize_onnx, quantize_onnx_int8, quantize_onnx_int8_mixed, variant_precision)
-from hybrid import (HYBRID_CHOICES, HYBRID_HELP, describe_hybrid, fit_hybrid, guard_mask, hybrid_variants,
-                    hybrid_verdict)
+from hybrid import HYBRID_CHOICES, HYBRID_HELP, fit_for_mode, guard_mask, hybrid_variants
 from inference import (ENGINE_ORT, ENGINE_OV, FINAL_ONNX, Runner, benchmark_runner, final_path, onnx_opset,
                        ort_threads, runner_predict_logits, save_final, write_sidecar)
 from lab_io import (ArgumentParser, UserError, append_csv_rows, cpu_flags, cpu_name, environment_columns,
@@ -275,9 +274,9 @@ def build_hybrid(args, inputs: dict) -> dict | None:
     if args.no_openvino:
         print("note: the hybrid classifier was not fitted: its variants run in OpenVINO (--no-openvino)")
         return None
-    model, info = fit_hybrid(inputs["model"], inputs["train_val"], inputs["threshold"], batch_size=args.batch_size)
-    print(describe_hybrid(info, args.hybrid))
-    if not hybrid_verdict(info, args.hybrid):
+    model, info = fit_for_mode(inputs["model"], inputs["train_val"], inputs["threshold"], args.hybrid,
+                               batch_size=args.batch_size)
+    if model is None:
         return None
     export, specs = hybrid_variants(model, args.models_dir, inputs["train_val"], info, inputs["threshold"],
                                     inputs["ckpt"]["preprocessing"], args.opset, args.calibration_images,

@@ -43,8 +43,7 @@ import torch.nn.functional as F
 
 import engines
 import quantize as qz
-from hybrid import (HYBRID_CHOICES, HYBRID_HELP, describe_hybrid, fit_hybrid, guard_mask, hybrid_variants,
-                    hybrid_verdict)
+from hybrid import HYBRID_CHOICES, HYBRID_HELP, fit_for_mode, guard_mask, hybrid_variants
 from inference import (ENGINE_ORT, Runner, benchmark_runner, onnx_opset, runner_predict_logits, save_final,
                        write_sidecar)
 from lab_io import (ArgumentParser, UserError, append_csv_rows, atomic_write, cpu_has_bf16, environment_columns,
@@ -779,9 +778,8 @@ def hybrid_engine_variants(args, data, base, base_model, base_ckpt, threads) -> 
         return []
     loaders = data.loaders(base_ckpt["preprocessing"], ("train", "val"), augment="none")
     datasets = {n: loader.dataset for n, loader in loaders.items()}
-    model, info = fit_hybrid(base_model, datasets, base.threshold, batch_size=args.batch_size)
-    print("   " + describe_hybrid(info, args.hybrid))
-    if not hybrid_verdict(info, args.hybrid):
+    model, info = fit_for_mode(base_model, datasets, base.threshold, args.hybrid, batch_size=args.batch_size)
+    if model is None:
         return []
     export, specs = hybrid_variants(model, args.models_dir, datasets, info, base.threshold,
                                     base_ckpt["preprocessing"], engines.DEFAULT_OPSET, args.calibration_images,

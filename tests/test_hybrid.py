@@ -158,3 +158,14 @@ def test_part3_exports_judges_deploys_and_serves_the_hybrid(fitted, synthetic_ro
                      for r in csv.DictReader(f)}
     assert np.abs(np.array([predicted[p.name] for p in paths])
                   - np.array([s["anomaly_probability"] for s in served])).max() < 1e-4
+
+
+def test_auto_mode_skips_what_the_hybrid_cannot_use_and_on_mode_says_why(capsys):
+    from lab_io import UserError
+
+    not_a_vit = torch.nn.Linear(4, 2)
+    assert hy.fit_for_mode(not_a_vit, {}, 0.5, "auto") == (None, None)
+    assert "the hybrid classifier was not fitted: Linear is not a ViT" in capsys.readouterr().out
+    with pytest.raises(UserError, match="not a ViT"):
+        hy.fit_for_mode(not_a_vit, {}, 0.5, "on")
+    assert hy.fit_for_mode(not_a_vit, {}, 0.5, "off") == (None, None)
