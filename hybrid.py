@@ -194,7 +194,7 @@ def fit_hybrid(model, datasets: dict, threshold: float, *, batch_size: int = 16,
     return hybrid, info
 
 
-def fit_for_mode(model, datasets: dict, threshold: float, mode: str, batch_size: int = 16):
+def fit_for_mode(model, datasets: dict, threshold: float, mode: str, batch_size: int = 16, indent: str = ""):
     """fit_hybrid for --hybrid `mode`: (hybrid, info) when its variants are to be built (hybrid_verdict), else
     (None, info or None); the line that says which and why is printed. With auto, a model or a split the hybrid cannot
     use (not a ViT, no defect in train or val) is a note, not an error; with on, it is the error."""
@@ -205,9 +205,9 @@ def fit_for_mode(model, datasets: dict, threshold: float, mode: str, batch_size:
     except UserError as exc:
         if mode == "on":
             raise
-        print(f"note: the hybrid classifier was not fitted: {exc}")
+        print(f"{indent}note: the hybrid classifier was not fitted: {exc}")
         return None, None
-    print(describe_hybrid(info, mode))
+    print(indent + describe_hybrid(info, mode))
     return (hybrid, info) if hybrid_verdict(info, mode) else (None, info)
 
 

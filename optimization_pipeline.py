@@ -778,7 +778,8 @@ def hybrid_engine_variants(args, data, base, base_model, base_ckpt, threads) -> 
         return []
     loaders = data.loaders(base_ckpt["preprocessing"], ("train", "val"), augment="none")
     datasets = {n: loader.dataset for n, loader in loaders.items()}
-    model, info = fit_for_mode(base_model, datasets, base.threshold, args.hybrid, batch_size=args.batch_size)
+    model, info = fit_for_mode(base_model, datasets, base.threshold, args.hybrid, batch_size=args.batch_size,
+                               indent="   ")
     if model is None:
         return []
     export, specs = hybrid_variants(model, args.models_dir, datasets, info, base.threshold,
