@@ -455,8 +455,8 @@ RESULT_COLUMNS = {
     "onnx_graph_passed": ("", NEUTRAL, _GUARD, "conversion guard of that graph (guard_split)"),
     "flips_vs_classifier": ("images", NEUTRAL, _GUARD, "hybrid variants: test decisions that differ from the plain "
                                                        "classifier's (PyTorch fp32); measured once, read by no choice"),
-    "bank_mb": ("MB (10^6 bytes)", LOWER, _MODEL, "hybrid variants: the memory bank of good train patches held in "
-                                                   "the graph (float32), part of size_mb"),
+    "bank_mb": ("MB (10^6 bytes)", LOWER, _MODEL, "hybrid variants: the memory bank of good train patches in float32 "
+                                                   "(as in the fp32 graph; NNCF int8 stores it in int8), in size_mb"),
     "guards_passed": ("", NEUTRAL, _GUARD, "lab_targets.variant_passes: own guard, its source's, conversion "
                                            "(all on guard_split)"),
     "recommended": ("", NEUTRAL, _GUARD, "lab_targets.recommend: fastest CPU variant passing its guards"),

@@ -258,7 +258,8 @@ def hybrid_paragraph(w, rows: list[dict]) -> None:
         w(f"- `{r['variant']}` : accuracy {num(r, 'accuracy', 2, 100)} % (IC 95 % {num(r, 'accuracy_ci_low', 1, 100)}"
           f"–{num(r, 'accuracy_ci_high', 1, 100)}), {r['flips_vs_classifier']} décision(s) de test différentes de "
           f"celles du classifieur seul (PyTorch fp32), latence {num(r, 'latency_median_ms', 2)} ms à batch 1, taille "
-          f"{num(r, 'size_mb', 2)} Mo dont {num(r, 'bank_mb', 2)} Mo de banque de patchs, garde-fous "
+          f"{num(r, 'size_mb', 2)} Mo, banque de patchs comprise ({num(r, 'bank_mb', 2)} Mo en float32, stockée en "
+          f"int8 par NNCF dans les variantes int8), garde-fous "
           f"{'passés' if yes(r['guards_passed']) else '**non passés**'}.")
     w("")
 
