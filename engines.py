@@ -220,10 +220,12 @@ def ranked_linear_nodes(src: Path, model, train) -> tuple[list[str], dict[str, l
         raise UserError("no training image to rank the layers for the mixed-precision int8.")
     names = backbone_linears(model)
     graph_nodes = onnx_linear_nodes(src)
-    # the tracer may drop a wrapper's level ('model.dinov2...' -> '/model/dinov2/...'): match the longest suffix
-    suffixes = {n: next((".".join(n.split(".")[i:]) for i in range(n.count(".") + 1)
-                         if ".".join(n.split(".")[i:]) in graph_nodes), None) for n in names}
-    nodes = {n: graph_nodes[key] for n, key in suffixes.items() if key is not None}
+    nodes = {}
+    for n in names:  # the tracer may drop a wrapper's level ('model.dinov2...' -> '/model/dinov2/...')
+        parts = n.split(".")
+        key = next((k for k in (".".join(parts[i:]) for i in range(len(parts))) if k in graph_nodes), None)
+        if key is not None:  # the longest suffix of the name that the graph has
+            nodes[n] = graph_nodes[key]
     unmatched = [n for n in names if n not in nodes]
     if unmatched:
         raise UserError(f"{src}: {len(unmatched)} nn.Linear layer(s) have no MatMul node in the graph (e.g. "

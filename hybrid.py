@@ -15,7 +15,7 @@ from detector import greedy_coreset, patch_features
 from inference import IMAGE_SCORE_TOP, image_scores, nearest_distances
 from lab_io import UserError
 from lab_targets import HYBRID_PREFIX, auroc_no_gain_share, choose_threshold, hybrid_wins
-from train_utils import base_model_of, pool_tokens
+from train_utils import base_model_of, linear_log_loss, pool_tokens
 
 HYBRID_CORESET = 0.1          # share of the good train patches kept in the bank (PatchCore's 10 %)
 HYBRID_BANK_PATCHES = 4096    # at most, both half-banks together: 4096 x 768 float32 = 12.6 MB in the graph
@@ -121,9 +121,7 @@ def _fit_fusion(x_train, y_train, x_val, y_val) -> tuple[np.ndarray, float, floa
         clf.fit((x_train - mean) / std, y_train)
         weight = clf.coef_[0] / std
         bias = float(clf.intercept_[0] - (weight * mean).sum())
-        p = 1 / (1 + np.exp(-(x_val @ weight + bias)))
-        p = p.clip(1e-7, 1 - 1e-7)
-        nll = float(-np.mean(np.where(y_val == 1, np.log(p), np.log(1 - p))))
+        nll = linear_log_loss(weight, bias, x_val, y_val)
         if best is None or nll < best[0]:
             best = (nll, weight, bias, c)
     return best[1], best[2], best[3]

@@ -154,7 +154,7 @@ def check_inputs(args, model) -> tuple[list[Path], Path]:
         raise UserError(f"--heatmaps: {_shown(model.meta['model_path'])} ({model.info['variant']}) is a good/anomaly "
                         "classifier and gives no anomaly map, so there is nothing to draw: use the good-only "
                         "detector, --model modeles/detector_<category>.safetensors (written by anomaly_detector.py), "
-                        "or run without --heatmaps.")
+                        "a hybrid-* model_final (onnx_optimization.py --hybrid), or run without --heatmaps.")
     if args.benchmark and not isinstance(model, Classifier):
         raise UserError("--benchmark compares the fine-tuned classifier with its naive PyTorch baseline; a detector "
                         "has none (anomaly_detector.py measures its own latency): run it with a classifier --model.")

@@ -217,7 +217,8 @@ def _fit_probe(x: np.ndarray, x_int8: np.ndarray, y: np.ndarray, scaling: str, c
     return weight, float(clf.intercept_[0] - (weight * scaler.mean_).sum())
 
 
-def _probe_nll(weight, bias, x, y) -> float:
+def linear_log_loss(weight, bias, x, y) -> float:
+    """Log-loss of P = sigmoid(x @ weight + bias) on labels y (a linear probe's, or the hybrid's fusion)."""
     return _log_loss(1 / (1 + np.exp(-(x @ weight + bias))), y)
 
 
@@ -226,8 +227,8 @@ def _cross_validated_key(x, x_int8, y, folds, scaling: str, c: float) -> tuple[f
     nll, nll_int8 = [], []
     for fit_idx, held_idx in folds:
         weight, bias = _fit_probe(x[fit_idx], x_int8[fit_idx], y[fit_idx], scaling, c)
-        nll.append(_probe_nll(weight, bias, x[held_idx], y[held_idx]))
-        nll_int8.append(_probe_nll(weight, bias, x_int8[held_idx], y[held_idx]))
+        nll.append(linear_log_loss(weight, bias, x[held_idx], y[held_idx]))
+        nll_int8.append(linear_log_loss(weight, bias, x_int8[held_idx], y[held_idx]))
     return float(np.mean(nll)), float(np.mean(nll_int8))
 
 
@@ -300,9 +301,9 @@ def linear_probe_init(model, train_loader, val_loader, device, *, depth: str | i
     nan = float("nan")
     info = {"applied": True, "depth": d, "depth_of": n_layers, "C": best["C"], "scaling": best["scaling"],
             "folds": n_folds, "cv_log_loss": best["nll"], "cv_log_loss_int8": best["nll_int8"],
-            "val_log_loss": _probe_nll(weight, bias, x_val[:, d - 1], y_val) if len(y_val) else nan,
-            "val_log_loss_int8": _probe_nll(weight, bias, x_val_int8[:, d - 1], y_val) if len(y_val) else nan,
-            "val_flips_int8": flips, "train_log_loss": _probe_nll(weight, bias, x_train[:, d - 1], y_train),
+            "val_log_loss": linear_log_loss(weight, bias, x_val[:, d - 1], y_val) if len(y_val) else nan,
+            "val_log_loss_int8": linear_log_loss(weight, bias, x_val_int8[:, d - 1], y_val) if len(y_val) else nan,
+            "val_flips_int8": flips, "train_log_loss": linear_log_loss(weight, bias, x_train[:, d - 1], y_train),
             "depths_tried": depths, "seconds": time.perf_counter() - t0}
     print(f"[{desc}] linear probe on frozen features: kept {d}/{n_layers} blocks, {best['scaling']} features, "
           f"C={best['C']} ({n_folds}-fold log-loss on train + val {best['nll']:.3f} fp32 / {best['nll_int8']:.3f} "
