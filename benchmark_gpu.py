@@ -20,8 +20,8 @@ import torch
 
 from lab_io import (ArgumentParser, UserError, append_csv_rows, environment_columns, format_table, positive_int,
                     run_cli, run_id, save_figure, size_on_disk_mb)
-from lab_targets import (CPU_PRICE, CPU_VM, GPU_PRICE, GPU_VM, LAB_EPOCHS, PRICE_NOTE, cost_per_1000_images,
-                         format_accuracy)
+from lab_targets import (CPU_PRICE, CPU_VM, GPU_PRICE, GPU_VM, LAB_EPOCHS, PRICE_NOTE, format_accuracy,
+                         measurement_columns)
 from load_model_hf import HUB_PRESETS, OFFLINE_PRESETS, load_pretrained, save_checkpoint
 from mvtec_dataset import make_loaders, prepare_split, write_manifest
 from train_utils import (OFFLINE_DEFAULT_EPOCHS, benchmark_torch_model, class_weights, classification_metrics,
@@ -157,27 +157,12 @@ def run_device(role, device, model, initial_state, loaders, args, common, rid) -
     price = args.cpu_price_per_hour if role == "cpu" else args.gpu_price_per_hour
     return {**common["row"], "run_id": rid, "variant": f"fine-tuned on {role}", "device": role,
             "torch_device": device.type, "device_name": name, "measured": "yes", "note": "",
-            "batch_size": 1, "threads": torch.get_num_threads(), "size_mb": size_on_disk_mb(path),
-            **{k: bench["b1"][k] for k in ("latency_median_ms", "latency_p95_ms", "latency_p99_ms", "latency_max_ms")},
-            "throughput_img_s": bench["bn"]["throughput_img_s"],
-            "throughput_batch_size": bench["bn"]["batch_size"],
-            "batch_latency_median_ms": bench["bn"]["latency_median_ms"],
-            "throughput_b1_img_s": bench["b1"]["throughput_img_s"], "runs": bench["b1"]["runs"],
-            "runs_throughput": bench["bn"]["runs"], "warmup": args.warmup,
-            "accuracy": metrics["accuracy"], "accuracy_ci_low": metrics["accuracy_ci_low"],
-            "accuracy_ci_high": metrics["accuracy_ci_high"], "threshold": threshold,
-            "one_image_pt": 100.0 / max(1, metrics["n"]), "depth": model.config.num_hidden_layers,
-            "probe_seconds": common["probe"].get("seconds", 0.0),
-            "precision_score": metrics["precision"], "recall": metrics["recall"],
-            "f1": metrics["f1"], "auroc": metrics["auroc"], "n_test": metrics["n"],
+            "size_mb": size_on_disk_mb(path),
+            **measurement_columns(metrics, bench["b1"], bench["bn"], price_per_hour=price),
+            "depth": model.config.num_hidden_layers, "probe_seconds": common["probe"].get("seconds", 0.0),
             "train_precision": amp, "best_epoch": train["best_epoch"], "train_seconds": train["train_seconds"],
-            "epoch_seconds_mean": float(np.mean(train["epoch_seconds"])),
-            "price_per_hour": price, "price_source": price_source(role, price),
-            "training_cost_usd": price * train["train_seconds"] / 3600.0,
-            "cost_per_1000_images_usd": cost_per_1000_images(price, bench["b1"]["latency_median_ms"], 1),
-            "cost_per_1000_images_batch_usd": cost_per_1000_images(
-                price, bench["bn"]["latency_median_ms"], bench["bn"]["batch_size"]),
-            "checkpoint": str(path)}
+            "epoch_seconds_mean": float(np.mean(train["epoch_seconds"])), "price_source": price_source(role, price),
+            "training_cost_usd": price * train["train_seconds"] / 3600.0, "checkpoint": str(path)}
 
 
 def price_source(role: str, price: float) -> str:

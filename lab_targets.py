@@ -40,6 +40,7 @@ SELECTION_SPLIT = "+".join(SELECTION_SPLITS)
 BANK_EXCLUDED = "-bank"  # the hybrid's guard: the selection images but its memory bank's (train good) ones
 
 LAB_EPOCHS = 3                     # the lab's command: benchmark_gpu.py --epochs 3 (pretrained models)
+STUDENT_FROM_BASELINE = "baseline-half"  # a student made of every other block of the baseline (train_utils)
 
 # Prices: Azure pay-as-you-go Linux VMs, region East US, list prices as of 2024.
 PRICE_URL = "https://azure.microsoft.com/pricing/details/virtual-machines/linux/"
@@ -485,7 +486,8 @@ RESULT_COLUMNS = {
     "trained_by": ("", NEUTRAL, _TRAIN, "script that trained the checkpoint"),
     "teacher_model": ("", NEUTRAL, _TRAIN, "distillation teacher"),
     "distill_alpha": ("", NEUTRAL, _TRAIN, "weight of the distillation term"),
-    "distill_temperature": ("", NEUTRAL, _TRAIN, "distillation temperature"),
+    "distill_temperature": ("", NEUTRAL, _TRAIN, "distillation temperature (the kl loss only)"),
+    "distill_loss": ("", NEUTRAL, _TRAIN, "distillation term: kl (softened logits) or mse (the logits themselves)"),
     "checkpoint": ("", NEUTRAL, _TRAIN, "checkpoint written"),
     "reused": ("", NEUTRAL, _TRAIN, "True when --resume reused an earlier file"),
     "cpu_name": ("", NEUTRAL, _ENV, "CPU model"),
@@ -608,6 +610,19 @@ def measured_columns(metrics: dict, b1: dict, bn: dict, *, reference: dict | Non
 
     metrics: classification metrics (accuracy, CI, f1...); b1: benchmark at batch 1 (the speed and cost targets);
     bn: benchmark at the throughput batch."""
+    row = measurement_columns(metrics, b1, bn, price_per_hour=price_per_hour)
+    ref = reference or row
+    row.update(accuracy_delta_pt=100.0 * (row["accuracy"] - ref["accuracy"]),
+               f1_delta_pt=100.0 * (row["f1"] - ref["f1"]), auroc_delta_pt=100.0 * (row["auroc"] - ref["auroc"]),
+               speedup=ref["latency_median_ms"] / row["latency_median_ms"],
+               time_reduction_pct=100.0 * (1.0 - row["latency_median_ms"] / ref["latency_median_ms"]),
+               throughput_ratio=row["throughput_img_s"] / ref["throughput_img_s"],
+               cost_reduction_pct=100.0 * (1.0 - row["cost_per_1000_images_usd"] / ref["cost_per_1000_images_usd"]))
+    return row
+
+
+def measurement_columns(metrics: dict, b1: dict, bn: dict, *, price_per_hour: float) -> dict:
+    """measured_columns without the comparison with a reference (benchmark_gpu.py's CPU and GPU rows)."""
     cost = cost_per_1000_images(price_per_hour, b1["latency_median_ms"], 1)
     row = {"batch_size": 1, "threads": b1.get("threads"), "warmup": b1.get("warmup"), "runs": b1.get("runs"),
            "latency_median_ms": b1["latency_median_ms"], "latency_p95_ms": b1["latency_p95_ms"],
@@ -623,11 +638,25 @@ def measured_columns(metrics: dict, b1: dict, bn: dict, *, reference: dict | Non
            "cost_per_1000_images_usd": cost,
            "cost_per_1000_images_batch_usd": cost_per_1000_images(price_per_hour, bn["latency_median_ms"],
                                                                   bn["batch_size"])}
-    ref = reference or row
-    row.update(accuracy_delta_pt=100.0 * (row["accuracy"] - ref["accuracy"]),
-               f1_delta_pt=100.0 * (row["f1"] - ref["f1"]), auroc_delta_pt=100.0 * (row["auroc"] - ref["auroc"]),
-               speedup=ref["latency_median_ms"] / row["latency_median_ms"],
-               time_reduction_pct=100.0 * (1.0 - row["latency_median_ms"] / ref["latency_median_ms"]),
-               throughput_ratio=row["throughput_img_s"] / ref["throughput_img_s"],
-               cost_reduction_pct=100.0 * (1.0 - cost / ref["cost_per_1000_images_usd"]))
+    return row
+
+
+def variant_row(*, identity: dict, metrics: dict, b1: dict, bn: dict, reference: dict | None, price_per_hour: float,
+                environment: dict, judged: dict | None = None, test: dict | None = None,
+                conversion: tuple[dict, dict, str] | None = None, graph_columns: bool = True) -> dict:
+    """One variant's result row, built the same way by quantization_demo.py, onnx_optimization.py and the pipeline:
+    `identity` (run_id, script, variant, backend, precision, device, size_mb, file...), then measured_columns vs
+    `reference` (the reference variant's row; None: this row is the reference) with size_ratio, the guard and its test
+    report (guard_columns), the check of the fp32 graph an ONNX / OpenVINO variant runs or was quantized from
+    (`conversion` = its judge_selection verdict, its compare_logits report, the graph's file name; graph_columns=False
+    for a table without ONNX, quantization_demo.py's) and `environment` (lab_io.environment_columns)."""
+    row = {**identity, **measured_columns(metrics, b1, bn, reference=reference, price_per_hour=price_per_hour),
+           **guard_columns(judged, test)}
+    if graph_columns:  # empty without a conversion; onnx_graph_passed None = does not apply (targets_met)
+        judged_graph, test_graph, graph = conversion or ({}, {}, "")
+        row.update(onnx_graph_checked=graph, onnx_graph_agreement=judged_graph.get("agreement", ""),
+                   onnx_graph_accuracy_delta_pt=test_graph.get("accuracy_diff_pt", ""),
+                   onnx_graph_passed=judged_graph.get("passed"))
+    row.update(environment)
+    row["size_ratio"] = (reference or row)["size_mb"] / row["size_mb"]
     return row

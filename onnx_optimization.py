@@ -35,8 +35,8 @@ from inference import (ENGINE_ORT, ENGINE_OV, FINAL_ONNX, Runner, benchmark_runn
 from lab_io import (ArgumentParser, UserError, append_csv_rows, cpu_flags, cpu_name, environment_columns,
                     format_table, positive_int, run_cli, run_id, save_figure, size_on_disk_mb)
 from lab_targets import (BANK_EXCLUDED, CPU_PRICE, CPU_VM, HYBRID_PREFIX, SELECTION_SPLIT, choose_deployable,
-                         compare_logits, describe_flips, describe_guard, format_accuracy, guard_columns, guard_kind,
-                         judge_selection, measured_columns, recommend, selection_candidates, variant_passes)
+                         compare_logits, describe_flips, describe_guard, format_accuracy, guard_kind,
+                         judge_selection, recommend, selection_candidates, variant_passes, variant_row)
 from load_model_hf import checkpoint_threshold, load_checkpoint, resolve_model_path
 from mvtec_dataset import make_loaders, selection_loader, split_from_manifest
 from train_utils import benchmark_batch, benchmark_torch_model, classification_metrics, predict_logits, set_threads
@@ -101,7 +101,7 @@ def plot_comparison(variants: list[dict], path: Path, *, title: str, bench_batch
 # --------------------------------------------------------------------------------------------------
 def result_rows(variants, *, args, rid, ckpt, ckpt_path, export_info, threads_torch, load, models_dir) -> list[dict]:
     """One row per variant (lab_targets.RESULT_COLUMNS); the recommendation and model_final use lab_targets' rules."""
-    reference, rows = None, []
+    reference, rows, environment = None, [], environment_columns()
     graphs = {v["variant"]: v for v in variants}
     for v in variants:
         judged = v.get("judged")
@@ -111,23 +111,21 @@ def result_rows(variants, *, args, rid, ckpt, ckpt_path, export_info, threads_to
         graph = v if v["precision"] == "fp32" else \
             graphs.get(prefix + ("ov-fp32" if v["backend"] == ENGINE_OV else "ort-fp32"))
         conversion = graph.get("judged") if v["backend"] != "pytorch" and graph else None
-        row = {"run_id": rid, "script": "onnx_optimization.py", "category": args.category, "variant": v["variant"],
-               "backend": v["backend"], "precision": v["precision"], "device": "cpu", "device_name": cpu_name(),
-               "size_mb": v["size_mb"],
-               **measured_columns(v["metrics"], v["b1"], v["bn"], reference=reference,
-                                  price_per_hour=args.price_per_hour),
-               "cpu_load_1min": load, **guard_columns(judged, v.get("test")),
-               "file": v["file"], "exporter": export_info["exporter"] if v["backend"] == "onnxruntime" else "",
-               "opset": v.get("opset", ""), "fused_ops": v.get("fused", ""), "model_name": ckpt["model_name"],
-               "source_checkpoint": str(ckpt_path), "torch_threads": threads_torch, **environment_columns(),
-               "onnx_graph_checked": Path(graph["file"]).name if conversion else "",
-               "onnx_graph_agreement": conversion["agreement"] if conversion else "",
-               "onnx_graph_accuracy_delta_pt": graph["test"]["accuracy_diff_pt"] if conversion else "",
-               "onnx_graph_passed": conversion["passed"] if conversion else "",
-               "flips_vs_classifier": v["vs_classifier"]["flips"] if "vs_classifier" in v else "",
-               "bank_mb": v.get("bank_mb", "")}
+        identity = {"run_id": rid, "script": "onnx_optimization.py", "category": args.category,
+                    "variant": v["variant"], "backend": v["backend"], "precision": v["precision"], "device": "cpu",
+                    "device_name": cpu_name(), "model_name": ckpt["model_name"], "size_mb": v["size_mb"],
+                    "file": v["file"]}
+        row = variant_row(identity=identity, metrics=v["metrics"], b1=v["b1"], bn=v["bn"], reference=reference,
+                          price_per_hour=args.price_per_hour, environment=environment, judged=judged,
+                          test=v.get("test"),
+                          conversion=(conversion, graph["test"], Path(graph["file"]).name) if conversion else None)
+        row.update({"cpu_load_1min": load,
+                    "exporter": export_info["exporter"] if v["backend"] == "onnxruntime" else "",
+                    "opset": v.get("opset", ""), "fused_ops": v.get("fused", ""), "source_checkpoint": str(ckpt_path),
+                    "torch_threads": threads_torch,
+                    "flips_vs_classifier": v["vs_classifier"]["flips"] if "vs_classifier" in v else "",
+                    "bank_mb": v.get("bank_mb", "")})
         reference = reference or row
-        row["size_ratio"] = reference["size_mb"] / row["size_mb"]
         row["guards_passed"] = variant_passes(judged["passed"] if judged else None,
                                               conversion["passed"] if conversion else None)
         rows.append(row)

@@ -50,25 +50,28 @@ from lab_io import (ArgumentParser, UserError, append_csv_rows, atomic_write, cp
                     format_table, keep_previous, positive_int, run_cli, run_id, size_on_disk_mb)
 from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, DISTILLATION, END_TO_END_IMAGES, END_TO_END_REPEATS,
                          GPU_PRICE, GPU_VM, LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE, QUANTIZATION, SELECTION_SPLIT,
-                         SELECTION_SPLITS, TARGETS, choose_deployable, compare_logits, describe_guard, format_accuracy,
-                         guard_columns, guard_kind, judge_selection, measured_columns, recommend,
-                         selection_candidates, targets_met, variant_passes)
+                         SELECTION_SPLITS, STUDENT_FROM_BASELINE, TARGETS, choose_deployable, compare_logits,
+                         describe_guard, format_accuracy, guard_kind, judge_selection, recommend, selection_candidates,
+                         targets_met, variant_passes, variant_row)
 from load_model_hf import (HUB_PRESETS, OFFLINE_PRESETS, checkpoint_threshold, count_parameters, load_pretrained,
                            model_from_checkpoint, read_checkpoint, save_checkpoint)
 from mvtec_dataset import (make_loaders, make_synthetic_mvtec, prepare_split, selection_loader, split_from_manifest,
                            write_manifest)
 from rapport import REPORT_CSV, REPORT_PNG, write_report
-from train_utils import (OFFLINE_DEFAULT_EPOCHS, benchmark_batch, benchmark_torch_model, class_weights, classification_metrics,
-                         default_lr, device_name, linear_probe_init, model_logits, pick_device, predict_logits,
-                         set_seed, set_threads, train_model, training_recipe)
+from train_utils import (DISTILL_LOSSES, OFFLINE_DEFAULT_EPOCHS, STUDENT_FROM_BASELINE_LR, benchmark_batch,
+                         benchmark_torch_model, class_weights, classification_metrics, default_lr, device_name,
+                         half_depth_copy, linear_probe_init, model_logits, pick_device, predict_logits, set_seed,
+                         set_threads, train_model, training_recipe)
 
 HERE = Path(__file__).resolve().parent
 # The offline demo: synthetic tree size, models, epochs and learning rates measured on a 2-core CPU so that the whole
 # chain runs in about 2-3 minutes with > 90 % test accuracy. The 6-layer baseline needs lr 3e-4: at the offline
 # default 1e-3 it stalls (test accuracy 0.74 vs 0.97 on this tree); 120 images instead of 460 give ~0.65-0.75.
-DEMO = {"data_dir": "data/synthetic", "baseline_model": "offline-vit-small", "student_model": "offline-vit-tiny",
-        "epochs": 20, "student_epochs": 20, "lr": 3e-4, "student_lr": 1e-3, "n_train_good": 300, "n_test_good": 60,
-        "n_per_defect": 80, "image_size": 96}
+# The student is half the baseline (lab_targets.STUDENT_FROM_BASELINE): a random-init 4-block student distilled with
+# KL kept 88.9 % of the baseline's decisions, so its guard refused it and the demo never showed distillation.
+DEMO = {"data_dir": "data/synthetic", "baseline_model": "offline-vit-small", "student_model": STUDENT_FROM_BASELINE,
+        "epochs": 20, "student_epochs": 15, "lr": 3e-4, "student_lr": STUDENT_FROM_BASELINE_LR, "n_train_good": 300,
+        "n_test_good": 60, "n_per_defect": 80, "image_size": 96}
 BACKUP_RE = re.compile(r"\.\d{8}-\d{6}(-\d+)?\.[A-Za-z]+$")  # files renamed by keep_previous
 
 
@@ -98,6 +101,9 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, mode[key])
     args.student_epochs = args.student_epochs or args.epochs
+    mimic = args.student_model == STUDENT_FROM_BASELINE  # reproduces the baseline's logits (train_utils)
+    args.distill_loss = args.distill_loss or ("mse" if mimic else "kl")
+    args.distill_alpha = (1.0 if mimic else 0.5) if args.distill_alpha is None else args.distill_alpha
     return args
 
 
@@ -111,6 +117,7 @@ def _add_data_and_model_flags(p) -> None:
                         f"google/vit-base-patch16-224-in21k; {DEMO['baseline_model']} with --demo)")
     p.add_argument("--student-model", default=None,
                    help=f"student model distilled from the baseline (default: deit-small; deit-tiny is smaller; "
+                        f"'{STUDENT_FROM_BASELINE}' = every other block of the fine-tuned baseline; "
                         f"{DEMO['student_model']} with --demo)")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help=f"baseline fine-tuning epochs (default: {LAB_EPOCHS} for a pretrained model, "
@@ -125,8 +132,13 @@ def _add_data_and_model_flags(p) -> None:
     p.add_argument("--student-lr", type=float, default=None,
                    help=f"student learning rate (default: 1e-6 pretrained, 1e-3 offline presets, "
                         f"{DEMO['student_lr']:g} with --demo)")
-    p.add_argument("--distill-alpha", type=float, default=0.5,
-                   help="weight of the distillation term in the student's loss, 0-1 (default: 0.5)")
+    p.add_argument("--distill-alpha", type=float, default=None,
+                   help=f"weight of the distillation term in the student's loss, 0-1 (default: 0.5; 1 for "
+                        f"'{STUDENT_FROM_BASELINE}')")
+    p.add_argument("--distill-loss", choices=DISTILL_LOSSES, default=None,
+                   help=f"distillation term: kl = KL divergence of the softened logits (Hinton), mse = squared "
+                        f"difference of the logits; with mse the student keeps the baseline's threshold (default: kl; "
+                        f"mse for '{STUDENT_FROM_BASELINE}')")
     p.add_argument("--distill-temperature", type=float, default=2.0,
                    help="softmax temperature of the distillation (default: 2.0)")
 
@@ -190,7 +202,7 @@ def _check_args(args) -> None:
     """Ranges of the flags argparse cannot check (UserError)."""
     if args.warmup < 0 or args.max_bench_seconds <= 0:
         raise UserError("--warmup must be >= 0 and --max-bench-seconds > 0.")
-    if not 0 <= args.distill_alpha <= 1 or args.distill_temperature <= 0:
+    if args.distill_alpha is not None and not 0 <= args.distill_alpha <= 1 or args.distill_temperature <= 0:
         raise UserError("--distill-alpha must be within 0-1 and --distill-temperature > 0.")
     if args.price_per_hour <= 0 or args.gpu_price_per_hour <= 0:
         raise UserError("prices per hour must be > 0.")
@@ -268,22 +280,32 @@ class Data:
 
 
 def train_and_save(args, *, role: str, model_name: str, path: Path, data: Data, device, epochs, lr,
-                   teacher=None, teacher_pre=None, extra=None):
+                   teacher=None, teacher_pre=None, teacher_threshold=None, extra=None):
     """Fine-tune `model_name` on the shared split (distilled from `teacher` when given) and save the checkpoint."""
     set_seed(args.seed)
-    model, pre, info = load_pretrained(model_name, seed=args.seed)
+    if model_name == STUDENT_FROM_BASELINE:
+        model, pre, info = half_depth_copy(teacher), teacher_pre, {"pretrained": False}
+        lr = lr or STUDENT_FROM_BASELINE_LR
+        print(f"model '{model_name}': {model.config.num_hidden_layers} of the baseline's "
+              f"{teacher.config.num_hidden_layers} blocks (every other one), its embeddings, final norm and head")
+    else:
+        model, pre, info = load_pretrained(model_name, seed=args.seed)
     epochs = epochs or (LAB_EPOCHS if info["pretrained"] else OFFLINE_DEFAULT_EPOCHS)
     lr = lr or default_lr(info["pretrained"])
     recipe = training_recipe(info["pretrained"])
     loaders = data.loaders(pre, ("train", "val", "test"), augment=recipe["augment"])
     loaders["train"].generator.manual_seed(args.seed)
     probe = {"applied": False, "reason": "random-init model: trained from scratch"}
+    if model_name == STUDENT_FROM_BASELINE:
+        probe["reason"] = "blocks of the fine-tuned baseline, its head kept"
     if recipe["probe"]:
         probe = linear_probe_init(model, loaders["train"], loaders["val"], device, depth=args.depth, desc=role)
     adapter = TeacherAdapter(teacher, pre, teacher_pre) if teacher is not None else None
     train = train_model(model, loaders["train"], loaders["val"], epochs=epochs, lr=lr, device=device,
                         loss_weights=class_weights([s.label for s in data.split["train"]]), teacher=adapter,
                         distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
+                        distill_loss=args.distill_loss,
+                        teacher_threshold=teacher_threshold if args.distill_loss == "mse" else None,
                         layer_decay=recipe["layer_decay"], head_lr_mult=recipe["head_lr_mult"],
                         keep_initial=recipe["keep_initial"], desc=role)
     model.cpu().eval()
@@ -338,13 +360,17 @@ def student_step(args, device, data: Data, teacher, teacher_ckpt, teacher_path: 
                 and ckpt.get("split") == data.manifest:
             print(f"[5/5] student: reusing {path} ('{args.student_model}' distilled from {teacher_path.name})")
             return model_from_checkpoint(ckpt, path), ckpt, path, True
+    how = (f"KL, temperature {args.distill_temperature}" if args.distill_loss == "kl" else
+           "squared difference of the logits; the baseline's threshold is kept")
     print(f"[5/5] student: fine-tuning '{args.student_model}' with knowledge distillation from the baseline "
-          f"(alpha {args.distill_alpha}, temperature {args.distill_temperature})")
+          f"(alpha {args.distill_alpha}, {how})")
     extra = {"distillation": {"teacher_model": teacher_ckpt["model_name"], "teacher_checkpoint": teacher_path.name,
-                              "alpha": args.distill_alpha, "temperature": args.distill_temperature}}
+                              "alpha": args.distill_alpha, "temperature": args.distill_temperature,
+                              "loss": args.distill_loss}}
     model, ckpt = train_and_save(args, role="student", model_name=args.student_model, path=path, data=data,
                                  device=device, epochs=args.student_epochs, lr=args.student_lr, teacher=teacher,
-                                 teacher_pre=teacher_ckpt["preprocessing"], extra=extra)
+                                 teacher_pre=teacher_ckpt["preprocessing"],
+                                 teacher_threshold=checkpoint_threshold(teacher_ckpt), extra=extra)
     return model, ckpt, path, False
 
 
@@ -562,22 +588,20 @@ def build_rows(variants: list[Variant], args, *, rid, data: Data, training: dict
     for v in variants:
         v.metrics = classification_metrics(v.labels, v.logits, v.loader.dataset.defect_types, threshold=v.threshold)
         price = args.price_per_hour if v.device.type == "cpu" else args.gpu_price_per_hour
-        row = {"run_id": rid, "script": "optimization_pipeline.py", "section": "variant",
-               "mode": "demo" if args.demo else "lab",
-               "category": args.category, "seed": args.seed, "step": v.step, "variant": v.name, "role": v.role,
-               "backend": v.backend, "precision": v.precision, "device": v.device.type,
-               "device_name": device_name(v.device), "model_name": v.model_name, "baseline_model": args.baseline_model,
-               "student_model": "" if args.skip_student else args.student_model, "params_m": v.params_m,
-               "size_mb": v.size_mb, **measured_columns(v.metrics, v.b1, v.bn, reference=base, price_per_hour=price),
-               "n_train": len(data.split["train"]), "n_val": len(data.split["val"]),
-               **guard_columns(v.judged, v.test), "onnx_graph_checked": v.graph_file,
-               "onnx_graph_agreement": v.conversion[0]["agreement"] if v.conversion else "",
-               "onnx_graph_accuracy_delta_pt": v.conversion[1]["accuracy_diff_pt"] if v.conversion else "",
-               "onnx_graph_passed": v.conversion[0]["passed"] if v.conversion else None,
-               "file": str(v.file), "exporter": v.exporter, "opset": v.opset, "reused": v.reused,
-               **training.get(v.role, {}), "gpu_name": training["gpu_name"], **environment, **v.extra}
+        identity = {"run_id": rid, "script": "optimization_pipeline.py", "section": "variant",
+                    "mode": "demo" if args.demo else "lab", "category": args.category, "seed": args.seed,
+                    "step": v.step, "variant": v.name, "role": v.role, "backend": v.backend, "precision": v.precision,
+                    "device": v.device.type, "device_name": device_name(v.device), "model_name": v.model_name,
+                    "baseline_model": args.baseline_model,
+                    "student_model": "" if args.skip_student else args.student_model, "params_m": v.params_m,
+                    "size_mb": v.size_mb, "file": str(v.file)}
+        row = variant_row(identity=identity, metrics=v.metrics, b1=v.b1, bn=v.bn, reference=base,
+                          price_per_hour=price, environment=environment, judged=v.judged, test=v.test,
+                          conversion=(*v.conversion, v.graph_file) if v.conversion else None)
+        row.update({"n_train": len(data.split["train"]), "n_val": len(data.split["val"]), "exporter": v.exporter,
+                    "opset": v.opset, "reused": v.reused, **training.get(v.role, {}),
+                    "gpu_name": training["gpu_name"], **v.extra})
         base = base or row
-        row["size_ratio"] = base["size_mb"] / row["size_mb"]
         row.update(targets_met(row))
         row["guards_passed"] = variant_passes(row["onnx_graph_passed"], *lineage_verdicts(v))
         row["onnx_graph_passed"] = "" if row["onnx_graph_passed"] is None else row["onnx_graph_passed"]
@@ -605,7 +629,8 @@ def training_columns(ckpt: dict | None) -> dict:
     d = (ckpt or {}).get("distillation") or {}
     return {"epochs": t.get("epochs", ""), "lr": t.get("lr", ""), "train_seconds": t.get("train_seconds", ""),
             "trained_by": t.get("script", ""), "teacher_model": d.get("teacher_model", ""),
-            "distill_alpha": d.get("alpha", ""), "distill_temperature": d.get("temperature", "")}
+            "distill_alpha": d.get("alpha", ""), "distill_temperature": d.get("temperature", ""),
+            "distill_loss": d.get("loss", "kl" if d else "")}
 
 
 def deploy_final(rows: list[dict], variants: list[Variant], args, checkpoints: dict) -> Path | None:
@@ -850,8 +875,9 @@ def main(argv=None) -> int:
     gpu = None if args.skip_gpu or pick_device("auto").type == "cpu" else pick_device("auto")
     if args.demo:
         ensure_demo_data(args)
-        print(f"demo mode: baseline '{args.baseline_model}' and student '{args.student_model}' are small ViTs with "
-              f"RANDOM initial weights (no download), trained here on synthetic images")
+        print(f"demo mode: baseline '{args.baseline_model}' is a small ViT with RANDOM initial weights (no download), "
+              f"trained here on synthetic images; student '{args.student_model}'"
+              + (" = every other block of that baseline" if args.student_model == STUDENT_FROM_BASELINE else ""))
     rid = run_id()
 
     base_model, base_ckpt, base_path, data, base_reused = baseline_step(args, device)

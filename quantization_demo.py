@@ -24,7 +24,7 @@ from lab_io import (ArgumentParser, UserError, append_csv_rows, cpu_name, enviro
                     positive_int, run_cli, run_id, save_figure, size_on_disk_mb)
 from lab_targets import (CPU_PRICE, QUANTIZATION, SELECTION_SPLIT, TARGET_MAX_LOSS_PT, TARGET_MAX_SIZE_MB,
                          TARGET_MIN_ACCURACY, compare_logits, describe_flips, describe_guard, format_accuracy,
-                         guard_columns, judge_selection, measured_columns, variant_passes)
+                         judge_selection, variant_passes, variant_row)
 from load_model_hf import checkpoint_threshold, count_parameters, model_from_checkpoint, read_checkpoint, \
     resolve_model_path
 from mvtec_dataset import make_loaders, selection_loader, split_from_manifest
@@ -321,20 +321,19 @@ def main(argv=None) -> int:
     checks = {name: check_objectives(name, result[FP32], result[name], (sizes[FP32], sizes[name]), n_params=n_params,
                                      linear_pct=linear_pct, model_name=ckpt["model_name"],
                                      bench_batch_size=args.bench_batch_size) for name in outputs}
-    rid, rows = run_id(), []
+    rid, rows, environment = run_id(), [], environment_columns()
     for name in models:
         r, is_int8 = result[name], name != FP32
-        row = {"run_id": rid, "script": "quantization_demo.py", "category": args.category, "variant": name,
-               "backend": "pytorch", "method": METHODS[name], "precision": "int8" if is_int8 else "fp32",
-               "model_name": ckpt["model_name"], "file": str(outputs.get(name, src_path)),
-               "engine": engine if name == DYNAMIC else "", "qscheme": quant[name]["qscheme"] if is_int8 else "",
-               "device": "cpu", "device_name": cpu_name(), "size_mb": sizes[name],
-               "size_ratio": sizes[FP32] / sizes[name],
-               **measured_columns(r, r["b1"], r["bn"], reference=rows[0] if rows else None,
-                                  price_per_hour=CPU_PRICE),
-               **guard_columns(r["guard"] if is_int8 else None, r["test"] if is_int8 else None),
-               "roundtrip_max_abs_diff": roundtrip[name] if is_int8 else "",
-               **environment_columns()}
+        identity = {"run_id": rid, "script": "quantization_demo.py", "category": args.category, "variant": name,
+                    "backend": "pytorch", "precision": "int8" if is_int8 else "fp32", "device": "cpu",
+                    "device_name": cpu_name(), "model_name": ckpt["model_name"], "size_mb": sizes[name],
+                    "file": str(outputs.get(name, src_path))}
+        row = variant_row(identity=identity, metrics=r, b1=r["b1"], bn=r["bn"], reference=rows[0] if rows else None,
+                          price_per_hour=CPU_PRICE, environment=environment, graph_columns=False,
+                          judged=r["guard"] if is_int8 else None, test=r["test"] if is_int8 else None)
+        row.update({"method": METHODS[name], "engine": engine if name == DYNAMIC else "",
+                    "qscheme": quant[name]["qscheme"] if is_int8 else "",
+                    "roundtrip_max_abs_diff": roundtrip[name] if is_int8 else ""})
         row["guards_passed"] = variant_passes(r["guard"]["passed"] if is_int8 else None)
         if is_int8:
             row.update({c["name"]: c["status"] == "PASS" for c in checks[name] if c["status"] != "INFO"})

@@ -20,7 +20,7 @@ import numpy as np
 from lab_io import UserError, atomic_write_text, keep_previous, read_csv_rows, run_cli, save_figure
 from lab_targets import (HIGHER, LOWER, NEUTRAL, TARGET_COST_REDUCTION_PCT, TARGET_END_TO_END_SPEEDUP,
                          TARGET_MAX_LOSS_PT, TARGET_MAX_SIZE_MB, TARGET_MIN_ACCURACY, TARGET_TIME_REDUCTION_PCT, TARGETS,
-                         HYBRID_PREFIX, better_direction, recommend)
+                         HYBRID_PREFIX, STUDENT_FROM_BASELINE, better_direction, recommend)
 
 REPORT_CSV, REPORT_PNG, REPORT_MD = "optimization_report.csv", "optimization_complete.png", "rapport.md"
 ROUNDING = {HIGHER: ROUND_FLOOR, LOWER: ROUND_CEILING, NEUTRAL: ROUND_HALF_EVEN}
@@ -158,7 +158,12 @@ def method_section(w, rows: list[dict], base: dict) -> None:
     if student:
         w(f"- Étudiant : `{student['model_name']}` ({num(student, 'params_m', 2)} M paramètres, "
           f"{student['epochs'] or 'n/m'} époque(s)), entraîné par distillation des logits de la référence (alpha "
-          f"{num(student, 'distill_alpha', 2)}, température {num(student, 'distill_temperature', 2)}).")
+          f"{num(student, 'distill_alpha', 2)}, "
+          + ("écart quadratique des logits, seuil de la référence conservé)."
+             if student.get("distill_loss") == "mse"
+             else f"température {num(student, 'distill_temperature', 2)}).")
+          + (" Il est fait d'un bloc sur deux de la référence fine-tunée (comme DistilBERT à partir de BERT)."
+             if student["model_name"] == STUDENT_FROM_BASELINE else ""))
     w("")
 
 

@@ -174,3 +174,35 @@ def test_lp_ft_recipe_threshold_flows_to_sidecar_and_score(run, synthetic_root, 
     sidecar_path.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="threshold must be a probability"):
         read_sidecar(sidecar_path)
+
+
+def test_one_row_builder_for_every_variant_table():
+    """variant_row: the reference's own row compares with itself; a variant's speed, cost and size ratios are vs the
+    reference row; the fp32-graph columns are filled only for a variant that runs or was quantized from a converted
+    graph."""
+    metrics = {"accuracy": 0.9, "accuracy_ci_low": 0.8, "accuracy_ci_high": 0.95, "threshold": 0.4, "n": 100,
+               "precision": 0.9, "recall": 0.9, "f1": 0.9, "auroc": 0.95}
+
+    def bench(ms, batch=1):
+        return {"batch_size": batch, "runs": 30, "warmup": 5, "threads": 2, "latency_median_ms": ms,
+                "latency_p95_ms": ms * 1.1, "latency_p99_ms": ms * 1.2, "latency_max_ms": ms * 1.3,
+                "throughput_img_s": 1000.0 * batch / ms}
+
+    env = {"cpu_name": "test cpu"}
+    base = lt.variant_row(identity={"variant": "pytorch-fp32", "size_mb": 40.0}, metrics=metrics,
+                                   b1=bench(10.0), bn=bench(40.0, 8), reference=None, price_per_hour=1.0,
+                                   environment=env)
+    assert base["speedup"] == 1.0 and base["size_ratio"] == 1.0 and base["accuracy_delta_pt"] == 0.0
+    assert base["onnx_graph_checked"] == "" and base["onnx_graph_passed"] is None and base["guard"] == ""
+    assert base["cpu_name"] == "test cpu"
+    judged = lt.judge_selection(lt.QUANTIZATION, np.zeros((4, 2)), np.zeros((4, 2)))
+    test = lt.compare_logits(np.zeros((4, 2)), np.zeros((4, 2)), np.array([0, 1, 0, 1]))
+    fast = lt.variant_row(identity={"variant": "ov-int8", "size_mb": 10.0}, metrics=metrics,
+                                   b1=bench(2.0), bn=bench(8.0, 8), reference=base, price_per_hour=1.0,
+                                   environment=env, judged=judged, test=test,
+                                   conversion=(judged, test, "model_fp32.onnx"))
+    assert fast["speedup"] == pytest.approx(5.0) and fast["time_reduction_pct"] == pytest.approx(80.0)
+    assert fast["cost_reduction_pct"] == pytest.approx(80.0) and fast["size_ratio"] == pytest.approx(4.0)
+    assert fast["onnx_graph_checked"] == "model_fp32.onnx" and fast["onnx_graph_passed"] is True
+    assert fast["guard_passed"] is True and fast["guard_images"] == 4
+    lt.check_result_columns(fast)

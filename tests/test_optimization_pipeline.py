@@ -304,7 +304,12 @@ def test_demo_mode_with_skipped_steps(tmp_path, run):
     rows = read_rows(tmp_path / "resultats" / "optimization_report.csv")
     assert [r["variant"] for r in rows] == ["pytorch-fp32", "student-pytorch-fp32"]  # no end-to-end, no detector
     assert {r["mode"] for r in rows} == {"demo"}
-    assert (rows[0]["model_name"], rows[1]["model_name"]) == ("offline-vit-small", "offline-vit-tiny")
+    assert (rows[0]["model_name"], rows[1]["model_name"]) == ("offline-vit-small", "baseline-half")
+    # the demo's student: every other block of the baseline, distilled on its logits, with the baseline's threshold
+    assert rows[1]["distill_loss"] == "mse" and float(rows[1]["distill_alpha"]) == 1.0
+    assert rows[1]["threshold"] == rows[0]["threshold"]
+    assert 0.4 < float(rows[1]["params_m"]) / float(rows[0]["params_m"]) < 0.6
+    assert "3 of the baseline's 6 blocks (every other one)" in result.stdout
     report = (tmp_path / "rapport.md").read_text(encoding="utf-8")
     assert "Mode démo" in report and "aléatoirement" in report and "RANDOM INIT" in result.stdout
     assert not (tmp_path / "modeles" / "model_final.onnx").exists()

@@ -132,6 +132,49 @@ def test_linear_probe_head_is_folded_and_robust_choice_is_reported(synthetic_roo
     assert result["history"][0]["epoch"] == 0 and math.isfinite(result["history"][0]["train_loss"])
 
 
+@pytest.mark.slow
+def test_half_depth_student_copies_every_other_block_and_mimics_its_teacher(synthetic_root, tmp_path):
+    """The 'baseline-half' student: blocks 0, 2, ... of the teacher with their weights, a checkpoint that rebuilds
+    it; distilled with the logits' squared difference, it keeps the teacher's threshold and its kept epoch is the
+    one closest to the teacher's val logits (no label)."""
+    from load_model_hf import model_from_checkpoint, read_checkpoint, save_checkpoint
+
+    tu.set_seed(0)
+    split, manifest = prepare_split(synthetic_root, "bottle")
+    teacher, pre, _ = load_pretrained("offline-vit-small")
+    student = tu.half_depth_copy(teacher)
+    blocks = teacher.dinov2.encoder.layer
+    assert len(student.dinov2.encoder.layer) == student.config.num_hidden_layers == (len(blocks) + 1) // 2
+    for kept, source in zip(student.dinov2.encoder.layer, list(blocks)[::2]):
+        assert kept is not source and all(torch.equal(a, b) for a, b in zip(kept.parameters(), source.parameters()))
+    assert torch.equal(student.classifier.weight, teacher.classifier.weight) and len(blocks) == 6  # teacher intact
+    path = save_checkpoint(tmp_path / "s.pth", student, model_name=lab_targets.STUDENT_FROM_BASELINE,
+                           preprocessing=pre, category="bottle", split_manifest=manifest)
+    rebuilt = model_from_checkpoint(read_checkpoint(path, "bottle"), path)
+    x = torch.rand(2, 3, *pre["image_size"])
+    with torch.inference_mode():
+        assert torch.allclose(tu.model_logits(rebuilt, x), tu.model_logits(student.eval(), x), atol=1e-5)
+
+    loaders = make_loaders(synthetic_root, "bottle", split, pre, batch_size=16)
+    result = tu.train_model(student, loaders["train"], loaders["val"], epochs=2, lr=tu.STUDENT_FROM_BASELINE_LR,
+                            device=torch.device("cpu"), teacher=teacher.eval(), distill_alpha=1.0,
+                            distill_loss="mse", teacher_threshold=0.37)
+    assert result["threshold"] == 0.37 and all(r["val_threshold"] == 0.37 for r in result["history"])
+    losses = [r["val_distill_loss"] for r in result["history"]]
+    assert result["best_epoch"] == 1 + int(np.argmin(losses))
+    teacher_logits, _ = tu.predict_logits(teacher, loaders["val"])
+    logits, _ = tu.predict_logits(student, loaders["val"])
+    assert float(((logits - teacher_logits) ** 2).mean()) == pytest.approx(min(losses), rel=1e-4)
+
+
+def test_distillation_terms():
+    """kl is Hinton's softened KL (0 for equal logits, scaled by T^2); mse the logits' squared difference."""
+    a = torch.tensor([[2.0, -1.0], [0.5, 0.0]])
+    assert float(tu.distillation_term(a, a, "kl")) == pytest.approx(0.0, abs=1e-6)
+    assert float(tu.distillation_term(a, a + 1.0, "mse")) == pytest.approx(1.0)
+    assert float(tu.distillation_term(a, a + 1.0, "kl")) == pytest.approx(0.0, abs=1e-6)  # a shift moves no softmax
+
+
 def test_run_ids_of_runs_started_in_the_same_second_differ(tmp_path):
     """Two runs appending to one CSV in the same second keep separate run_ids, so a report never merges them."""
     ids = [lab_io.run_id() for _ in range(50)]
