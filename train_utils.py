@@ -397,8 +397,7 @@ def train_model(model, train_loader, val_loader, *, epochs: int, lr: float, devi
     The weights of the epoch with the best validation score are restored at the end: balanced accuracy at the
     threshold that is best on val, then lower val log-loss. keep_initial=True makes the starting weights a
     candidate too (epoch 0: after a linear probe, fine-tuning is kept only if it does better on val). With
-    `teacher`, the loss mixes cross-entropy and the KL divergence to the teacher's softened logits (knowledge
-    distillation, Hinton et al. 2015). With `teacher_threshold` too (a student that reproduces its teacher's logits,
+    `teacher`, the loss mixes cross-entropy and a distillation term (distillation_term, `distill_loss`). With `teacher_threshold` too (a student that reproduces its teacher's logits,
     distill_loss="mse"), the student keeps the teacher's threshold and the kept epoch is the one whose val logits are
     closest to the teacher's (no label): what its guard measures is agreement with the teacher. Returns {"history",
     "best_epoch", "train_seconds", "epoch_seconds", "threshold" (chosen on val for the kept weights)}.
@@ -485,7 +484,8 @@ def validation_row(model, val_loader, device, *, epoch: int, train_loss: float, 
            "val_threshold": threshold, "epoch_seconds": seconds}
     mimic_text = ""
     if teacher_val is not None:
-        row["val_distill_loss"] = float(((val_logits - teacher_val) ** 2).mean())
+        row["val_distill_loss"] = float(distillation_term(torch.from_numpy(val_logits), torch.from_numpy(teacher_val),
+                                                          "mse"))
         same = float((predict_labels(val_logits, threshold) == predict_labels(teacher_val, threshold)).mean())
         mimic_text = f", val logits vs the teacher's: MSE {row['val_distill_loss']:.4f}, same decision {same:.3f}"
         key = (-row["val_distill_loss"],)
