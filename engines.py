@@ -240,6 +240,13 @@ def agreement_images(model, datasets: dict, threshold: float,
     """(train + val images as one float32 array, the fp32 model's decisions on them at `threshold`): what every
     mixed-precision candidate is compared with (no label). `reference_logits`: the fp32 logits of these images in
     this order (the guard's, mvtec_dataset.selection_loader) when the caller has them already."""
+    images, logits = agreement_logits(model, datasets, reference_logits)
+    return images, predict_labels(logits, threshold)
+
+
+def agreement_logits(model, datasets: dict, reference_logits: np.ndarray | None = None) -> tuple[np.ndarray,
+                                                                                                 np.ndarray]:
+    """(train + val images as one float32 array, the fp32 model's logits on them); see agreement_images."""
     images = np.stack([ds[i][0].numpy() for ds in (datasets["train"], datasets["val"]) for i in range(len(ds))])
     if reference_logits is None:
         with torch.inference_mode():
@@ -247,58 +254,151 @@ def agreement_images(model, datasets: dict, threshold: float,
                                                .float().numpy() for i in range(0, len(images), 16)])
     if len(reference_logits) != len(images):
         raise ValueError(f"{len(reference_logits)} reference logits for {len(images)} train + val images")
-    return images, predict_labels(reference_logits, threshold)
+    return images, np.asarray(reference_logits)
 
 
 def mixed_precision_basis(src: Path, model, datasets: dict, threshold: float,
                           reference_logits: np.ndarray | None = None) -> dict:
     """What the ORT and OpenVINO mixed precision both start from, computed once: the ranked layers and their nodes
-    (ranked_linear_nodes), the train + val images and the fp32 decisions on them (agreement_images)."""
+    (ranked_linear_nodes), the train + val images and the fp32 logits and decisions on them (agreement_logits)."""
     order, nodes = ranked_linear_nodes(src, model, datasets["train"])
-    images, reference = agreement_images(model, datasets, threshold, reference_logits)
-    return {"order": order, "nodes": nodes, "images": images, "reference": reference}
+    images, logits = agreement_logits(model, datasets, reference_logits)
+    return {"order": order, "nodes": nodes, "images": images, "logits": logits,
+            "reference": predict_labels(logits, threshold)}
 
 
-def quantize_onnx_int8_mixed(src: Path, dst: Path, model, datasets: dict, threshold: float, *,
-                             overwrite: bool = False, runner_threads: int | None = None,
-                             basis: dict | None = None) -> dict:
-    """ONNX Runtime dynamic int8 with the most sensitive nn.Linear kept fp32 (nodes_to_exclude), layers ranked by
-    ranked_linear_nodes and chosen by quantize.choose_fp32_layers (agreement with fp32 on train + val, never the test
-    split). `basis`: mixed_precision_basis(...) when the caller already has it.
-    Decisions are taken one image per call: ORT's dynamic int8 takes one activation scale per batch tensor."""
-    import tempfile
-
+def _ort_int8(src: Path, dst: Path, exclude: list[str]) -> None:
+    """ONNX Runtime dynamic int8 of the MatMul with constant weights (one int8 scale per output channel), but the
+    nodes in `exclude`; the attention's activation x activation products and the patch convolution stay fp32."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    with _quiet_logs():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True})
+
+
+def _shift_onnx_head(path: Path, shift: float) -> bool:
+    """Add `shift` to the anomaly-vs-good logit margin of an ONNX file's 2-class head(s), in place: the bias
+    correction of quantize.head_logit_shift, on the graph (the exporter names the head's bias initializer after its
+    parameter, '...classifier.bias'). False when there is no such initializer (nothing changed)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph_model = onnx.load(str(path))
+    biases = [t for t in graph_model.graph.initializer if t.name.endswith("classifier.bias") and list(t.dims) == [2]]
+    for bias in biases:
+        bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.array([-shift / 2, shift / 2],
+                                                                                   np.float32), bias.name))
+    if biases:
+        onnx.save(graph_model, str(path))
+    return bool(biases)
+
+
+def _head_nodes(nodes: dict[str, list[str]]) -> list[str]:
+    """The 2-class head's nodes, left out of the int8 (fp32, as in PyTorch). ORT rewrites a Gemm as '<name>_MatMul'
+    before it quantizes it: both names."""
+    return [y for n, xs in nodes.items() if n.split(".")[-1].endswith("classifier") for x in xs
+            for y in (x, f"{x}_MatMul")]
+
+
+def _export_smoothed(smoothed, path: Path, names: list[str], preprocessing: dict, opset: int):
+    """Export a quantize.smoothed_copy and map its nn.Linear to their MatMul nodes (onnx_linear_nodes); a layer with
+    no node (the exporter's names changed) is an error, not a silent int8. Returns (path, nodes)."""
+    export_onnx(smoothed, path, preprocessing, opset, overwrite=True)
+    nodes = onnx_linear_nodes(path)
+    unmatched = [n for n in names if n not in nodes]
+    if unmatched:
+        raise UserError(f"{len(unmatched)} nn.Linear layer(s) have no MatMul node in the exported graph (e.g. "
+                        f"{unmatched[0]}): the exporter's node names changed, mixed precision cannot be applied.")
+    return path, nodes
+
+
+def quantize_onnx_int8_mixed(model, dst: Path, datasets: dict, threshold: float, preprocessing: dict, *,
+                             opset: int = DEFAULT_OPSET, overwrite: bool = False, runner_threads: int | None = None,
+                             basis: dict | None = None) -> dict:
+    """ONNX Runtime dynamic int8 that keeps the decisions, by the rules of the PyTorch fix (quantize.py), label-free
+    throughout: the fp32 model exported with SmoothQuant's factors explicit (quantize.smoothed_copy), for each alpha
+    of quantize.SMOOTH_ALPHAS; int8 weights per output channel on the constant MatMul only (_ort_int8; the head
+    stays fp32); the head's bias corrected by the mean margin offset on the calibration images (_shift_onnx_head);
+    the alpha whose logit margins stay closest to fp32's on train + val (RMS); then the most sensitive nn.Linear
+    kept fp32 by quantize.choose_fp32_layers. Never the test split. Decisions are taken one image per call: ORT's
+    dynamic int8 takes one activation scale per batch tensor. `basis`: mixed_precision_basis(...) when the caller
+    has it (its images and fp32 logits are reused)."""
+    import tempfile
+
+    import onnx
+
     from lab_targets import TARGET_MAX_SIZE_MB
+    from quantize import (SMOOTH_ALPHAS, SMOOTH_CALIBRATION_IMAGES, Int8Linear, backbone_linears, linear_input_absmax,
+                          linear_sensitivity, logit_margin, smoothed_copy)
 
     t0 = time.perf_counter()
-    basis = basis or mixed_precision_basis(src, model, datasets, threshold)
-    order, nodes, images, reference = (basis[k] for k in ("order", "nodes", "images", "reference"))
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".int8-mixed-") as tmp:
-        def candidate(fp32_layers):
-            path = Path(tmp) / f"k{len(fp32_layers)}.onnx"
-            with _quiet_logs():
-                quantize_dynamic(str(src), str(path), weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=[x for n in fp32_layers for x in nodes[n]],
-                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-            if fp32_layers and model_size_mb(path) >= TARGET_MAX_SIZE_MB:
-                return None
-            runner = Runner(path, ENGINE_ORT, runner_threads)
-            return predict_labels(np.concatenate([runner.run(images[i:i + 1]) for i in range(len(images))]),
-                                  threshold), path
+    train = datasets["train"]
+    if len(train) == 0:
+        raise UserError("no training image to calibrate the int8 quantization.")
+    images, logits = (basis["images"], basis["logits"]) if basis else agreement_logits(model, datasets)
+    reference, margins = predict_labels(logits, threshold), logit_margin(logits)
+    calibration = torch.stack([train[i][0] for i in range(min(SMOOTH_CALIBRATION_IMAGES, len(train)))])
+    names = backbone_linears(model)
+    absmax = linear_input_absmax(model, calibration, names)
+    with torch.inference_mode():
+        calibration_margins = logit_margin(model_logits(model.eval(), calibration).float().numpy())
 
-        best, tried = choose_fp32_layers(order, reference, candidate)
+    def run(path: Path, x: np.ndarray) -> np.ndarray:  # one image per call (Runner: DynamicQuantizeLinear)
+        return Runner(path, ENGINE_ORT, runner_threads).run(x)
+
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".int8-mixed-") as tmp:
+        def build(src: Path, nodes: dict, fp32_layers, name: str):
+            path = Path(tmp) / name
+            _ort_int8(src, path, _head_nodes(nodes) + [x for n in fp32_layers for x in nodes[n]])
+            shift = float(np.mean(calibration_margins - logit_margin(run(path, calibration.numpy()))))
+            return path, shift if _shift_onnx_head(path, shift) else 0.0
+
+        deviations, best = [], None
+        for alpha in SMOOTH_ALPHAS:
+            src, nodes = _export_smoothed(smoothed_copy(model, absmax, alpha), Path(tmp) / f"smoothed-{alpha:g}.onnx",
+                                          names, preprocessing, opset)
+            path, shift = build(src, nodes, (), f"a{alpha:g}-k0.onnx")
+            out = run(path, images)
+            deviations.append((alpha, float(np.sqrt(np.mean((logit_margin(out) - margins) ** 2)))))
+            if best is None or deviations[-1][1] < best["rms"]:
+                best = {"alpha": alpha, "rms": deviations[-1][1], "src": src, "nodes": nodes,
+                        "k0": (predict_labels(out, threshold), (path, shift))}
+        alpha = best["alpha"]
+        sensitivity = linear_sensitivity(model, calibration, names,
+                                         lambda n, lin: Int8Linear.from_linear(lin, absmax[n], alpha))
+        order = sorted(names, key=lambda n: -sensitivity[n])
+
+        def candidate(fp32_layers):
+            if not fp32_layers:
+                return best["k0"]
+            path, shift = build(best["src"], best["nodes"], fp32_layers, f"a{alpha:g}-k{len(fp32_layers)}.onnx")
+            if model_size_mb(path) >= TARGET_MAX_SIZE_MB:
+                return None
+            return predict_labels(run(path, images), threshold), (path, shift)
+
+        chosen, tried = choose_fp32_layers(order, reference, candidate)
 
         def write(tmp_dst: Path) -> None:
-            shutil.copyfile(best[2], tmp_dst)
+            shutil.copyfile(chosen[2][0], tmp_dst)
             onnx.checker.check_model(str(tmp_dst))
             keep_previous(dst, overwrite)
 
         atomic_write(dst, write)
-    return {"fp32_linears": order[:best[0]], "agreement": best[1], "agreement_images": len(images),
+    return {"alpha": alpha, "alphas_tried": deviations, "logit_shift": chosen[2][1],
+            "fp32_linears": order[:chosen[0]], "agreement": chosen[1], "agreement_images": len(images),
             "tried": tried, "seconds": time.perf_counter() - t0}
+
+
+def describe_ort_int8_mixed(info: dict) -> str:
+    """One line on what quantize_onnx_int8_mixed chose and why (for part 3 and the pipeline)."""
+    alphas = ", ".join(f"{a:g}: {rms:.3f}" for a, rms in info["alphas_tried"])
+    tried = ", ".join(f"{k} fp32: {a * 100:.1f} %" for k, a in info["tried"])
+    return (f"alpha {info['alpha']:g} (RMS logit deviation from fp32 on {info['agreement_images']} train+val images: "
+            f"{alphas}), head offset {info['logit_shift']:+.3f}; decisions agreeing with fp32: {tried} -> "
+            f"{len(info['fp32_linears'])} nn.Linear kept fp32 ({info['seconds']:.0f} s)")
 
 
 @contextmanager

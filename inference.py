@@ -357,7 +357,8 @@ def make_session(path: str | Path, threads: int | None = None):
 
 class Runner:
     """One model compiled for the CPU by one engine: run(float32 [N, 3, H, W]) -> logits float32 [N, 2]; run_all ->
-    every output, in the graph's order (the hybrid's: logits, patch distances).
+    every output, in the graph's order (the hybrid's: logits, patch distances). A graph whose activation scales span
+    the batch (scales_span_the_batch) is run one image per call.
 
     engine 'onnxruntime' (an ONNX file) or 'openvino' (an ONNX file or an IR .xml); `precision` is OpenVINO's
     INFERENCE_PRECISION_HINT, always set explicitly ('f32' or 'bf16': on a CPU with BF16, OpenVINO's silent default
@@ -371,16 +372,36 @@ class Runner:
                 raise ValueError(f"ONNX Runtime on CPU runs the graph's own precision, not {precision!r}")
             session = make_session(path, threads)
             feed_name = session.get_inputs()[0].name
-            self.run_all = lambda x: session.run(None, {feed_name: np.ascontiguousarray(x, dtype=np.float32)})
+
+            def run_all(x):
+                return session.run(None, {feed_name: np.ascontiguousarray(x, dtype=np.float32)})
+
+            self.per_image = scales_span_the_batch(path)
+            if self.per_image:  # one image per call: its result never depends on the other images of the batch
+                self.run_all = lambda x: [np.concatenate(outs) for outs in zip(*(run_all(x[i:i + 1])
+                                                                                 for i in range(len(x))))]
+            else:
+                self.run_all = run_all
             self.run = lambda x: self.run_all(x)[0]
             self.session = session
         elif engine == ENGINE_OV:
+            self.per_image = False  # OpenVINO's int8 (NNCF) has static scales, calibrated once
             request, self.precision = _openvino_request(path, threads, precision)
             self.run_all = lambda x: [v.copy() for v in request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
                                       .to_tuple()]
             self.run = lambda x: request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})[0].copy()
         else:
             raise ValueError(f"unknown engine {engine!r}: use {ENGINE_ORT} or {ENGINE_OV}")
+
+
+def scales_span_the_batch(path: str | Path) -> bool:
+    """Whether an ONNX file quantizes activations on the fly with one scale per input tensor (ONNX Runtime's dynamic
+    int8: DynamicQuantizeLinear), so that an image's result would depend on the other images of its batch. Op types
+    are plain strings in the file: found without the onnx package (not in the scoring image)."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return data.find(b"DynamicQuantizeLinear") >= 0
 
 
 def cpu_supports(precision: str) -> bool:

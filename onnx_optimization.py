@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from engines import (DEFAULT_OPSET, FILES, export_onnx, mixed_precision_basis, model_size_mb, openvino_variants,
-                     optimize_onnx, quantize_onnx_int8, quantize_onnx_int8_mixed, variant_precision)
+                     optimize_onnx, quantize_onnx_int8, quantize_onnx_int8_mixed, variant_precision,
+                     describe_ort_int8_mixed)
 from hybrid import HYBRID_CHOICES, HYBRID_HELP, fit_for_mode, guard_mask, hybrid_variants
 from inference import (ENGINE_ORT, ENGINE_OV, FINAL_ONNX, Runner, benchmark_runner, final_path, onnx_opset,
                        ort_threads, runner_predict_logits, save_final, write_sidecar)
@@ -230,12 +231,10 @@ def build_variants(args, inputs: dict, threads_ort: int | None) -> tuple[dict, d
         files["ort-int8-dynamic"] = models_dir / FILES["ort-int8-dynamic"]
         print(f"dynamic int8 (QInt8 weights) -> {files['ort-int8-dynamic']}")
         files["ort-int8-mixed"] = models_dir / FILES["ort-int8-mixed"]
-        mixed = quantize_onnx_int8_mixed(files["ort-fp32"], files["ort-int8-mixed"], model, train_val,
-                                         threshold, overwrite=args.overwrite,
+        mixed = quantize_onnx_int8_mixed(model, files["ort-int8-mixed"], train_val, threshold,
+                                         inputs["ckpt"]["preprocessing"], opset=args.opset, overwrite=args.overwrite,
                                          runner_threads=threads_ort, basis=basis)
-        tried = ", ".join(f"{k} fp32: {a * 100:.1f} %" for k, a in mixed["tried"])
-        print(f"dynamic int8, mixed precision: decisions agreeing with fp32 on {mixed['agreement_images']} train+val "
-              f"images {tried} -> {len(mixed['fp32_linears'])} nn.Linear kept fp32 ({mixed['seconds']:.0f} s) -> "
+        print(f"dynamic int8, SmoothQuant + mixed precision: {describe_ort_int8_mixed(mixed)} -> "
               f"{files['ort-int8-mixed']}")
     specs = {name: (path, ENGINE_ORT, "f32") for name, path in files.items()}
     if not args.no_openvino:

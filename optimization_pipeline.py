@@ -376,8 +376,9 @@ def student_step(args, device, data: Data, teacher, teacher_ckpt, teacher_path: 
 
 def torch_int8_step(args, data: Data, model, ckpt, ckpt_path: Path, *, smooth: bool, prefix: str = "model_"):
     """Step 2: PyTorch int8 of one checkpoint, the plain torch.ao dynamic int8 (smooth=False, the lesson,
-    modeles/model_quantized.pth) or the per-token SmoothQuant fix (smooth=True, calibrated on train images, mixed
-    precision chosen on train + val, modeles/model_quantized_smoothquant.pth); reloaded with --resume when fresh."""
+    modeles/model_quantized.pth) or the SmoothQuant fix (smooth=True, calibrated on train images, alpha, offset and
+    mixed precision chosen on train + val, modeles/model_quantized_smoothquant.pth); reloaded with --resume when
+    fresh."""
     name = f"{prefix}quantized{'_smoothquant' if smooth else ''}.pth"
     path, label = Path(args.models_dir) / name, "int8 SmoothQuant" if smooth else "int8 dynamic"
     if args.resume and is_fresh(path, ckpt_path):
@@ -392,8 +393,8 @@ def torch_int8_step(args, data: Data, model, ckpt, ckpt_path: Path, *, smooth: b
         calibration = torch.stack([train[i][0] for i in range(min(qz.SMOOTH_CALIBRATION_IMAGES, len(train)))])
         agreement = torch.stack([ds[i][0] for ds in (train, val) for i in range(len(ds))])
         qmodel, info = qz.quantize_smooth_int8(model, calibration, agreement, checkpoint_threshold(ckpt))
-        note = (f"per token + SmoothQuant, {len(info['fp32_linears'])} nn.Linear kept fp32, agreement with fp32 on "
-                f"train+val {info['agreement'] * 100:.1f} %")
+        note = (f"SmoothQuant alpha {info['alpha']:g}, {info['kernel']}, {len(info['fp32_linears'])} nn.Linear kept "
+                f"fp32, agreement with fp32 on train+val {info['agreement'] * 100:.1f} %")
     else:
         engine = qz.select_engine("auto")
         qmodel, info = qz.quantize_dynamic_int8(model, engine), qz.quantization_info(engine)
@@ -436,16 +437,16 @@ def onnx_files(args, model, ckpt, ckpt_path: Path, prefix: str, optimize: bool) 
 
 
 def ort_int8_mixed_step(args, data: Data, model, ckpt, fp32: Path) -> Path:
-    """ONNX Runtime int8 with the most sensitive layers kept fp32 (label-free rule on train + val, see
-    engines.quantize_onnx_int8_mixed); reused with --resume when newer than the fp32 export."""
+    """ONNX Runtime int8 with SmoothQuant and the most sensitive layers kept fp32 (label-free rules on train + val,
+    see engines.quantize_onnx_int8_mixed); reused with --resume when newer than the fp32 export."""
     path = Path(args.models_dir) / engines.FILES["ort-int8-mixed"]
     if args.resume and is_fresh(path, fp32):
         return path
     loaders = data.loaders(ckpt["preprocessing"], ("train", "val"), augment="none")
-    info = engines.quantize_onnx_int8_mixed(fp32, path, model, {n: loader.dataset for n, loader in loaders.items()},
-                                       checkpoint_threshold(ckpt), overwrite=args.overwrite)
-    print(f"   ORT int8 mixed precision: {len(info['fp32_linears'])} nn.Linear kept fp32, agreement with fp32 on "
-          f"train+val {info['agreement'] * 100:.1f} % -> {path}")
+    info = engines.quantize_onnx_int8_mixed(model, path, {n: loader.dataset for n, loader in loaders.items()},
+                                            checkpoint_threshold(ckpt), ckpt["preprocessing"],
+                                            overwrite=args.overwrite)
+    print(f"   ORT int8 SmoothQuant + mixed precision: {engines.describe_ort_int8_mixed(info)} -> {path}")
     return path
 
 
@@ -754,7 +755,7 @@ def ensure_demo_data(args) -> None:
 
 def baseline_variants(args, device, gpu, data, base_model, base_ckpt, base_path, base_reused) -> list:
     """1-2. The baseline in PyTorch fp32 (+ the same model on the GPU, an extra row), bf16 where the CPU computes
-    it, and the two PyTorch int8 (the lab's dynamic one and the per-token SmoothQuant fix)."""
+    it, and the two PyTorch int8 (the lab's dynamic one and the SmoothQuant fix)."""
     test = data.loaders(base_ckpt["preprocessing"])["test"]
     chosen_on = data.selection(base_ckpt["preprocessing"])
     same = dict(model_name=base_ckpt["model_name"], threshold=checkpoint_threshold(base_ckpt), file=base_path)
@@ -829,7 +830,7 @@ def hybrid_engine_variants(args, data, base, base_model, base_ckpt, threads) -> 
 
 
 def student_variants(args, device, data, base, base_model, base_ckpt, base_path, threads) -> tuple[list, dict, Path]:
-    """5. The distilled student in PyTorch fp32, its per-token int8, ORT int8 and OpenVINO. Returns (variants, its
+    """5. The distilled student in PyTorch fp32, its SmoothQuant int8, ORT int8 and OpenVINO. Returns (variants, its
     checkpoint, its file)."""
     s_model, student_ckpt, s_path, s_reused = student_step(args, device, data, base_model, base_ckpt, base_path)
     student = torch_variant("student-pytorch-fp32", 5, "student", s_model,

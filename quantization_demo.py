@@ -5,8 +5,9 @@ throughput, accuracy/F1/AUROC, decisions changed image by image), then the busin
 accuracy > 95 %, accuracy loss < 1 pt):
 - pytorch-int8-dynamic: the lab's lesson, torch.ao quantize_dynamic of every nn.Linear (int8 weights,
   activations quantized on the fly with one scale per batch tensor, no calibration);
-- pytorch-int8-smoothquant: the fix (quantize.quantize_smooth_int8): one activation scale per token, SmoothQuant
-  calibrated on training images, the most sensitive layers kept fp32 by a label-free rule on train + val.
+- pytorch-int8-smoothquant: the fix (quantize.quantize_smooth_int8): SmoothQuant calibrated on training images, the
+  full 8-bit activation range where this CPU's kernel is exact, one activation scale per image, the head's offset
+  corrected and the most sensitive layers kept fp32, all chosen by label-free rules on train + val.
 
     python quantization_demo.py --category bottle --model-path model_cpu_bottle.pth
 
@@ -36,7 +37,7 @@ from train_utils import (benchmark_batch, benchmark_torch_model, classification_
 
 FP32, DYNAMIC, SMOOTH = "pytorch-fp32", "pytorch-int8-dynamic", "pytorch-int8-smoothquant"
 METHODS = {FP32: "eager", DYNAMIC: "torch.ao quantize_dynamic (nn.Linear)",
-           SMOOTH: "int8 per token + SmoothQuant, mixed precision (quantize.py)"}
+           SMOOTH: "int8 SmoothQuant, per image, mixed precision (quantize.py)"}
 OUTPUT_NAMES = {DYNAMIC: "model_quantized.pth", SMOOTH: "model_quantized_smoothquant.pth"}
 
 
@@ -85,9 +86,9 @@ def _num(value: float) -> str:
 
 
 LOSS_ADVICE = {
-    DYNAMIC: f"one activation scale for a whole batch tensor (7-bit on x86) is too coarse for this model, and it "
-             f"depends on the other images of the batch: see the {SMOOTH} row (one scale per token, SmoothQuant, "
-             f"sensitive layers kept fp32).",
+    DYNAMIC: f"one 7-bit activation scale (x86) for a whole batch tensor, and channels with large activations, are "
+             f"too coarse for this model, and an image's result depends on the other images of the batch: see the "
+             f"{SMOOTH} row (SmoothQuant, 8 bits, one scale per image, sensitive layers kept fp32).",
     SMOOTH: "decisions still moved: the images sit close to the threshold for this model (compare its AUROC); the "
             "OpenVINO NNCF int8 of part 3 (onnx_optimization.py) keeps more of them, or keep more layers fp32.",
 }
@@ -205,7 +206,7 @@ def _delta(delta_pt: float) -> str:
 
 def parse_args(argv=None):
     p = ArgumentParser(description="int8 quantization of a fine-tuned checkpoint in PyTorch: the plain "
-                                   "torch.ao quantize_dynamic and the per-token SmoothQuant fix; fp32 vs "
+                                   "torch.ao quantize_dynamic and the SmoothQuant fix; fp32 vs "
                                    "int8 on its saved test split.")
     p.add_argument("--category", default="bottle", help="MVTec AD category the checkpoint was trained on (bottle)")
     p.add_argument("--data-dir", default="./data/mvtec", help="folder holding the category folders (./data/mvtec)")
@@ -261,11 +262,14 @@ def smooth_int8(fp32_model, loaders, threshold: float):
     calibration = torch.stack([train[i][0] for i in range(min(SMOOTH_CALIBRATION_IMAGES, len(train)))])
     agreement = torch.stack([ds[i][0] for ds in (train, val) for i in range(len(ds))])
     qmodel, info = quantize_smooth_int8(fp32_model, calibration, agreement, threshold)
+    alphas = ", ".join(f"{a:g}: {rms:.3f}" for a, rms in info["alphas_tried"])
     tried = ", ".join(f"{k} fp32: {a * 100:.1f} %" for k, a in info["tried"])
-    print(f"{SMOOTH}: calibrated on {info['calibration_images']} train images; decisions agreeing with fp32 on "
-          f"{info['agreement_images']} train+val images: {tried} -> {len(info['fp32_linears'])} of "
-          f"{info['int8_linears'] + len(info['fp32_linears'])} nn.Linear kept fp32 (more fp32 layers than fit "
-          f"under {TARGET_MAX_SIZE_MB:g} MB not tried; {info['seconds']:.0f} s)")
+    print(f"{SMOOTH}: kernel {info['kernel']} (engine '{info['engine']}'), calibrated on "
+          f"{info['calibration_images']} train images; SmoothQuant alpha {info['alpha']:g} (RMS logit deviation from "
+          f"fp32 on {info['agreement_images']} train+val images: {alphas}); head offset {info['logit_shift']:+.3f} "
+          f"(mean on the calibration images); decisions agreeing with fp32 on train+val: {tried} -> "
+          f"{len(info['fp32_linears'])} of {info['int8_linears'] + len(info['fp32_linears'])} nn.Linear kept fp32 "
+          f"(more fp32 layers than fit under {TARGET_MAX_SIZE_MB:g} MB not tried; {info['seconds']:.0f} s)")
     return qmodel, info
 
 

@@ -1,6 +1,7 @@
 """PyTorch int8 of the lab (part 2 and the pipeline): the plain torch.ao dynamic quantization of nn.Linear (the
-lesson), the measured fix (mixed precision chosen by sensitivity, label-free, run image by image), and the int8
-checkpoint (written with plain tensors, reloaded with torch.load(weights_only=True)).
+lesson), the measured fix (SmoothQuant int8 with the full 8-bit activation range, image by image, its strength, head
+offset and mixed precision chosen without labels), and the int8 checkpoint (written with plain tensors, reloaded
+with torch.load(weights_only=True)).
 
 Nothing here parses command-line arguments; quantization_demo.py is the script.
 """
@@ -13,6 +14,7 @@ import warnings
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lab_io import UserError, atomic_write, keep_previous, library_versions
@@ -115,12 +117,12 @@ def load_quantized_checkpoint(path: str | Path, expected_category: str | None = 
     with quiet_quantization_warnings():
         ckpt = read_checkpoint(path, expected_category)
     quant = ckpt.get("quantization")
-    if not isinstance(quant, dict) or quant.get("method") not in (QUANT_METHOD, SMOOTH_METHOD):
+    if not isinstance(quant, dict) or quant.get("method") not in (QUANT_METHOD, SMOOTH_METHOD, *LEGACY_SMOOTH_METHODS):
         raise UserError(f"{path} is not an int8 checkpoint of this lab (no '{QUANT_METHOD}' or '{SMOOTH_METHOD}' "
                         f"quantization entry): quantize it first with `python quantization_demo.py --model-path "
                         f"{path.name}`.")
-    if quant["method"] == SMOOTH_METHOD:
-        qmodel = per_token_skeleton(model_skeleton(ckpt, path), quant)
+    if quant["method"] != QUANT_METHOD:
+        qmodel = int8_skeleton(model_skeleton(ckpt, path), quant)
     else:
         if engine is None:
             engine = quant.get("engine") if quant.get("engine") in torch.backends.quantized.supported_engines \
@@ -145,23 +147,92 @@ def load_quantized_checkpoint(path: str | Path, expected_category: str | None = 
 
 
 # --------------------------------------------------------------------------------------------------
-# The measured fix: int8 per token with SmoothQuant, mixed precision chosen without labels
+# The measured fix: SmoothQuant int8 at the full 8-bit range, image by image; mixed precision chosen without labels
 # --------------------------------------------------------------------------------------------------
-SMOOTH_METHOD = "per-token-int8-smoothquant"
-SMOOTH_ALPHA = 0.5            # SmoothQuant's default migration strength (Xiao et al. 2023)
+SMOOTH_METHOD = "smoothquant-int8"
+LEGACY_SMOOTH_METHODS = ("per-token-int8-smoothquant",)  # earlier checkpoints of the fix: the same tensors
+SMOOTH_ALPHAS = (0.5, 0.6, 0.7, 0.8)  # SmoothQuant migration strengths tried (0.5: Xiao et al. 2023's default)
 SMOOTH_CALIBRATION_IMAGES = 32
 MAX_FP32_LINEARS = (0, 2, 4, 8)  # candidates: that many of the most sensitive nn.Linear stay fp32
+KERNEL_FUSED, KERNEL_PER_TOKEN = "fused-uint8-per-image", "int8-per-token"
+
+_FULL_RANGE_EXACT: dict[str, bool] = {}
+
+
+def full_range_kernel_exact() -> bool:
+    """Whether the active quantized engine's dynamic int8 Linear is exact with 8-bit activations (reduce_range=False).
+
+    torch.ao's dynamic Linear uses 7 bits because fbgemm's AVX2 kernel adds pairs of uint8 x int8 products in int16,
+    which saturates at the full range; its VNNI kernels (AVX-512 VNNI, AVX-VNNI) and the ARM ones accumulate in
+    int32. Measured, not guessed from CPU flags: every activation and weight at its largest code, where a saturating
+    kernel returns about half of the exact sum."""
+    engine = torch.backends.quantized.engine
+    if engine not in _FULL_RANGE_EXACT:
+        k = 256
+        try:
+            with quiet_quantization_warnings():
+                weight = torch._make_per_channel_quantized_tensor(
+                    torch.full((4, k), 127, dtype=torch.int8), torch.ones(4, dtype=torch.double),
+                    torch.zeros(4, dtype=torch.long), 0)
+                out = torch.ops.quantized.linear_dynamic(torch.ones(2, k),
+                                                         torch.ops.quantized.linear_prepack(weight, None), False)
+            _FULL_RANGE_EXACT[engine] = bool(torch.allclose(out, torch.full_like(out, 127.0 * k), rtol=1e-3))
+        except (RuntimeError, NotImplementedError):  # an engine without per-channel dynamic Linear
+            _FULL_RANGE_EXACT[engine] = False
+    return _FULL_RANGE_EXACT[engine]
+
+
+def int8_kernel() -> str:
+    """The kernel Int8Linear runs on here (full_range_kernel_exact decides)."""
+    return KERNEL_FUSED if full_range_kernel_exact() else KERNEL_PER_TOKEN
+
+
+def smoothing_factors(weight: torch.Tensor, input_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors s_j = max|x_j|^alpha / max|w_j|^(1 - alpha) (Xiao et al. 2023): x / s
+    and W * s give the same product, with the activations' large channels moved into the weights."""
+    w = weight.detach().float()
+    s = input_absmax.clamp(min=1e-5).pow(alpha) / w.abs().amax(0).clamp(min=1e-5).pow(1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+class SmoothedLinear(torch.nn.Linear):
+    """nn.Linear computing (x / s) @ (W * s)^T + b: the same function in float, SmoothQuant's factors made explicit,
+    so that an int8 of its exported graph (ONNX Runtime's dynamic int8, one weight scale per output channel)
+    quantizes the smoothed activations and weights. The graph keeps the layer's node names (.../fc1/MatMul)."""
+
+    def __init__(self, linear: torch.nn.Linear, input_absmax: torch.Tensor, alpha: float):
+        super().__init__(linear.in_features, linear.out_features, linear.bias is not None)
+        s = smoothing_factors(linear.weight, input_absmax, alpha)
+        with torch.no_grad():
+            self.weight.copy_(linear.weight.detach().float() * s[None])
+            if linear.bias is not None:
+                self.bias.copy_(linear.bias.detach())
+        self.register_buffer("inv_smooth", 1.0 / s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x * self.inv_smooth, self.weight, self.bias)
+
+
+def smoothed_copy(model, absmax: dict, alpha: float):
+    """A copy of `model` whose backbone nn.Linear layers are SmoothedLinear (same outputs in float); `model` is
+    untouched."""
+    smoothed = copy.deepcopy(model).eval()
+    _replace(smoothed, backbone_linears(smoothed), lambda n, lin: SmoothedLinear(lin, absmax[n], alpha))
+    return smoothed
 
 
 class Int8Linear(torch.nn.Module):
-    """nn.Linear with int8 weights (one scale per output channel) and int8 activations quantized at each call with
-    one scale per token (per row of the input): an image's result never depends on the other images of its batch,
-    and one token with large values does not coarsen the others. `smooth` (SmoothQuant) divides each input
-    channel by a factor calibrated on training images and multiplies the weights by it, so that the few channels
-    with large activations are rounded on the weights' side, where one scale per output channel absorbs them.
+    """nn.Linear with int8 weights (one scale per output channel) and int8 activations quantized at each call, image
+    by image: an image's result never depends on the other images of its batch. `smooth` (SmoothQuant) divides each
+    input channel by a factor calibrated on training images and multiplies the weights by it, so that the few
+    channels with large activations are rounded on the weights' side, where one scale per output channel absorbs
+    them.
 
-    The int8 x int8 -> int32 product runs on torch._int_mm; where this build has no CPU kernel for it the same
-    integers are multiplied in float32 (same result up to float rounding, slower)."""
+    Two kernels run the same int8 weights (int8_kernel): where the quantized engine is exact at the full 8-bit range,
+    torch.ops.quantized.linear_dynamic with one uint8 scale and zero point per image, quantization, product,
+    dequantization and bias fused in one call (as fast as the plain dynamic int8, twice its activation resolution);
+    elsewhere one int8 scale per token and torch._int_mm (multiplied in float32 where this build has no CPU kernel
+    for it: same result up to float rounding, slower)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
@@ -170,15 +241,16 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("smooth", torch.ones(in_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._packed = None  # the weights packed for the fused kernel, built at the first call
+        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_packed", None))
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, input_absmax: torch.Tensor | None = None,
-                    alpha: float = SMOOTH_ALPHA) -> "Int8Linear":
+                    alpha: float = SMOOTH_ALPHAS[0]) -> "Int8Linear":
         out = cls(linear.in_features, linear.out_features, linear.bias is not None)
         w = linear.weight.detach().float()
-        if input_absmax is not None:  # s_j = max|x_j|^a / max|w_j|^(1-a)
-            s = input_absmax.clamp(min=1e-5).pow(alpha) / w.abs().amax(0).clamp(min=1e-5).pow(1 - alpha)
-            s = s.clamp(min=1e-5)
+        if input_absmax is not None:
+            s = smoothing_factors(w, input_absmax, alpha)
             w = w * s[None]
             out.smooth.copy_(1.0 / s)
         scale = w.abs().amax(1).clamp(min=1e-12) / 127
@@ -189,18 +261,35 @@ class Int8Linear(torch.nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in place where it can be: a fresh [tokens, out] float tensor per step costs more than the int8 product
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1]).float() * self.smooth
-        scale = rows.abs().amax(1, keepdim=True).clamp_(min=1e-12).div_(127)
-        q = rows.div_(scale).round_().clamp_(-127, 127).to(torch.int8)
-        y = _int8_matmul(q, self.weight_int8).float().mul_(scale).mul_(self.weight_scale)
-        if self.bias is not None:
-            y.add_(self.bias)
+        shape = x.shape  # [images, tokens, features]; a 2-D input is one row per image
+        images = x.reshape(shape[0], -1, shape[-1]) if x.dim() > 2 else x.reshape(-1, 1, shape[-1])
+        images = images.float() * self.smooth
+        if int8_kernel() == KERNEL_FUSED:
+            packed = self._packed_weights()
+            y = [torch.ops.quantized.linear_dynamic(image, packed, False) for image in images]
+            y = y[0] if len(y) == 1 else torch.stack(y)  # batch 1: no copy
+        else:
+            y = self._per_token(images.reshape(-1, shape[-1]))
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
+    def _packed_weights(self):
+        if self._packed is None:
+            with quiet_quantization_warnings():
+                weight = torch._make_per_channel_quantized_tensor(
+                    self.weight_int8.t().contiguous(), self.weight_scale.double(),
+                    torch.zeros(self.out_features, dtype=torch.long), 0)
+                self._packed = torch.ops.quantized.linear_prepack(weight, self.bias)
+        return self._packed
+
+    def _per_token(self, rows: torch.Tensor) -> torch.Tensor:
+        # in place where it can be: a fresh [tokens, out] float tensor per step costs more than the int8 product
+        scale = rows.abs().amax(1, keepdim=True).clamp_(min=1e-12).div_(127)
+        q = (rows / scale).round_().clamp_(-127, 127).to(torch.int8)
+        y = _int8_matmul(q, self.weight_int8).float().mul_(scale).mul_(self.weight_scale)
+        return y.add_(self.bias) if self.bias is not None else y
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per token"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 {int8_kernel()}"
 
 
 _INT_MM_OK: bool | None = None
@@ -275,7 +364,7 @@ def linear_sensitivity(model, images: torch.Tensor, names: list[str], make_int8)
     return {n: e / max(1, len(images)) for n, e in errors.items()}
 
 
-def quantize_per_token_int8(model, absmax: dict, keep_fp32=(), alpha: float = SMOOTH_ALPHA):
+def quantize_linears_int8(model, absmax: dict, keep_fp32=(), alpha: float = SMOOTH_ALPHAS[0]):
     """A copy of `model` whose backbone nn.Linear layers are Int8Linear (SmoothQuant factors from `absmax`), but
     those named in keep_fp32; `model` is untouched."""
     qmodel = copy.deepcopy(model).eval()
@@ -284,8 +373,8 @@ def quantize_per_token_int8(model, absmax: dict, keep_fp32=(), alpha: float = SM
     return qmodel
 
 
-def per_token_skeleton(model, quant: dict):
-    """`model` with empty Int8Linear layers where the saved per-token int8 model has them (weights loaded next)."""
+def int8_skeleton(model, quant: dict):
+    """`model` with empty Int8Linear layers where the saved int8 model has them (weights loaded next)."""
     keep = set(quant.get("fp32_linears", []))
     names = [n for n in backbone_linears(model) if n not in keep]
     _replace(model, names, lambda n, lin: Int8Linear(lin.in_features, lin.out_features, lin.bias is not None))
@@ -293,13 +382,14 @@ def per_token_skeleton(model, quant: dict):
 
 
 def smooth_quant_info(keep_fp32, n_linears: int, **measured) -> dict:
-    return {"method": SMOOTH_METHOD, "modules": ["Linear"], "dtype": "qint8", "qscheme": "per_token_act/per_channel_w",
-            "alpha": SMOOTH_ALPHA, "fp32_linears": list(keep_fp32), "int8_linears": n_linears - len(keep_fp32),
-            **measured}
+    per = "image" if int8_kernel() == KERNEL_FUSED else "token"
+    return {"method": SMOOTH_METHOD, "modules": ["Linear"], "dtype": "qint8", "qscheme": f"per_channel_w/per_{per}_act",
+            "kernel": int8_kernel(), "engine": torch.backends.quantized.engine, "fp32_linears": list(keep_fp32),
+            "int8_linears": n_linears - len(keep_fp32), **measured}
 
 
 def choose_fp32_layers(order: list[str], reference, candidate) -> tuple[tuple, list]:
-    """The label-free mixed-precision rule of every int8 of the lab (PyTorch per token, ONNX Runtime, OpenVINO):
+    """The label-free mixed-precision rule of every int8 of the lab (PyTorch, ONNX Runtime, OpenVINO):
     candidate(fp32 layers) builds an int8 model keeping those layers fp32 and returns (its decisions on the train +
     val images, the model), or None when it would exceed lab_targets.TARGET_MAX_SIZE_MB (no larger candidate is
     tried). The MAX_FP32_LINEARS most sensitive layers of `order` are tried until the decisions agree with
@@ -324,18 +414,37 @@ def choose_fp32_layers(order: list[str], reference, candidate) -> tuple[tuple, l
     return best, tried
 
 
+def head_logit_shift(qmodel, shift: float) -> bool:
+    """Add `shift` to the anomaly-vs-good logit margin of the model's 2-class head(s) (kept fp32): bias correction
+    (Nagel et al. 2019) at the head, where int8 rounding leaves a systematic offset. False when there is no such
+    head (nothing changed)."""
+    heads = [m for n, m in qmodel.named_modules() if n.split(".")[-1].endswith("classifier")
+             and isinstance(m, torch.nn.Linear) and m.out_features == 2 and m.bias is not None]
+    with torch.no_grad():
+        for head in heads:  # a two-head DeiT averages its heads: the same shift on each
+            head.bias.add_(torch.tensor([-shift / 2, shift / 2], dtype=head.bias.dtype))
+    return bool(heads)
+
+
+def logit_margin(logits) -> np.ndarray:
+    """logit(anomaly) - logit(good) of [N, 2] logits: P(anomaly) = sigmoid of it."""
+    logits = np.asarray(logits, dtype=np.float64)
+    return logits[:, 1] - logits[:, 0]
+
+
 def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: torch.Tensor, threshold: float,
-                         *, batch_size: int = 16, desc: str = "int8 per token") -> tuple[torch.nn.Module, dict]:
-    """The fix of part 2: per-token int8 with SmoothQuant (Int8Linear), calibrated on `calibration` (training
-    images), and mixed precision chosen without labels: the 0, 2, 4, 8 nn.Linear layers with the largest
-    int8 error (linear_sensitivity) stay fp32, and the first candidate whose decisions (at `threshold`) agree with
-    the fp32 model's on lab_targets.INT8_MIN_AGREEMENT of `agreement_images` (train + val) is kept, else the one
-    that agrees most (within one image: fewer fp32 layers, it is faster). A candidate whose weights would exceed
+                         *, batch_size: int = 16, desc: str = "int8 SmoothQuant") -> tuple[torch.nn.Module, dict]:
+    """The fix of part 2, label-free throughout: Int8Linear layers with SmoothQuant factors from `calibration`
+    (training images); the migration strength alpha of SMOOTH_ALPHAS whose int8 model's logit margins stay closest
+    to fp32's on `agreement_images` (train + val; RMS); the head's bias corrected by the mean margin offset on the
+    calibration images (head_logit_shift); then mixed precision: the 0, 2, 4, 8 nn.Linear with the largest int8
+    error (linear_sensitivity) stay fp32, and the first candidate whose decisions (at `threshold`) agree with the
+    fp32 model's on lab_targets.INT8_MIN_AGREEMENT of `agreement_images` is kept, else the one that agrees most
+    (within one image: fewer fp32 layers, it is faster). A candidate whose weights would exceed
     lab_targets.TARGET_MAX_SIZE_MB is not tried (each fp32 layer costs 4x its int8 bytes). Returns (int8 model,
     info)."""
     import time
 
-    import numpy as np
     from tqdm.auto import tqdm
 
     from lab_targets import TARGET_MAX_SIZE_MB, predict_labels
@@ -345,26 +454,49 @@ def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: tor
     model = model.eval()
     names = backbone_linears(model)
     absmax = linear_input_absmax(model, calibration, names)
-    sensitivity = linear_sensitivity(model, calibration, names, lambda n, lin: Int8Linear.from_linear(lin, absmax[n]))
-    order = sorted(names, key=lambda n: -sensitivity[n])
 
     @torch.inference_mode()
-    def decisions(m, label):
-        logits = [model_logits(m, agreement_images[i:i + batch_size]).float().numpy()
-                  for i in tqdm(range(0, len(agreement_images), batch_size), desc=label, leave=False, unit="batch")]
-        return predict_labels(np.concatenate(logits), threshold)
+    def logits_of(m, images, label):
+        return np.concatenate([model_logits(m, images[i:i + batch_size]).float().numpy()
+                               for i in tqdm(range(0, len(images), batch_size), desc=label, leave=False,
+                                             unit="batch")])
 
-    reference = decisions(model, f"{desc}: fp32 decisions")
+    reference_logits = logits_of(model, agreement_images, f"{desc}: fp32 logits")
+    reference = predict_labels(reference_logits, threshold)
+    calibration_margin = logit_margin(logits_of(model, calibration, f"{desc}: fp32 calibration logits"))
+
+    def build(alpha, fp32_layers):
+        qmodel = quantize_linears_int8(model, absmax, fp32_layers, alpha)
+        shift = float(np.mean(calibration_margin - logit_margin(logits_of(qmodel, calibration, f"{desc}: offset"))))
+        return qmodel, shift if head_logit_shift(qmodel, shift) else 0.0
+
+    deviations, built = [], {}
+    for alpha in SMOOTH_ALPHAS:
+        qmodel, shift = build(alpha, ())
+        logits = logits_of(qmodel, agreement_images, f"{desc}: alpha {alpha}")
+        deviations.append((alpha, float(np.sqrt(np.mean((logit_margin(logits) - logit_margin(reference_logits))
+                                                        ** 2)))))
+        if min(d for _, d in deviations) == deviations[-1][1]:
+            built = {"alpha": alpha, "shift": shift, "model": qmodel, "decisions": predict_labels(logits, threshold)}
+    alpha = built["alpha"]
+    sensitivity = linear_sensitivity(model, calibration, names,
+                                     lambda n, lin: Int8Linear.from_linear(lin, absmax[n], alpha))
+    order = sorted(names, key=lambda n: -sensitivity[n])
+    shifts = {0: built["shift"]}
 
     def candidate(fp32_layers):
-        qmodel = quantize_per_token_int8(model, absmax, fp32_layers)
-        if fp32_layers and state_dict_bytes(qmodel) / 1e6 >= TARGET_MAX_SIZE_MB:
+        if not fp32_layers:
+            return built["decisions"], built["model"]
+        qmodel, shifts[len(fp32_layers)] = build(alpha, fp32_layers)
+        if state_dict_bytes(qmodel) / 1e6 >= TARGET_MAX_SIZE_MB:
             return None
-        return decisions(qmodel, f"{desc}: {len(fp32_layers)} fp32 layer(s)"), qmodel
+        return predict_labels(logits_of(qmodel, agreement_images, f"{desc}: {len(fp32_layers)} fp32 layer(s)"),
+                              threshold), qmodel
 
     best, tried = choose_fp32_layers(order, reference, candidate)
     k, agreement, qmodel = best
-    info = smooth_quant_info(order[:k], len(names), agreement=agreement, agreement_images=len(reference),
+    info = smooth_quant_info(order[:k], len(names), alpha=alpha, alphas_tried=[list(d) for d in deviations],
+                             logit_shift=shifts[k], agreement=agreement, agreement_images=len(reference),
                              calibration_images=len(calibration), tried=[list(t) for t in tried],
                              seconds=time.perf_counter() - t0)
     return qmodel, info

@@ -2,6 +2,7 @@
 import csv
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 
 import load_model_hf as lm
 import engines
-from inference import Runner, cpu_supports, make_session
+from inference import ENGINE_ORT, ENGINE_OV, Runner, cpu_supports, make_session
 from lab_io import UserError
 from lab_targets import (CONVERSION, QUANTIZATION, choose_deployable, guard_kind, judge_selection, recommend,
                          variant_passes)
@@ -319,7 +320,7 @@ def test_score_serves_the_sidecar_this_script_wrote(project, synthetic_root, mon
     assert all(p["threshold"] == sidecar["threshold"] for p in served)
 
 
-def test_onnx_linear_nodes_match_every_layer_and_a_renamed_node_fails_loudly(tmp_path, synthetic_root):
+def test_onnx_linear_nodes_match_every_layer_and_a_renamed_node_fails_loudly(tmp_path, synthetic_root, monkeypatch):
     """Mixed precision (ORT and OpenVINO) names the fp32 layers by their ONNX nodes: every nn.Linear must be found, and
     a graph whose node names changed is refused in one line instead of silently quantizing everything."""
     import onnx
@@ -335,14 +336,58 @@ def test_onnx_linear_nodes_match_every_layer_and_a_renamed_node_fails_loudly(tmp
     for node in graph.graph.node:
         node.name = node.name.replace("/model/", "/renamed/")
     onnx.save(graph, str(tmp_path / "renamed.onnx"))
-    with pytest.raises(UserError, match="no MatMul node"):
-        engines.quantize_onnx_int8_mixed(tmp_path / "renamed.onnx", tmp_path / "out.onnx", model,
-                                    {"train": [(torch.zeros(3, 64, 64), 0)], "val": []}, 0.5)
+    real_nodes = engines.onnx_linear_nodes
+    with monkeypatch.context() as patch, pytest.raises(UserError, match="no MatMul node"):
+        # the ORT int8 exports its own smoothed graph: make that export come out renamed
+        patch.setattr(engines, "onnx_linear_nodes", lambda path: real_nodes(tmp_path / "renamed.onnx"))
+        engines.quantize_onnx_int8_mixed(model, tmp_path / "out.onnx",
+                                         {"train": [(torch.zeros(3, *pre["image_size"]), 0)], "val": []}, 0.5, pre)
     assert not (tmp_path / "out.onnx").exists()
     with pytest.raises(UserError, match="no MatMul node"):  # NNCF's ignored scope comes from the same names
         engines.quantize_openvino_int8(tmp_path / "renamed.onnx", tmp_path / "out.xml", model,
                                   {"train": [(torch.zeros(3, 64, 64), 0)], "val": []}, 0.5, 1)
     assert not (tmp_path / "out.xml").exists()
+
+
+def test_ort_int8_smoothquant_keeps_the_head_fp32_and_corrects_its_offset(tmp_path, monkeypatch):
+    """ORT int8 of part 3: per-output-channel int8 weights on the backbone's MatMul only, the head's Gemm left fp32
+    with its bias corrected so that the mean logit margin on the calibration images is fp32's; the alpha kept is the
+    one closest to fp32 on train + val; the layers the rule keeps fp32 are not quantized."""
+    import onnx
+    from onnx import numpy_helper
+
+    import quantize
+
+    monkeypatch.setattr(quantize, "SMOOTH_ALPHAS", (0.5, 0.8))
+    monkeypatch.setattr(quantize, "MAX_FP32_LINEARS", (2,))  # one candidate: the 2 most sensitive layers fp32
+    model, pre, _ = lm.load_pretrained("offline-vit-tiny")
+    torch.manual_seed(0)
+    images = [(torch.randn(3, *pre["image_size"]), i % 2) for i in range(10)]
+    info = engines.quantize_onnx_int8_mixed(model, tmp_path / "q.onnx", {"train": images[:6], "val": images[6:]},
+                                            0.5, pre)
+    assert [a for a, _ in info["alphas_tried"]] == [0.5, 0.8]
+    assert info["alpha"] == min(info["alphas_tried"], key=lambda t: t[1])[0] and len(info["fp32_linears"]) == 2
+    graph = onnx.load(str(tmp_path / "q.onnx"))
+    ops = {n.name: n.op_type for n in graph.graph.node}
+    assert not [n for n, op in ops.items() if "classifier" in n and op == "MatMulInteger"]  # the head: fp32
+    quantized = {n.name for n in graph.graph.node if n.op_type == "MatMulInteger"}
+    # '/model/dinov2/encoder/layer.1/mlp/fc2/MatMul' <- 'dinov2.encoder.layer.1.mlp.fc2'
+    layer_nodes = {n: "/model/" + re.sub(r"\.(?!\d)", "/", n) + "/MatMul" for n in quantize.backbone_linears(model)}
+    assert {layer_nodes[n] for n in info["fp32_linears"]} <= {n for n, op in ops.items() if op == "MatMul"}
+    assert {f"{v}_quant" for n, v in layer_nodes.items() if n not in info["fp32_linears"]} <= quantized
+    zero_points = [numpy_helper.to_array(t) for t in graph.graph.initializer if t.name.endswith("_zero_point")
+                   and t.dims and t.dims[0] > 1]
+    assert zero_points  # per output channel
+    runner = Runner(tmp_path / "q.onnx", ENGINE_ORT, None)
+    calibration = torch.stack([x for x, _ in images[:6]])
+    with torch.inference_mode():
+        ref = quantize.logit_margin(model_logits(model, calibration).numpy())
+    got = quantize.logit_margin(np.concatenate([runner.run(calibration[i:i + 1].numpy()) for i in range(6)]))
+    assert abs(float(np.mean(ref - got))) < 1e-4
+    loud = calibration.numpy().copy()
+    loud[1:] *= 50  # batch-mates with large activations: the dynamic scales would follow them
+    assert runner.per_image and np.array_equal(runner.run(loud)[:1], runner.run(loud[:1]))
+    assert not Runner(tmp_path / "q.onnx", ENGINE_OV, None).per_image
 
 
 def test_mixed_precision_rule_stops_at_agreement_and_at_the_size_target(monkeypatch):

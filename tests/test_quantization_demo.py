@@ -1,4 +1,4 @@
-"""quantization_demo.py and quantize.py: the plain dynamic int8 and the per-token SmoothQuant fix, their checkpoints
+"""quantization_demo.py and quantize.py: the plain dynamic int8 and the SmoothQuant fix, their checkpoints
 (weights_only round trip), comparison CSV/plot, objectives, batch independence, errors."""
 import csv
 import math
@@ -49,7 +49,8 @@ def test_end_to_end_outputs(demo):
     assert "[FAIL] accuracy > 95 %" in out and "RANDOM weights" in out
     assert (cwd / "modeles" / "model_quantized.pth").is_file()
     assert (cwd / "modeles" / "model_quantized_smoothquant.pth").is_file()
-    assert re.search(r"pytorch-int8-smoothquant: calibrated on \d+ train images; .* kept fp32", out), out
+    assert re.search(r"pytorch-int8-smoothquant: kernel \S+ \(engine '\w+'\), calibrated on \d+ train images; "
+                     r"SmoothQuant alpha [\d.]+ .* kept fp32", out), out
     assert (cwd / "resultats" / "quantization_comparison.png").stat().st_size > 10_000
 
     with open(cwd / "resultats" / "quantization_results.csv", newline="") as f:
@@ -167,7 +168,7 @@ def test_smooth_int8_mixed_precision_stays_under_the_size_target(tmp_path, synth
     monkeypatch.setattr(lab_targets, "INT8_MIN_AGREEMENT", 1.01)  # never reached: every candidate is a try
     _, free = qd.quantize_smooth_int8(fp32, images[:2], images, threshold=0.5)
     assert [k for k, _ in free["tried"]] == [k for k in qd.MAX_FP32_LINEARS if k < len(qd.backbone_linears(fp32))]
-    all_int8_mb = qd.state_dict_bytes(qd.quantize_per_token_int8(fp32, {n: torch.ones(m.in_features) for n, m in
+    all_int8_mb = qd.state_dict_bytes(qd.quantize_linears_int8(fp32, {n: torch.ones(m.in_features) for n, m in
                                                                       fp32.named_modules() if n in
                                                                       qd.backbone_linears(fp32)})) / 1e6
     monkeypatch.setattr(lab_targets, "TARGET_MAX_SIZE_MB", all_int8_mb * 1.001)
@@ -186,6 +187,48 @@ def test_int8_linear_matches_float_reference():
     with torch.inference_mode():
         rel = (q(x) - linear(x)).norm() / linear(x).norm()
     assert q(x).shape == (2, 7, 32) and rel < 0.02, float(rel)
+
+
+def test_smooth_int8_corrects_the_head_offset_and_keeps_the_chosen_alpha(tmp_path, synthetic_root):
+    """The head's bias absorbs the mean margin offset of the int8 model on the calibration images (label-free bias
+    correction), and the alpha kept is the one whose margins stayed closest to fp32's on the agreement images."""
+    fp32, ckpt = lm.load_checkpoint(_checkpoint(tmp_path, synthetic_root))
+    torch.manual_seed(0)
+    calibration, images = torch.randn(4, 3, *ckpt["preprocessing"]["image_size"]), \
+        torch.randn(10, 3, *ckpt["preprocessing"]["image_size"])
+    smooth, info = qd.quantize_smooth_int8(fp32, calibration, images, threshold=0.5)
+    with torch.inference_mode():
+        offset = qd.logit_margin(model_logits(fp32, calibration)) - qd.logit_margin(model_logits(smooth, calibration))
+    assert abs(offset.mean()) < 1e-4, offset.mean()
+    assert [a for a, _ in info["alphas_tried"]] == list(qd.SMOOTH_ALPHAS)
+    assert info["alpha"] == min(info["alphas_tried"], key=lambda t: t[1])[0]
+    head = qd.quantize_linears_int8(fp32, {n: torch.ones(m.in_features) for n, m in fp32.named_modules()
+                                           if n in qd.backbone_linears(fp32)})
+    with torch.inference_mode():
+        before = qd.logit_margin(model_logits(head, images))
+        assert qd.head_logit_shift(head, 0.75)
+        assert abs(qd.logit_margin(model_logits(head, images)) - before - 0.75).max() < 1e-5
+
+
+def test_int8_kernels_agree_and_legacy_checkpoints_load(tmp_path, synthetic_root, monkeypatch):
+    """The fused per-image kernel and the per-token fallback run the same int8 weights to close logits; a checkpoint
+    of the earlier per-token version (same tensors, older method name) still loads."""
+    fp32, ckpt = lm.load_checkpoint(_checkpoint(tmp_path, synthetic_root))
+    torch.manual_seed(0)
+    images = torch.randn(6, 3, *ckpt["preprocessing"]["image_size"])
+    smooth, info = qd.quantize_smooth_int8(fp32, images[:2], images, threshold=0.5)
+    with torch.inference_mode():
+        ref, here = model_logits(fp32, images), model_logits(smooth, images)
+        monkeypatch.setattr(qd, "int8_kernel", lambda: qd.KERNEL_PER_TOKEN)
+        per_token = model_logits(smooth, images)
+    assert info["kernel"] in (qd.KERNEL_FUSED, qd.KERNEL_PER_TOKEN)
+    spread = (ref - ref.mean()).abs().max()
+    assert (here - ref).abs().max() < 0.25 * spread and (per_token - ref).abs().max() < 0.25 * spread
+    path = qd.save_quantized_checkpoint(tmp_path / "legacy.pth", smooth, ckpt,
+                                        quantization={**info, "method": qd.LEGACY_SMOOTH_METHODS[0]})
+    reloaded, _ = qd.load_quantized_checkpoint(path)
+    with torch.inference_mode():
+        assert torch.equal(model_logits(reloaded, images), per_token)
 
 
 @pytest.mark.slow
