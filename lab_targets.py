@@ -288,18 +288,21 @@ def auroc_no_gain_share(labels, base_scores, new_scores, resamples: int = HYBRID
     """Share of paired bootstrap resamples of the images (good and defective resampled apart, so that each resample
     has both) in which `new_scores` rank no better than `base_scores` (AUROC gain <= 0): how often a val gain this size
     is noise. 1.0 without both classes."""
-    from sklearn.metrics import roc_auc_score
-
     labels = np.asarray(labels)
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     if not len(pos) or not len(neg):
         return 1.0
+
+    def pair_wins(scores):  # AUROC = mean over (defective, good) pairs of [ranked higher] + 0.5 [tie] (Mann-Whitney)
+        scores = np.asarray(scores, dtype=np.float64)
+        return (scores[pos][:, None] > scores[neg][None]) + 0.5 * (scores[pos][:, None] == scores[neg][None])
+
+    base, new = pair_wins(base_scores), pair_wins(new_scores)
     rng = np.random.default_rng(seed)
     worse = 0
     for _ in range(resamples):
-        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        worse += roc_auc_score(labels[idx], np.asarray(new_scores)[idx]) <= roc_auc_score(labels[idx],
-                                                                                          np.asarray(base_scores)[idx])
+        cell = np.ix_(rng.choice(len(pos), len(pos)), rng.choice(len(neg), len(neg)))
+        worse += new[cell].mean() <= base[cell].mean()
     return worse / resamples
 
 
