@@ -376,12 +376,13 @@ class Runner:
             def run_all(x):
                 return session.run(None, {feed_name: np.ascontiguousarray(x, dtype=np.float32)})
 
+            def run_each(x):  # one image per call: its result never depends on the other images of the batch
+                if len(x) <= 1:
+                    return run_all(x)
+                return [np.concatenate(outs) for outs in zip(*(run_all(x[i:i + 1]) for i in range(len(x))))]
+
             self.per_image = scales_span_the_batch(path)
-            if self.per_image:  # one image per call: its result never depends on the other images of the batch
-                self.run_all = lambda x: [np.concatenate(outs) for outs in zip(*(run_all(x[i:i + 1])
-                                                                                 for i in range(len(x))))]
-            else:
-                self.run_all = run_all
+            self.run_all = run_each if self.per_image else run_all
             self.run = lambda x: self.run_all(x)[0]
             self.session = session
         elif engine == ENGINE_OV:
