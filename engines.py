@@ -332,7 +332,7 @@ def quantize_onnx_int8_mixed(model, dst: Path, datasets: dict, threshold: float,
 
     from lab_targets import TARGET_MAX_SIZE_MB
     from quantize import (SMOOTH_ALPHAS, SMOOTH_CALIBRATION_IMAGES, Int8Linear, backbone_linears, linear_input_absmax,
-                          linear_sensitivity, logit_margin, smoothed_copy)
+                          linear_sensitivity, logit_margin, margin_rms, smoothed_copy)
 
     t0 = time.perf_counter()
     train = datasets["train"]
@@ -362,7 +362,7 @@ def quantize_onnx_int8_mixed(model, dst: Path, datasets: dict, threshold: float,
                                           names, preprocessing, opset)
             path, shift = build(src, nodes, (), f"a{alpha:g}-k0.onnx")
             out = run(path, images)
-            deviations.append((alpha, float(np.sqrt(np.mean((logit_margin(out) - margins) ** 2)))))
+            deviations.append((alpha, margin_rms(out, margins)))
             if best is None or deviations[-1][1] < best["rms"]:
                 best = {"alpha": alpha, "rms": deviations[-1][1], "src": src, "nodes": nodes,
                         "k0": (predict_labels(out, threshold), (path, shift))}

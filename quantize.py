@@ -432,6 +432,12 @@ def logit_margin(logits) -> np.ndarray:
     return logits[:, 1] - logits[:, 0]
 
 
+def margin_rms(logits, reference_margins: np.ndarray) -> float:
+    """RMS distance of an int8 model's logit margins from the fp32 ones on the same images: what picks SmoothQuant's
+    alpha, in PyTorch and in ONNX Runtime (no label)."""
+    return float(np.sqrt(np.mean((logit_margin(logits) - reference_margins) ** 2)))
+
+
 def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: torch.Tensor, threshold: float,
                          *, batch_size: int = 16, desc: str = "int8 SmoothQuant") -> tuple[torch.nn.Module, dict]:
     """The fix of part 2, label-free throughout: Int8Linear layers with SmoothQuant factors from `calibration`
@@ -462,7 +468,7 @@ def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: tor
                                              unit="batch")])
 
     reference_logits = logits_of(model, agreement_images, f"{desc}: fp32 logits")
-    reference = predict_labels(reference_logits, threshold)
+    reference, reference_margins = predict_labels(reference_logits, threshold), logit_margin(reference_logits)
     calibration_margin = logit_margin(logits_of(model, calibration, f"{desc}: fp32 calibration logits"))
 
     def build(alpha, fp32_layers):
@@ -474,8 +480,7 @@ def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: tor
     for alpha in SMOOTH_ALPHAS:
         qmodel, shift = build(alpha, ())
         logits = logits_of(qmodel, agreement_images, f"{desc}: alpha {alpha}")
-        deviations.append((alpha, float(np.sqrt(np.mean((logit_margin(logits) - logit_margin(reference_logits))
-                                                        ** 2)))))
+        deviations.append((alpha, margin_rms(logits, reference_margins)))
         if min(d for _, d in deviations) == deviations[-1][1]:
             built = {"alpha": alpha, "shift": shift, "model": qmodel, "decisions": predict_labels(logits, threshold)}
     alpha = built["alpha"]
