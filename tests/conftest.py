@@ -8,6 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# the tests never reach the hub, in this process too (huggingface_hub reads it once, when first imported)
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 from mvtec_dataset import make_synthetic_mvtec  # noqa: E402
 
@@ -31,6 +33,36 @@ def run_script(script: str, *args, cwd=None, timeout=600, env=None) -> subproces
 @pytest.fixture
 def run():
     return run_script
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Like run, in this process: the script's main() through lab_io.run_cli, as its `__main__` calls it, so the same
+    exit code and the same one-line stderr, without a fresh interpreter importing torch (1.5 s a call). For error
+    paths and short runs; a run that needs its own process (signals, CUDA_VISIBLE_DEVICES, imports) uses run."""
+    import importlib
+
+    import torch
+
+    from lab_io import run_cli
+
+    def call(script: str, *args, cwd=None, env=None) -> subprocess.CompletedProcess:
+        main = importlib.import_module(Path(script).stem).main
+        monkeypatch.chdir(cwd or ROOT)
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        threads, code = torch.get_num_threads(), 0
+        capsys.readouterr()
+        try:
+            run_cli(lambda: main([str(a) for a in args]))
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            torch.set_num_threads(threads)  # a script's --num-threads must not leak into the next test
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess([script, *map(str, args)], code, out.out, out.err)
+
+    return call
 
 
 def save_untrained_checkpoint(cwd: Path, synthetic_root: Path, model_name: str = "offline-vit-tiny") -> dict:

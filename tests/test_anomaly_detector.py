@@ -64,10 +64,10 @@ def test_fit_evaluate_and_outputs(fitted):
     assert config["layers"] == [2, 4] and config["preprocessing"]["image_size"] == [64, 64]  # an offline preset: its own
 
 
-def test_without_masks_gives_image_metrics_only(tmp_path, synthetic_root, run):
+def test_without_masks_gives_image_metrics_only(tmp_path, synthetic_root, cli):
     data = tmp_path / "data"
     shutil.copytree(synthetic_root / "bottle", data / "bottle", ignore=shutil.ignore_patterns("ground_truth"))
-    result = run("anomaly_detector.py", "--data-dir", data, "--model-name", "offline-vit-tiny", "--num-threads", "1",
+    result = cli("anomaly_detector.py", "--data-dir", data, "--model-name", "offline-vit-tiny", "--num-threads", "1",
                  "--overlays", "0", "--threshold-from", "good", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("image metrics only") == 1
@@ -81,11 +81,11 @@ def test_without_masks_gives_image_metrics_only(tmp_path, synthetic_root, run):
 
 @pytest.mark.parametrize("remove, message", [("train/good", "train/good is missing or holds no image"),
                                              ("test", "test/good is missing or holds no image")])
-def test_incomplete_category_is_one_line(tmp_path, synthetic_root, run, remove, message):
+def test_incomplete_category_is_one_line(tmp_path, synthetic_root, cli, remove, message):
     data = tmp_path / "data"
     shutil.copytree(synthetic_root / "bottle", data / "bottle")
     shutil.rmtree(data / "bottle" / remove)
-    result = run("anomaly_detector.py", "--data-dir", data, "--model-name", "offline-vit-tiny", cwd=tmp_path)
+    result = cli("anomaly_detector.py", "--data-dir", data, "--model-name", "offline-vit-tiny", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error: ") and message in result.stderr
 

@@ -376,9 +376,9 @@ def deploy_setup(azure_model_dir, tmp_path):
 NO_AZURE_ENV = {"AZURE_SUBSCRIPTION_ID": "", "AZURE_RESOURCE_GROUP": "", "AZUREML_WORKSPACE": ""}
 
 
-def test_deploy_dry_run_builds_and_validates_the_spec(run, deploy_setup, azure_model_dir):
+def test_deploy_dry_run_builds_and_validates_the_spec(cli, deploy_setup, azure_model_dir):
     cfg = deploy_setup / "azureml"
-    res = run("deploy_azure.py", "--dry-run", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
+    res = cli("deploy_azure.py", "--dry-run", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
     assert res.returncode == 0, res.stderr
     assert "Standard_DS3_v2" in res.stdout and "identical on" in res.stdout and "nothing sent to Azure" in res.stdout
     staged = cfg / "build"
@@ -397,29 +397,29 @@ def test_deploy_dry_run_builds_and_validates_the_spec(run, deploy_setup, azure_m
     assert spec["request_settings"]["request_timeout_ms"] > 0 and spec["liveness_probe"]["period"] > 0
     assert spec["code_configuration"]["scoring_script"] == "score.py"
     # overriding the VM size is allowed and shown
-    res = run("deploy_azure.py", "--dry-run", "--config-dir", cfg, "--instance-type", "Standard_D4s_v5",
+    res = cli("deploy_azure.py", "--dry-run", "--config-dir", cfg, "--instance-type", "Standard_D4s_v5",
               cwd=deploy_setup, env=NO_AZURE_ENV)
     assert res.returncode == 0 and "Standard_D4s_v5" in res.stdout
 
 
-def test_deploy_errors(run, deploy_setup):
+def test_deploy_errors(cli, deploy_setup):
     cfg = deploy_setup / "azureml"
     # the YAML and the script must describe the same deployment
     text = (cfg / "deployment.yml").read_text()
     (cfg / "deployment.yml").write_text(text.replace("instance_count: 1", "instance_count: 3"))
-    res = run("deploy_azure.py", "--dry-run", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
+    res = cli("deploy_azure.py", "--dry-run", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
     assert res.returncode == 2 and "disagree" in res.stderr and "instance_count" in res.stderr
     (cfg / "deployment.yml").write_text(text)
     # a model changed after its sidecar was written
     sidecar = json.loads((deploy_setup / "modeles" / "model_final.json").read_text())
     (deploy_setup / "modeles" / "model_final.json").write_text(json.dumps({**sidecar, "sha256": "1" * 64}))
-    res = run("deploy_azure.py", "--dry-run", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
+    res = cli("deploy_azure.py", "--dry-run", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
     assert res.returncode == 2 and "sha256" in res.stderr and "Traceback" not in res.stderr
     # no model at all; a real deployment without the workspace's coordinates
-    res = run("deploy_azure.py", "--dry-run", "--models-dir", "nowhere", "--config-dir", cfg, cwd=deploy_setup,
+    res = cli("deploy_azure.py", "--dry-run", "--models-dir", "nowhere", "--config-dir", cfg, cwd=deploy_setup,
               env=NO_AZURE_ENV)
     assert res.returncode == 2 and "onnx_optimization.py" in res.stderr
-    res = run("deploy_azure.py", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
+    res = cli("deploy_azure.py", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
     assert res.returncode == 2 and "--subscription-id" in res.stderr and "az login" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
@@ -510,10 +510,10 @@ def test_maps_on_request_when_a_detector_is_shipped(azure_model_dir, detector_fi
     assert described["detector"]["variant"] == "detector-fp32"
 
 
-def test_deploy_ships_the_detector(run, deploy_setup, detector_files):
+def test_deploy_ships_the_detector(cli, deploy_setup, detector_files):
     cfg = deploy_setup / "azureml"
     det = detector_files / "detector_bottle.safetensors"
-    res = run("deploy_azure.py", "--dry-run", "--config-dir", cfg, "--detector", det, cwd=deploy_setup,
+    res = cli("deploy_azure.py", "--dry-run", "--config-dir", cfg, "--detector", det, cwd=deploy_setup,
               env=NO_AZURE_ENV)
     assert res.returncode == 0, res.stderr
     staged = sorted(p.name for p in (cfg / "build" / "model").iterdir())
@@ -521,6 +521,6 @@ def test_deploy_ships_the_detector(run, deploy_setup, detector_files):
     # a detector of another category is refused in one line
     sidecar = json.loads((deploy_setup / "modeles" / "model_final.json").read_text())
     (deploy_setup / "modeles" / "model_final.json").write_text(json.dumps({**sidecar, "category": "capsule"}))
-    res = run("deploy_azure.py", "--dry-run", "--config-dir", cfg, "--detector", det, cwd=deploy_setup,
+    res = cli("deploy_azure.py", "--dry-run", "--config-dir", cfg, "--detector", det, cwd=deploy_setup,
               env=NO_AZURE_ENV)
     assert res.returncode == 2 and "same category" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -122,9 +122,9 @@ def deploy_setup(model_root, tmp_path):
     return deploy_folder(model_root[0], tmp_path)
 
 
-def test_batch_dry_run_writes_the_spec(run, deploy_setup, model_root):
+def test_batch_dry_run_writes_the_spec(cli, deploy_setup, model_root):
     cfg = deploy_setup / "azureml"
-    res = run("deploy_azure.py", "--batch", "--dry-run", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
+    res = cli("deploy_azure.py", "--batch", "--dry-run", "--config-dir", cfg, cwd=deploy_setup, env=NO_AZURE_ENV)
     assert res.returncode == 0, res.stderr
     for setting in ("mini_batch_size", "instance_count", "max_concurrency_per_instance", "retry_settings.max_retries",
                     "append_row", "predictions.csv", "nothing sent to Azure"):
@@ -152,7 +152,7 @@ def test_batch_dry_run_writes_the_spec(run, deploy_setup, model_root):
                          cwd=deploy_setup)
     assert res.returncode == 0, res.stderr
     # overrides are applied and shown
-    res = run("deploy_azure.py", "--batch", "--dry-run", "--config-dir", cfg, "--mini-batch-size", "16",
+    res = cli("deploy_azure.py", "--batch", "--dry-run", "--config-dir", cfg, "--mini-batch-size", "16",
               "--instance-type", "Standard_D4s_v5", cwd=deploy_setup, env=NO_AZURE_ENV)
     assert res.returncode == 0 and "Standard_D4s_v5" in res.stdout
     assert yaml.safe_load((staged / "batch-deployment.generated.yml").read_text())["settings"]["mini_batch_size"] == 16
@@ -161,8 +161,8 @@ def test_batch_dry_run_writes_the_spec(run, deploy_setup, model_root):
 @pytest.mark.parametrize("flags, message", [(["--mini-batch-size", "0"], "--mini-batch-size"),
                                             (["--instance-count", "99"], "max_instances"),
                                             (["--detector", "x.safetensors"], "--detector")])
-def test_batch_bad_flag_is_one_line(run, deploy_setup, flags, message):
-    res = run("deploy_azure.py", "--batch", "--dry-run", "--config-dir", deploy_setup / "azureml", *flags,
+def test_batch_bad_flag_is_one_line(cli, deploy_setup, flags, message):
+    res = cli("deploy_azure.py", "--batch", "--dry-run", "--config-dir", deploy_setup / "azureml", *flags,
               cwd=deploy_setup, env=NO_AZURE_ENV)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1

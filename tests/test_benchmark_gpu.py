@@ -80,13 +80,15 @@ def test_cpu_run_writes_everything_and_marks_gpu_not_measured(run, synthetic_roo
 @pytest.mark.parametrize("args, message", [
     (("--data-dir", "{tmp}/nowhere"), "no dataset folder"),
     (("--data-dir", "{root}", "--category", "capsule"), "no dataset folder"),
-    (("--data-dir", "{root}", "--devices", "gpu"), "no CUDA/MPS GPU found"),
     (("--data-dir", "{root}", "--devices", "tpu"), "--devices takes cpu and/or gpu"),
     (("--data-dir", "{root}", "--batch-size", "0"), "--batch-size must be >= 1"),
+    (("--data-dir", "{root}", "--devices", "gpu"), "no CUDA/MPS GPU found"),
 ])
-def test_user_errors_are_one_line(run, synthetic_root, tmp_path, args, message):
+def test_user_errors_are_one_line(run, cli, synthetic_root, tmp_path, args, message):
     args = [a.format(tmp=tmp_path, root=synthetic_root) for a in args]
-    res = run("benchmark_gpu.py", *args, "--model-name", "offline-vit-tiny", cwd=tmp_path)
+    # the GPU case in a real process: CUDA_VISIBLE_DEVICES="" hides a GPU only before CUDA starts
+    launch = run if "gpu" in args else cli
+    res = launch("benchmark_gpu.py", *args, "--model-name", "offline-vit-tiny", cwd=tmp_path)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0
     assert res.stderr.startswith("error: ") and message in res.stderr

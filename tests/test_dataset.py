@@ -93,8 +93,8 @@ def test_missing_and_broken_trees(tmp_path):
         index_category(tmp_path, "bottle")
 
 
-def test_cli_summary_and_errors(synthetic_root, tmp_path, run):
-    result = run("mvtec_dataset.py", "--data-dir", synthetic_root, "--category", "bottle",
+def test_cli_summary_and_errors(synthetic_root, tmp_path, cli):
+    result = cli("mvtec_dataset.py", "--data-dir", synthetic_root, "--category", "bottle",
                  "--save-manifest", tmp_path / "split.json")
     assert result.returncode == 0, result.stderr
     assert "TOTAL" in result.stdout and "contamination" in result.stdout
@@ -103,10 +103,10 @@ def test_cli_summary_and_errors(synthetic_root, tmp_path, run):
     broken_root = tmp_path / "broken"
     folder = make_synthetic_mvtec(broken_root, "bottle", n_train_good=4, n_test_good=2, n_per_defect=2, image_size=32)
     (folder / "test" / "crack" / "001.png").write_bytes(b"not an image at all")
-    result = run("mvtec_dataset.py", "--data-dir", broken_root, "--category", "bottle")
+    result = cli("mvtec_dataset.py", "--data-dir", broken_root, "--category", "bottle")
     assert result.returncode == 2 and "test/crack/001.png" in result.stderr and "Traceback" not in result.stderr
 
-    result = run("mvtec_dataset.py", "--data-dir", tmp_path / "empty", "--category", "bottle")
+    result = cli("mvtec_dataset.py", "--data-dir", tmp_path / "empty", "--category", "bottle")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")

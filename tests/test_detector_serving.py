@@ -41,10 +41,10 @@ def test_served_detector_equals_the_pytorch_one(detector_files, test_paths):
     assert np.mean(scores[defective]) > np.mean(np.delete(scores, defective))
 
 
-def test_predict_heatmaps_with_the_detector(detector_files, synthetic_root, run, tmp_path):
+def test_predict_heatmaps_with_the_detector(detector_files, synthetic_root, cli, tmp_path):
     folder = synthetic_root / "bottle" / "test"
     out, maps = tmp_path / "pred.csv", tmp_path / "maps"
-    res = run("predict.py", "--input", folder, "--output", out, "--model",
+    res = cli("predict.py", "--input", folder, "--output", out, "--model",
               detector_files / "detector_bottle.safetensors", "--heatmaps", maps, "--num-threads", "1", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = list(csv.DictReader(open(out, encoding="utf-8")))
@@ -56,10 +56,10 @@ def test_predict_heatmaps_with_the_detector(detector_files, synthetic_root, run,
     assert len(overlays) == len(anomalous) > 0 and {r["variant"] for r in rows} == {"detector-fp32"}
     assert (maps / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resumable like any model; --benchmark needs a classifier and says so in one line
-    res = run("predict.py", "--input", folder, "--output", out, "--model",
+    res = cli("predict.py", "--input", folder, "--output", out, "--model",
               detector_files / "detector_bottle.safetensors", "--num-threads", "1", cwd=tmp_path)
     assert res.returncode == 0 and "60 already in" in res.stdout
-    res = run("predict.py", "--input", folder, "--output", tmp_path / "b.csv", "--model",
+    res = cli("predict.py", "--input", folder, "--output", tmp_path / "b.csv", "--model",
               detector_files / "detector_bottle.safetensors", "--benchmark", cwd=tmp_path)
     assert res.returncode == 2 and "classifier" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 

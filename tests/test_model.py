@@ -108,8 +108,8 @@ def test_local_folder_of_other_architectures(tmp_path, arch):
     assert logits.shape == (1, 2)
 
 
-def test_offline_hub_error_is_one_line(run):
-    result = run("load_model_hf.py", "--model-name", "google/vit-base-patch16-224-in21k")
+def test_offline_hub_error_is_one_line(cli):
+    result = cli("load_model_hf.py", "--model-name", "google/vit-base-patch16-224-in21k")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

@@ -322,8 +322,8 @@ def test_demo_mode_with_skipped_steps(tmp_path, run):
     (("--package", "archive.tar"), "must end with .zip"),
     (("--epochs", "0"), "--epochs must be >= 1"),
 ])
-def test_errors_are_one_line(tmp_path, run, args, message):
-    result = run("optimization_pipeline.py", "--data-dir", tmp_path / "nothing", *args, cwd=tmp_path)
+def test_errors_are_one_line(tmp_path, cli, args, message):
+    result = cli("optimization_pipeline.py", "--data-dir", tmp_path / "nothing", *args, cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr

@@ -293,9 +293,9 @@ def test_find_images_ignores_appledouble_file(tree):
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
-def test_cli_summary_prints_real_defect_names(tree, run):
+def test_cli_summary_prints_real_defect_names(tree, cli):
     data, _, _ = tree
-    result = run("mvtec_dataset.py", "--data-dir", data, "--category", CATEGORY, timeout=120)
+    result = cli("mvtec_dataset.py", "--data-dir", data, "--category", CATEGORY)
     assert result.returncode == 0, result.stderr
     for defect in REAL_DEFECTS:
         assert defect in result.stdout
