@@ -108,9 +108,10 @@ def parse_args(argv=None):
     return args
 
 
-# Ctrl+C and SIGTERM. Inside the scoring loop the first signal only sets "flag" and the loop stops after the image it
-# is on: a KeyboardInterrupt raised at an arbitrary point can land in a finalizer (filelock's, a weakref callback),
-# where Python prints a traceback and drops it. Outside the loop, or at a second signal, it is raised at once.
+# Ctrl+C and SIGTERM. From the start of the scoring loop to its last save, the first signal only sets "flag" and the
+# loop stops after the image it is on: a KeyboardInterrupt raised at an arbitrary point can land in a finalizer
+# (filelock's, run as each save releases its lock; a weakref callback), where Python prints a traceback and drops it.
+# Before the loop (loading the model), or at a second signal, it is raised at once.
 STOP_REQUESTED = {"flag": False, "in_loop": False}
 
 
@@ -179,6 +180,7 @@ def score_all(args, model, todo: list[Path], store: PredictionStore, workers: in
     bar = tqdm(total=len(todo), desc="predict", unit="img", leave=False)
     last_save = t0 = time.perf_counter()
     n_put = 0
+    STOP_REQUESTED["in_loop"] = True
     try:
         for result in score_stream(todo, model, batch_size=args.batch_size, workers=workers, pool=args.pool,
                                    max_pixels=int(args.max_pixels), timing=timing, keep_uint8=bool(args.heatmaps)):
@@ -192,7 +194,6 @@ def score_all(args, model, todo: list[Path], store: PredictionStore, workers: in
                 last_save = time.perf_counter()
             if STOP_REQUESTED["flag"]:  # Ctrl+C / SIGTERM during this image
                 raise KeyboardInterrupt
-            STOP_REQUESTED["in_loop"] = True  # from the first image on: a signal stops the loop after its image
         timing.wall_s = time.perf_counter() - t0
     except KeyboardInterrupt:
         bar.close()
@@ -203,9 +204,9 @@ def score_all(args, model, todo: list[Path], store: PredictionStore, workers: in
               "run the same command again to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        STOP_REQUESTED["in_loop"] = False
         bar.close()
         store.save()  # rows done before any error are never lost
+        STOP_REQUESTED["in_loop"] = False
     return None
 
 

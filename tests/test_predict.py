@@ -309,6 +309,39 @@ def test_interrupt_saves_done_rows_and_resume_completes(served, tmp_path, monkey
     assert len(rows) == 15 and len({r["path"] for r in rows}) == 15
 
 
+def test_a_signal_while_a_save_releases_its_lock_stops_cleanly(served, tmp_path, monkeypatch):
+    """SIGTERM delivered while the first save's lock is being released (filelock's finalizer runs then): the loop stops
+    after that image with its row saved, and no exception is raised inside the finalizer (where Python would print a
+    traceback and drop it)."""
+    import os
+    import signal
+    import sys
+
+    from prediction_store import PredictionStore
+
+    class SignalInFinalizer:  # what filelock's __del__ does when the signal lands in it: code run by the collector
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10000):  # the Python handler runs at the next check of the interpreter: here
+                pass
+
+    original, sent, unraisable = PredictionStore.save, [], []
+
+    def save(store):
+        original(store)
+        if not sent:
+            sent.append(True)
+            SignalInFinalizer()  # collected at once
+
+    monkeypatch.setattr(PredictionStore, "save", save)
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    out = tmp_path / "pred.csv"
+    code = predict.main(["--input", str(served.category / "test"), "--model", str(served.models), "--output", str(out),
+                         "--workers", "0", "--batch-size", "1", "--save-every", "1"])  # predict's handlers are on
+    assert sent and unraisable == [] and code == predict.EXIT_INTERRUPTED
+    assert len(read_rows(out)) == 1
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_killed_mid_run_leaves_a_complete_csv(served, tmp_path, sig):
     """A real process stopped by a signal while it works: exit 130, the CSV holds complete rows only."""
