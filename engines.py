@@ -448,9 +448,8 @@ def quantize_openvino_int8(src: Path, dst_xml: Path, model, datasets: dict, thre
 
     Mixed precision by the label-free rule of the ORT int8 (mixed_precision_basis, quantize.choose_fp32_layers): the
     most sensitive nn.Linear layers are left out of NNCF's quantization (an IgnoredScope of their node names, checked by
-    NNCF) until the decisions agree with the fp32 model's on train + val; never the test split. On real MVTec screw
-    (DINOv2-S, 8 blocks) the most sensitive layers are the MLP output projections (fc2, whose inputs follow a GELU):
-    keeping the last blocks fp32 instead left the agreement at 95.6-95.8 %."""
+    NNCF) until the decisions agree with the fp32 model's on train + val; never the test split (measurements:
+    docs/guide.md, part 3)."""
     import tempfile
 
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" when nncf loads

@@ -572,8 +572,8 @@ def nearest_distances(features: np.ndarray, bank: np.ndarray, chunk: int = 2048)
 
 class NearestPatches:
     """Distance of every patch [N, P, D] to its nearest bank patch, [N, P] float32: an OpenVINO graph holding the
-    bank (f32, explicit: 2.4x faster than numpy on the dev kit's 7373-patch bank, same distances to 1e-5), or
-    nearest_distances in numpy where OpenVINO is not installed."""
+    bank (f32, explicit: faster than numpy, the same distances to 1e-5), or nearest_distances in numpy where OpenVINO
+    is not installed."""
 
     def __init__(self, bank: np.ndarray, threads: int | None = None):
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
@@ -706,7 +706,7 @@ class PatchDetector:
             raise UserError(f"{backbone_path} is not the backbone {path.name} was fitted with (sha256 differs): "
                             "a later anomaly_detector.py run replaced it; use that run's detector or refit.")
         # an IR (.xml, e.g. NNCF int8) needs OpenVINO; an ONNX backbone runs on OpenVINO where it is installed
-        # (faster than ONNX Runtime on the dev kit's DINOv2-S), else on ONNX Runtime
+        # (faster than ONNX Runtime on a DINOv2-S), else on ONNX Runtime
         engine = ENGINE_OV if backbone_path.suffix == ".xml" or _has_openvino() else ENGINE_ORT
         self.runner = Runner(backbone_path, engine, threads or None)
         self.nearest = NearestPatches(bank.astype(np.float32), threads or None)
