@@ -309,37 +309,47 @@ def test_interrupt_saves_done_rows_and_resume_completes(served, tmp_path, monkey
     assert len(rows) == 15 and len({r["path"] for r in rows}) == 15
 
 
-def test_a_signal_while_a_save_releases_its_lock_stops_cleanly(served, tmp_path, monkeypatch):
+SIGNAL_IN_FINALIZER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import predict
+from prediction_store import PredictionStore
+
+class SignalInFinalizer:  # what filelock's __del__ meets when the signal lands in it: code run by the collector
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10000):  # the Python handler runs at the interpreter's next check: here, in the finalizer
+            pass
+
+original, sent, unraisable = PredictionStore.save, [], []
+
+def save(store):
+    original(store)
+    if not sent:
+        sent.append(True)
+        SignalInFinalizer()  # collected at once
+
+PredictionStore.save = save
+sys.unraisablehook = unraisable.append
+code = predict.main(sys.argv[2:])
+print("exit", code, "sent", len(sent), "unraisable", len(unraisable))
+"""
+
+
+def test_a_signal_while_a_save_releases_its_lock_stops_cleanly(served, tmp_path):
     """SIGTERM delivered while the first save's lock is being released (filelock's finalizer runs then): the loop stops
     after that image with its row saved, and no exception is raised inside the finalizer (where Python would print a
-    traceback and drop it)."""
-    import os
-    import signal
+    traceback and drop it). In a process of its own, as a user's run: the signal goes to that process."""
+    import subprocess
     import sys
 
-    from prediction_store import PredictionStore
-
-    class SignalInFinalizer:  # what filelock's __del__ does when the signal lands in it: code run by the collector
-        def __del__(self):
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(10000):  # the Python handler runs at the next check of the interpreter: here
-                pass
-
-    original, sent, unraisable = PredictionStore.save, [], []
-
-    def save(store):
-        original(store)
-        if not sent:
-            sent.append(True)
-            SignalInFinalizer()  # collected at once
-
-    monkeypatch.setattr(PredictionStore, "save", save)
-    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     out = tmp_path / "pred.csv"
-    code = predict.main(["--input", str(served.category / "test"), "--model", str(served.models), "--output", str(out),
-                         "--workers", "0", "--batch-size", "1", "--save-every", "1"])  # predict's handlers are on
-    assert sent and unraisable == [] and code == predict.EXIT_INTERRUPTED
-    assert len(read_rows(out)) == 1
+    res = subprocess.run([sys.executable, "-c", SIGNAL_IN_FINALIZER, str(Path(predict.__file__).parent),
+                          "--input", str(served.category / "test"), "--model", str(served.models), "--output", str(out),
+                          "--workers", "0", "--batch-size", "1", "--save-every", "1"],
+                         cwd=served.cwd, capture_output=True, text=True, timeout=120)
+    assert f"exit {predict.EXIT_INTERRUPTED} sent 1 unraisable 0" in res.stdout, res.stdout[-1000:] + res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and len(read_rows(out)) == 1
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
