@@ -56,28 +56,29 @@ def plot_comparison(variants: list[dict], path: Path, *, title: str, bench_batch
     colors = [palette[(v["backend"], v["precision"] != "fp32")] for v in variants]
     panels = [
         ("Latency at batch 1 (median, bar = p95)", "ms per image", [v["b1"]["latency_median_ms"] for v in variants],
-         [v["b1"]["latency_p95_ms"] - v["b1"]["latency_median_ms"] for v in variants], "{:.1f}"),
+         [v["b1"]["latency_p95_ms"] - v["b1"]["latency_median_ms"] for v in variants], "{:.1f}".format),
         (f"Throughput at batch {bench_batch}", "images / s", [v["bn"]["throughput_img_s"] for v in variants], None,
-         "{:.1f}"),
-        ("Size on disk", "MB (10^6 bytes)", [v["size_mb"] for v in variants], None, "{:.1f}"),
+         lambda x: f"{x:.0f}" if x >= 100 else f"{x:.3g}"),
+        ("Size on disk", "MB (10^6 bytes)", [v["size_mb"] for v in variants], None, "{:.1f}".format),
         ("Accuracy on the saved test split", "accuracy (%)", [100 * v["metrics"]["accuracy"] for v in variants],
-         None, "{:.1f}"),
+         None, "{:.1f}".format),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(15, 9))
+    label_size = 9 if len(names) <= 10 else 7.5  # a dozen bars with the hybrid's rows: labels must not touch
     for ax, (name, unit, values, err, fmt) in zip(axes.flat, panels):
         bars = ax.bar(names, values, color=colors, yerr=[[0] * len(err), err] if err else None, capsize=4,
                       hatch=[("//" if n.startswith(HYBRID_PREFIX) else "") for n in names])
         for i, (bar, value, v) in enumerate(zip(bars, values, variants)):
-            label = fmt.format(value) + (" *" if v["variant"] == selected else "")
+            label = fmt(value) + (" *" if v["variant"] == selected else "")
             top = value + (err[i] if err else 0)  # above the p95 whisker
-            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, top), ha="center", va="bottom", fontsize=9,
-                        xytext=(0, 2), textcoords="offset points")
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, top), ha="center", va="bottom",
+                        fontsize=label_size, xytext=(0, 2), textcoords="offset points")
         if err and min(values) > 0 and max(values) / min(values) > 30:
             ax.set_yscale("log")  # PyTorch and int8 ORT can differ by orders of magnitude on small models
             unit += ", log scale"
         ax.set_title(name)
         ax.set_ylabel(unit)
-        ax.tick_params(axis="x", labelrotation=25)
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right", rotation_mode="anchor")  # each name under its bar
         ax.margins(y=0.15)
     from matplotlib.patches import Patch
 
