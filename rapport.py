@@ -464,6 +464,19 @@ def color_of(r: dict) -> str:
     return COLORS.get(color_key(r), ("tab:red", ""))[0]
 
 
+MANY_BARS = 12  # past this many variants (hybrid and student rows), labels get smaller, turned, or fewer
+
+
+def _named_points(rows: list[dict], lat: np.ndarray, accuracy: np.ndarray) -> set:
+    """The scatter points that get their name: all of them up to MANY_BARS, else the baseline, the recommended one
+    and the best trade-offs (no other variant both faster and at least as accurate): 22 names would cover the panel."""
+    if len(rows) <= MANY_BARS:
+        return set(range(len(rows)))
+    front = {i for i in range(len(rows)) if not any(
+        lat[j] < lat[i] and accuracy[j] >= accuracy[i] for j in range(len(rows)))}
+    return front | {0} | {i for i, r in enumerate(rows) if r["recommended"] == "True"}
+
+
 def _accuracy_vs_latency(ax, rows: list[dict], lat: np.ndarray, accuracy: np.ndarray, colors: list, lat_target: float,
                          base_acc: float) -> None:
     """The scatter panel: accuracy (%) against batch-1 latency (log), the targets' lines and zone."""
@@ -472,17 +485,21 @@ def _accuracy_vs_latency(ax, rows: list[dict], lat: np.ndarray, accuracy: np.nda
     ax.axvline(lat_target, color="tab:red", linestyle="--", linewidth=1.2)
     ax.axhline(TARGET_MIN_ACCURACY * 100, color="tab:red", linestyle="--", linewidth=1.2)
     ax.axhline(base_acc - TARGET_MAX_LOSS_PT, color="tab:brown", linestyle=":", linewidth=1.2)
+    named = _named_points(rows, lat, accuracy)
     for i, r in enumerate(rows):
         rec = r["recommended"] == "True"
         ax.scatter(lat[i], accuracy[i] * 100, s=260 if rec else 70, marker="*" if rec else "o",
                    color=colors[i], edgecolor="black", zorder=3)
-        ax.annotate(r["variant"], (lat[i], accuracy[i] * 100), xytext=(6, 6 - 9 * (i % 3)),
-                    textcoords="offset points", fontsize=8)
+    for k, i in enumerate(sorted(named, key=lambda j: lat[j])):  # from left to right, above and below in turn
+        ax.annotate(rows[i]["variant"], (lat[i], accuracy[i] * 100), xytext=(5, 7 if k % 2 == 0 else -14),
+                    textcoords="offset points", fontsize=8, zorder=4,
+                    bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75})
     ax.set_xscale("log")
     ax.set_xlim(min(lat.min(), lat_target) * 0.5, lat.max() * 2)
     lo = min(accuracy.min() * 100, acc_floor) - 5
     ax.set_ylim(max(0, lo), 102)
-    ax.set_title("Accuracy vs latency (green zone: -80 % time; star = recommended)")
+    ax.set_title("Accuracy vs latency (green zone: -80 % time; star = recommended)"
+                 + ("" if len(named) == len(rows) else "\nnamed: baseline, recommended, best trade-offs"))
     ax.set_xlabel("latency at batch 1, ms per image (median, log scale)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3, which="both")
@@ -520,6 +537,7 @@ def plot_summary(rows: list[dict], path: Path, title: str, overwrite: bool) -> P
     nb = base["throughput_batch_size"]
     fig, axes = plt.subplots(2, 3, figsize=(19, 10.5))
     x = np.arange(len(rows))
+    many = len(rows) > MANY_BARS  # value labels turned upright, so that neighbours do not run into each other
 
     def bars(ax, values, title_, unit, fmt, target=None, target_label=None, err=None, log=False):
         b = ax.bar(x, values, color=colors, hatch=hatches, edgecolor="black", linewidth=0.6,
@@ -529,7 +547,8 @@ def plot_summary(rows: list[dict], path: Path, title: str, overwrite: bool) -> P
                 bar.set_linewidth(2.5)
             top = values[i] + (err[i] if err is not None else 0)
             ax.annotate(fmt(values[i]), (bar.get_x() + bar.get_width() / 2, top), ha="center", va="bottom",
-                        fontsize=8, xytext=(0, 2), textcoords="offset points")
+                        fontsize=6.5 if many else 8, rotation=90 if many else 0, xytext=(0, 2),
+                        textcoords="offset points")
         if target is not None:  # the target's value goes in the title: a label in the plot would hide bars
             ax.axhline(target, color="tab:red", linestyle="--", linewidth=1.2)
             title_ += f"\n(red line: {target_label})"
@@ -538,8 +557,9 @@ def plot_summary(rows: list[dict], path: Path, title: str, overwrite: bool) -> P
             unit += ", log scale"
         ax.set_title(title_)
         ax.set_ylabel(unit)
-        ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
-        ax.margins(y=0.2)
+        ax.set_xticks(x, names, rotation=40 if many else 25, ha="right", rotation_mode="anchor",
+                      fontsize=7 if many else 8)
+        ax.margins(y=0.3 if many else 0.2)  # room for the turned value labels
 
     def short(v):  # 2410, 0.797, 0.000026: no scientific notation
         return f"{v:,.0f}" if v >= 100 else np.format_float_positional(v, precision=3, unique=False, fractional=False,
@@ -559,7 +579,7 @@ def plot_summary(rows: list[dict], path: Path, title: str, overwrite: bool) -> P
     bars(axes[1, 0], f["accuracy"] * 100, "Accuracy on the test split", "accuracy (%)", lambda v: f"{v:.1f}",
          target=TARGET_MIN_ACCURACY * 100, target_label=f"target > {TARGET_MIN_ACCURACY * 100:g} %")
     axes[1, 0].axhline(base_acc - TARGET_MAX_LOSS_PT, color="tab:brown", linestyle=":", linewidth=1.2)
-    axes[1, 0].set_ylim(0, 108)
+    axes[1, 0].set_ylim(0, 118 if many else 108)
     bars(axes[1, 1], f["cost_per_1000_images_usd"], "Cost per 1 000 images (batch-1 latency x price)",
          "USD per 1 000 images", short, target=cost_target,
          target_label=f"target -70 % cost = {short(cost_target)} USD", log=span(f["cost_per_1000_images_usd"]))
