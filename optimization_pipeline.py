@@ -393,7 +393,8 @@ def torch_int8_step(args, data: Data, model, ckpt, ckpt_path: Path, *, smooth: b
         calibration = torch.stack([train[i][0] for i in range(min(qz.SMOOTH_CALIBRATION_IMAGES, len(train)))])
         agreement = torch.stack([ds[i][0] for ds in (train, val) for i in range(len(ds))])
         qmodel, info = qz.quantize_smooth_int8(model, calibration, agreement, checkpoint_threshold(ckpt))
-        note = (f"SmoothQuant alpha {info['alpha']:g}, {info['kernel']}, {len(info['fp32_linears'])} nn.Linear kept "
+        note = (f"SmoothQuant alpha {info['alpha']:g}, {info['kernel']}, weights within +-{info['weight_code']}, "
+                f"{len(info['fp32_linears'])} nn.Linear kept "
                 f"fp32, agreement with fp32 on train+val {info['agreement'] * 100:.1f} %")
     else:
         engine = qz.select_engine("auto")

@@ -263,8 +263,14 @@ def smooth_int8(fp32_model, loaders, threshold: float):
     agreement = torch.stack([ds[i][0] for ds in (train, val) for i in range(len(ds))])
     qmodel, info = quantize_smooth_int8(fp32_model, calibration, agreement, threshold)
     alphas = ", ".join(f"{a:g}: {rms:.3f}" for a, rms in info["alphas_tried"])
+    if len(info["weight_codes_tried"]) > 1:  # a kernel that saturates with full-range weights: +-64 tried too
+        alphas += "; best RMS with weights within " + ", ".join(f"+-{c}: {rms:.3f}" for c, rms in
+                                                                 info["weight_codes_tried"])
     tried = ", ".join(f"{k} fp32: {a * 100:.1f} %" for k, a in info["tried"])
-    print(f"{SMOOTH}: kernel {info['kernel']} (engine '{info['engine']}'), calibrated on "
+    exact = "exact" if info["kernel_exact"] else "saturates on rare pairs of large products"
+    print(f"{SMOOTH}: kernel {info['kernel']} (engine '{info['engine']}', weights within +-{info['weight_code']}: "
+          f"{exact}), "
+          f"calibrated on "
           f"{info['calibration_images']} train images; SmoothQuant alpha {info['alpha']:g} (RMS logit deviation from "
           f"fp32 on {info['agreement_images']} train+val images: {alphas}); head offset {info['logit_shift']:+.3f} "
           f"(mean on the calibration images); decisions agreeing with fp32 on train+val: {tried} -> "

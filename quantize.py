@@ -155,36 +155,52 @@ SMOOTH_ALPHAS = (0.5, 0.6, 0.7, 0.8)  # SmoothQuant migration strengths tried (0
 SMOOTH_CALIBRATION_IMAGES = 32
 MAX_FP32_LINEARS = (0, 2, 4, 8)  # candidates: that many of the most sensitive nn.Linear stay fp32
 KERNEL_FUSED, KERNEL_PER_TOKEN = "fused-uint8-per-image", "int8-per-token"
+# int8 weight codes: the full range, and the largest code that a saturating kernel (fbgemm on AVX2 without VNNI adds
+# pairs of uint8 x int8 products in int16) multiplies exactly with 8-bit activations: 2 x 255 x 64 < 2^15
+WEIGHT_CODE_FULL, WEIGHT_CODE_SATURATION_SAFE = 127, 64
 
-_FULL_RANGE_EXACT: dict[str, bool] = {}
+_KERNEL_PROBES: dict[tuple, bool | None] = {}
 
 
-def full_range_kernel_exact() -> bool:
-    """Whether the active quantized engine's dynamic int8 Linear is exact with 8-bit activations (reduce_range=False).
+def _probe_fused_kernel(weight_code: int) -> bool | None:
+    """Whether the active engine's fused dynamic int8 Linear (torch.ops.quantized.linear_dynamic, 8-bit activations)
+    is exact with weights up to `weight_code`; None where the engine has no per-channel dynamic Linear.
 
-    torch.ao's dynamic Linear uses 7 bits because fbgemm's AVX2 kernel adds pairs of uint8 x int8 products in int16,
-    which saturates at the full range; its VNNI kernels (AVX-512 VNNI, AVX-VNNI) and the ARM ones accumulate in
-    int32. Measured, not guessed from CPU flags: every activation and weight at its largest code, where a saturating
-    kernel returns about half of the exact sum."""
-    engine = torch.backends.quantized.engine
-    if engine not in _FULL_RANGE_EXACT:
+    Measured, not guessed from CPU flags: every activation and weight at its largest code, where a saturating kernel
+    returns about half of the exact sum. VNNI kernels (AVX-512 VNNI, AVX-VNNI) and the ARM ones accumulate in int32."""
+    key = (torch.backends.quantized.engine, weight_code)
+    if key not in _KERNEL_PROBES:
         k = 256
         try:
             with quiet_quantization_warnings():
                 weight = torch._make_per_channel_quantized_tensor(
-                    torch.full((4, k), 127, dtype=torch.int8), torch.ones(4, dtype=torch.double),
+                    torch.full((4, k), weight_code, dtype=torch.int8), torch.ones(4, dtype=torch.double),
                     torch.zeros(4, dtype=torch.long), 0)
                 out = torch.ops.quantized.linear_dynamic(torch.ones(2, k),
                                                          torch.ops.quantized.linear_prepack(weight, None), False)
-            _FULL_RANGE_EXACT[engine] = bool(torch.allclose(out, torch.full_like(out, 127.0 * k), rtol=1e-3))
-        except (RuntimeError, NotImplementedError):  # an engine without per-channel dynamic Linear
-            _FULL_RANGE_EXACT[engine] = False
-    return _FULL_RANGE_EXACT[engine]
+            _KERNEL_PROBES[key] = bool(torch.allclose(out, torch.full_like(out, float(weight_code * k)), rtol=1e-3))
+        except (RuntimeError, NotImplementedError):
+            _KERNEL_PROBES[key] = None
+    return _KERNEL_PROBES[key]
+
+
+def fused_kernel_exact(weight_code: int = WEIGHT_CODE_FULL) -> bool:
+    """Whether the fused kernel is exact with 8-bit activations and weights up to `weight_code` (else it saturates
+    on the rare pairs of large products, or is missing)."""
+    return bool(_probe_fused_kernel(weight_code))
+
+
+def weight_codes() -> tuple[int, ...]:
+    """The int8 weight ranges the fix tries on this engine: the full range, and where the fused kernel saturates with
+    it, also weights within +-64, which it multiplies exactly. Which one keeps the margins closer to fp32 is measured
+    on the model (quantize_smooth_int8): saturation is rare, weight rounding is everywhere."""
+    return (WEIGHT_CODE_FULL,) if fused_kernel_exact() else (WEIGHT_CODE_FULL, WEIGHT_CODE_SATURATION_SAFE)
 
 
 def int8_kernel() -> str:
-    """The kernel Int8Linear runs on here (full_range_kernel_exact decides)."""
-    return KERNEL_FUSED if full_range_kernel_exact() else KERNEL_PER_TOKEN
+    """The kernel Int8Linear runs on here: the fused per-image kernel with 8-bit activations, or, on an engine without
+    it, the per-token product."""
+    return KERNEL_PER_TOKEN if _probe_fused_kernel(WEIGHT_CODE_FULL) is None else KERNEL_FUSED
 
 
 def smoothing_factors(weight: torch.Tensor, input_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -228,11 +244,10 @@ class Int8Linear(torch.nn.Module):
     channels with large activations are rounded on the weights' side, where one scale per output channel absorbs
     them.
 
-    Two kernels run the same int8 weights (int8_kernel): where the quantized engine is exact at the full 8-bit range,
-    torch.ops.quantized.linear_dynamic with one uint8 scale and zero point per image, quantization, product,
-    dequantization and bias fused in one call (as fast as the plain dynamic int8, twice its activation resolution);
-    elsewhere one int8 scale per token and torch._int_mm (multiplied in float32 where this build has no CPU kernel
-    for it: same result up to float rounding, slower)."""
+    The kernel (int8_kernel) is torch.ops.quantized.linear_dynamic with one uint8 scale and zero point per image:
+    quantization, product, dequantization and bias fused in one call, as fast as the plain dynamic int8, with twice its
+    activation resolution (exact, or rarely saturating on AVX2 without VNNI: weight_codes). An engine without it gets
+    one int8 scale per token and torch._int_mm (float32 where this build has no CPU kernel for it)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
@@ -246,15 +261,15 @@ class Int8Linear(torch.nn.Module):
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, input_absmax: torch.Tensor | None = None,
-                    alpha: float = SMOOTH_ALPHAS[0]) -> "Int8Linear":
+                    alpha: float = SMOOTH_ALPHAS[0], weight_code: int = WEIGHT_CODE_FULL) -> "Int8Linear":
         out = cls(linear.in_features, linear.out_features, linear.bias is not None)
         w = linear.weight.detach().float()
         if input_absmax is not None:
             s = smoothing_factors(w, input_absmax, alpha)
             w = w * s[None]
             out.smooth.copy_(1.0 / s)
-        scale = w.abs().amax(1).clamp(min=1e-12) / 127
-        out.weight_int8.copy_((w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).t())
+        scale = w.abs().amax(1).clamp(min=1e-12) / weight_code
+        out.weight_int8.copy_((w / scale[:, None]).round().clamp(-weight_code, weight_code).to(torch.int8).t())
         out.weight_scale.copy_(scale)
         if linear.bias is not None:
             out.bias.copy_(linear.bias.detach())
@@ -364,12 +379,13 @@ def linear_sensitivity(model, images: torch.Tensor, names: list[str], make_int8)
     return {n: e / max(1, len(images)) for n, e in errors.items()}
 
 
-def quantize_linears_int8(model, absmax: dict, keep_fp32=(), alpha: float = SMOOTH_ALPHAS[0]):
-    """A copy of `model` whose backbone nn.Linear layers are Int8Linear (SmoothQuant factors from `absmax`), but
-    those named in keep_fp32; `model` is untouched."""
+def quantize_linears_int8(model, absmax: dict, keep_fp32=(), alpha: float = SMOOTH_ALPHAS[0],
+                          weight_code: int = WEIGHT_CODE_FULL):
+    """A copy of `model` whose backbone nn.Linear layers are Int8Linear (SmoothQuant factors from `absmax`, weights
+    within +-weight_code), but those named in keep_fp32; `model` is untouched."""
     qmodel = copy.deepcopy(model).eval()
     names = [n for n in backbone_linears(qmodel) if n not in set(keep_fp32)]
-    _replace(qmodel, names, lambda n, lin: Int8Linear.from_linear(lin, absmax[n], alpha))
+    _replace(qmodel, names, lambda n, lin: Int8Linear.from_linear(lin, absmax[n], alpha, weight_code))
     return qmodel
 
 
@@ -381,11 +397,13 @@ def int8_skeleton(model, quant: dict):
     return model.eval()
 
 
-def smooth_quant_info(keep_fp32, n_linears: int, **measured) -> dict:
-    per = "image" if int8_kernel() == KERNEL_FUSED else "token"
+def smooth_quant_info(keep_fp32, n_linears: int, weight_code: int = WEIGHT_CODE_FULL, **measured) -> dict:
+    kernel = int8_kernel()
+    per = "token" if kernel == KERNEL_PER_TOKEN else "image"
     return {"method": SMOOTH_METHOD, "modules": ["Linear"], "dtype": "qint8", "qscheme": f"per_channel_w/per_{per}_act",
-            "kernel": int8_kernel(), "engine": torch.backends.quantized.engine, "fp32_linears": list(keep_fp32),
-            "int8_linears": n_linears - len(keep_fp32), **measured}
+            "kernel": kernel, "weight_code": weight_code, "kernel_exact": fused_kernel_exact(weight_code),
+            "engine": torch.backends.quantized.engine,
+            "fp32_linears": list(keep_fp32), "int8_linears": n_linears - len(keep_fp32), **measured}
 
 
 def choose_fp32_layers(order: list[str], reference, candidate) -> tuple[tuple, list]:
@@ -441,12 +459,13 @@ def margin_rms(logits, reference_margins: np.ndarray) -> float:
 def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: torch.Tensor, threshold: float,
                          *, batch_size: int = 16, desc: str = "int8 SmoothQuant") -> tuple[torch.nn.Module, dict]:
     """The fix of part 2, label-free throughout: Int8Linear layers with SmoothQuant factors from `calibration`
-    (training images); the migration strength alpha of SMOOTH_ALPHAS whose int8 model's logit margins stay closest
-    to fp32's on `agreement_images` (train + val; RMS); the head's bias corrected by the mean margin offset on the
-    calibration images (head_logit_shift); then mixed precision: the 0, 2, 4, 8 nn.Linear with the largest int8
-    error (linear_sensitivity) stay fp32, and the first candidate whose decisions (at `threshold`) agree with the
-    fp32 model's on lab_targets.INT8_MIN_AGREEMENT of `agreement_images` is kept, else the one that agrees most
-    (within one image: fewer fp32 layers, it is faster). A candidate whose weights would exceed
+    (training images); the migration strength alpha of SMOOTH_ALPHAS (and, where the kernel saturates, the weight
+    range of weight_codes) whose int8 model's logit margins stay closest to fp32's on `agreement_images` (train +
+    val; RMS); the head's bias corrected by the mean margin offset on the calibration images (head_logit_shift);
+    then mixed precision: the 0, 2, 4, 8 nn.Linear with the largest int8 error (linear_sensitivity) stay fp32, and
+    the first candidate whose decisions (at `threshold`) agree with the fp32 model's on
+    lab_targets.INT8_MIN_AGREEMENT of `agreement_images` is kept, else the one that agrees most (within one image:
+    fewer fp32 layers, it is faster). A candidate whose weights would exceed
     lab_targets.TARGET_MAX_SIZE_MB is not tried (each fp32 layer costs 4x its int8 bytes). Returns (int8 model,
     info)."""
     import time
@@ -471,28 +490,30 @@ def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: tor
     reference, reference_margins = predict_labels(reference_logits, threshold), logit_margin(reference_logits)
     calibration_margin = logit_margin(logits_of(model, calibration, f"{desc}: fp32 calibration logits"))
 
-    def build(alpha, fp32_layers):
-        qmodel = quantize_linears_int8(model, absmax, fp32_layers, alpha)
+    def build(alpha, fp32_layers, code):
+        qmodel = quantize_linears_int8(model, absmax, fp32_layers, alpha, code)
         shift = float(np.mean(calibration_margin - logit_margin(logits_of(qmodel, calibration, f"{desc}: offset"))))
         return qmodel, shift if head_logit_shift(qmodel, shift) else 0.0
 
-    deviations, built = [], {}
-    for alpha in SMOOTH_ALPHAS:
-        qmodel, shift = build(alpha, ())
-        logits = logits_of(qmodel, agreement_images, f"{desc}: alpha {alpha}")
-        deviations.append((alpha, margin_rms(logits, reference_margins)))
-        if min(d for _, d in deviations) == deviations[-1][1]:
-            built = {"alpha": alpha, "shift": shift, "model": qmodel, "decisions": predict_labels(logits, threshold)}
-    alpha = built["alpha"]
+    deviations, built = {}, {}
+    for code in weight_codes():
+        for alpha in SMOOTH_ALPHAS:
+            qmodel, shift = build(alpha, (), code)
+            logits = logits_of(qmodel, agreement_images, f"{desc}: alpha {alpha}, weights +-{code}")
+            deviations[code, alpha] = margin_rms(logits, reference_margins)
+            if deviations[code, alpha] == min(deviations.values()):
+                built = {"alpha": alpha, "code": code, "shift": shift, "model": qmodel,
+                         "decisions": predict_labels(logits, threshold)}
+    alpha, code = built["alpha"], built["code"]
     sensitivity = linear_sensitivity(model, calibration, names,
-                                     lambda n, lin: Int8Linear.from_linear(lin, absmax[n], alpha))
+                                     lambda n, lin: Int8Linear.from_linear(lin, absmax[n], alpha, code))
     order = sorted(names, key=lambda n: -sensitivity[n])
     shifts = {0: built["shift"]}
 
     def candidate(fp32_layers):
         if not fp32_layers:
             return built["decisions"], built["model"]
-        qmodel, shifts[len(fp32_layers)] = build(alpha, fp32_layers)
+        qmodel, shifts[len(fp32_layers)] = build(alpha, fp32_layers, code)
         if state_dict_bytes(qmodel) / 1e6 >= TARGET_MAX_SIZE_MB:
             return None
         return predict_labels(logits_of(qmodel, agreement_images, f"{desc}: {len(fp32_layers)} fp32 layer(s)"),
@@ -500,7 +521,10 @@ def quantize_smooth_int8(model, calibration: torch.Tensor, agreement_images: tor
 
     best, tried = choose_fp32_layers(order, reference, candidate)
     k, agreement, qmodel = best
-    info = smooth_quant_info(order[:k], len(names), alpha=alpha, alphas_tried=[list(d) for d in deviations],
+    info = smooth_quant_info(order[:k], len(names), code, alpha=alpha,
+                             alphas_tried=[[a, deviations[code, a]] for a in SMOOTH_ALPHAS],
+                             weight_codes_tried=[[c, min(d for (c2, _), d in deviations.items() if c2 == c)]
+                                                 for c in weight_codes()],
                              logit_shift=shifts[k], agreement=agreement, agreement_images=len(reference),
                              calibration_images=len(calibration), tried=[list(t) for t in tried],
                              seconds=time.perf_counter() - t0)

@@ -49,8 +49,8 @@ def test_end_to_end_outputs(demo):
     assert "[FAIL] accuracy > 95 %" in out and "RANDOM weights" in out
     assert (cwd / "modeles" / "model_quantized.pth").is_file()
     assert (cwd / "modeles" / "model_quantized_smoothquant.pth").is_file()
-    assert re.search(r"pytorch-int8-smoothquant: kernel \S+ \(engine '\w+'\), calibrated on \d+ train images; "
-                     r"SmoothQuant alpha [\d.]+ .* kept fp32", out), out
+    assert re.search(r"pytorch-int8-smoothquant: kernel \S+ \(engine '\w+', weights within \+-\d+: [^)]+\), calibrated on "
+                     r"\d+ train images; SmoothQuant alpha [\d.]+ .* kept fp32", out), out
     assert (cwd / "resultats" / "quantization_comparison.png").stat().st_size > 10_000
 
     with open(cwd / "resultats" / "quantization_results.csv", newline="") as f:
@@ -178,12 +178,13 @@ def test_smooth_int8_mixed_precision_stays_under_the_size_target(tmp_path, synth
 
 
 def test_int8_linear_matches_float_reference():
-    """Int8Linear = its own integer arithmetic done in float (rounding per token and per output channel)."""
+    """Int8Linear = its own integer arithmetic done in float (rounding per image and per output channel), with the
+    weight range this CPU's kernel multiplies exactly."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
     x = torch.randn(2, 7, 64)
     x[..., 3] *= 30  # an outlier channel, as in ViT activations
-    q = qd.Int8Linear.from_linear(linear, x.abs().reshape(-1, 64).amax(0))
+    q = qd.Int8Linear.from_linear(linear, x.abs().reshape(-1, 64).amax(0), weight_code=qd.weight_codes()[-1])
     with torch.inference_mode():
         rel = (q(x) - linear(x)).norm() / linear(x).norm()
     assert q(x).shape == (2, 7, 32) and rel < 0.02, float(rel)
@@ -219,9 +220,9 @@ def test_int8_kernels_agree_and_legacy_checkpoints_load(tmp_path, synthetic_root
     smooth, info = qd.quantize_smooth_int8(fp32, images[:2], images, threshold=0.5)
     with torch.inference_mode():
         ref, here = model_logits(fp32, images), model_logits(smooth, images)
-        monkeypatch.setattr(qd, "int8_kernel", lambda: qd.KERNEL_PER_TOKEN)
+        monkeypatch.setattr(qd, "int8_kernel", lambda *_: qd.KERNEL_PER_TOKEN)
         per_token = model_logits(smooth, images)
-    assert info["kernel"] in (qd.KERNEL_FUSED, qd.KERNEL_PER_TOKEN)
+    assert info["kernel"] == qd.KERNEL_FUSED
     spread = (ref - ref.mean()).abs().max()
     assert (here - ref).abs().max() < 0.25 * spread and (per_token - ref).abs().max() < 0.25 * spread
     path = qd.save_quantized_checkpoint(tmp_path / "legacy.pth", smooth, ckpt,
@@ -229,6 +230,35 @@ def test_int8_kernels_agree_and_legacy_checkpoints_load(tmp_path, synthetic_root
     reloaded, _ = qd.load_quantized_checkpoint(path)
     with torch.inference_mode():
         assert torch.equal(model_logits(reloaded, images), per_token)
+
+
+def test_a_saturating_kernel_keeps_the_fix_on_the_fused_kernel(tmp_path, synthetic_root, monkeypatch):
+    """Where fbgemm's AVX2 kernel saturates with full-range weights (emulated here on any CPU), the fix never falls
+    back to the per-token product (26x slower than fp32 there): it measures full-range weights against weights within
+    +-64, which that kernel multiplies exactly, and keeps the one whose margins stay closer to fp32's."""
+    assert qd.fused_kernel_exact(qd.WEIGHT_CODE_SATURATION_SAFE)  # exact on every x86 kernel, VNNI or not
+    monkeypatch.setitem(qd._KERNEL_PROBES, (torch.backends.quantized.engine, qd.WEIGHT_CODE_FULL), False)
+    assert qd.weight_codes() == (qd.WEIGHT_CODE_FULL, qd.WEIGHT_CODE_SATURATION_SAFE)
+    assert qd.int8_kernel() == qd.KERNEL_FUSED
+    per_token_calls = []
+    monkeypatch.setattr(qd, "_int8_matmul", lambda a, b: per_token_calls.append(1) or a.float() @ b.float())
+    fp32, ckpt = lm.load_checkpoint(_checkpoint(tmp_path, synthetic_root))
+    torch.manual_seed(0)
+    images = torch.randn(6, 3, *ckpt["preprocessing"]["image_size"])
+    smooth, info = qd.quantize_smooth_int8(fp32, images[:2], images, threshold=0.5)
+    assert [c for c, _ in info["weight_codes_tried"]] == [qd.WEIGHT_CODE_FULL, qd.WEIGHT_CODE_SATURATION_SAFE]
+    assert info["weight_code"] == min(info["weight_codes_tried"], key=lambda t: t[1])[0]
+    assert info["kernel_exact"] == (info["weight_code"] == qd.WEIGHT_CODE_SATURATION_SAFE)
+    layers = [m for m in smooth.modules() if isinstance(m, qd.Int8Linear)]
+    assert layers and all(int(m.weight_int8.abs().max()) <= info["weight_code"] for m in layers)
+    with torch.inference_mode():
+        ref, here = model_logits(fp32, images), model_logits(smooth, images)
+        spread = (ref - ref.mean()).abs().max()
+        safe = qd.quantize_linears_int8(fp32, {n: torch.ones(m.in_features) for n, m in fp32.named_modules()
+                                               if n in qd.backbone_linears(fp32)},
+                                        weight_code=qd.WEIGHT_CODE_SATURATION_SAFE)
+        assert (model_logits(safe, images) - ref).abs().max() < 0.25 * spread
+    assert (here - ref).abs().max() < 0.25 * spread and not per_token_calls
 
 
 @pytest.mark.slow
