@@ -269,10 +269,8 @@ def smooth_int8(fp32_model, loaders, threshold: float):
     tried = ", ".join(f"{k} fp32: {a * 100:.1f} %" for k, a in info["tried"])
     exact = "exact" if info["kernel_exact"] else "saturates on rare pairs of large products"
     print(f"{SMOOTH}: kernel {info['kernel']} (engine '{info['engine']}', weights within +-{info['weight_code']}: "
-          f"{exact}), "
-          f"calibrated on "
-          f"{info['calibration_images']} train images; SmoothQuant alpha {info['alpha']:g} (RMS logit deviation from "
-          f"fp32 on {info['agreement_images']} train+val images: {alphas}); head offset {info['logit_shift']:+.3f} "
+          f"{exact}), calibrated on {info['calibration_images']} train images; SmoothQuant alpha {info['alpha']:g} "
+          f"(RMS logit deviation from fp32 on {info['agreement_images']} train+val images: {alphas}); head offset {info['logit_shift']:+.3f} "
           f"(mean on the calibration images); decisions agreeing with fp32 on train+val: {tried} -> "
           f"{len(info['fp32_linears'])} of {info['int8_linears'] + len(info['fp32_linears'])} nn.Linear kept fp32 "
           f"(more fp32 layers than fit under {TARGET_MAX_SIZE_MB:g} MB not tried; {info['seconds']:.0f} s)")
