@@ -5,7 +5,7 @@
   (mvtec_dataset.py), score.py and predict.py all call it, so serving sees exactly what training saw.
 - The model's sidecar (`model_final.json`, format tp4-onnx-sidecar-v1): what file, input, labels, preprocessing,
   decision threshold and sha256; written by onnx_optimization.py and the pipeline, read by score.py.
-- ONNX Runtime sessions: creation with explicit threads, prediction over a loader, timing (lab_io.benchmark).
+- ONNX Runtime sessions: creation with explicit threads, prediction over a loader, timing jobs (lab_io.benchmark_rounds).
 - The good-only detector of anomaly_detector.py (PatchDetector): its bank (safetensors) and exported backbone,
   nearest-patch distances and anomaly maps in numpy, the very functions the detector is fitted and evaluated with.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from lab_io import UserError, atomic_write, atomic_write_text, benchmark, json_safe, keep_previous, physical_cores, \
+from lab_io import UserError, atomic_write, atomic_write_text, json_safe, keep_previous, physical_cores, \
     library_versions, sha256_file
 from lab_targets import DETECTOR_GOOD_THRESHOLD_RULE, LABELS
 
@@ -448,12 +448,10 @@ def runner_predict_logits(runner: Runner, loader, desc: str = "predict"):
     return np.concatenate(logits).astype(np.float32), np.concatenate(labels).astype(np.int64)
 
 
-def benchmark_runner(runner: Runner, inputs: np.ndarray, *, warmup: int = 5, runs: int = 30,
-                     max_seconds: float | None = 60.0, desc: str = "benchmark") -> dict:
-    """lab_io.benchmark on runner.run with a fixed numpy batch (prepared once, outside the timing)."""
+def runner_job(runner: Runner, inputs: np.ndarray) -> dict:
+    """runner.run on a fixed numpy batch (prepared once, outside the timing), as a lab_io.benchmark_rounds job."""
     x = np.ascontiguousarray(inputs, dtype=np.float32)
-    return benchmark(lambda: runner.run(x), batch_size=int(x.shape[0]), device="cpu", threads=runner.threads,
-                     warmup=warmup, runs=runs, max_seconds=max_seconds, desc=desc)
+    return {"run": lambda: runner.run(x), "batch_size": int(x.shape[0]), "device": "cpu", "threads": runner.threads}
 
 
 def numeric_precision(variant: str, engine_precision: str) -> str:

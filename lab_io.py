@@ -315,6 +315,9 @@ def library_versions() -> dict:
 # --------------------------------------------------------------------------------------------------
 # The timed loop (in the spirit of timm's benchmark.py) and printed tables
 # --------------------------------------------------------------------------------------------------
+BENCH_ROUNDS = 3  # timed runs split into rounds, every variant in each: a slow spell of the machine hits all alike
+
+
 def benchmark(run_batch: Callable[[], object], *, batch_size: int, device: str = "cpu", threads: int | None = None,
               sync: Callable[[], None] | None = None, warmup: int = 5, runs: int = 30,
               max_seconds: float | None = 60.0, desc: str = "benchmark") -> dict:
@@ -323,24 +326,51 @@ def benchmark(run_batch: Callable[[], object], *, batch_size: int, device: str =
     `sync()` is called after every run so that asynchronous GPU work is counted. Timed runs stop early after
     `max_seconds` (never fewer than 5). Returns the latency columns in ms per batch (latency_columns), images per
     second (batch_size / median latency), and the settings used."""
+    job = {"run": run_batch, "batch_size": batch_size, "device": device, "threads": threads, "sync": sync}
+    return benchmark_rounds({desc: job}, warmup=warmup, runs=runs, max_seconds=max_seconds, rounds=1, desc=desc)[desc]
+
+
+def benchmark_rounds(jobs: dict[str, dict], *, warmup: int = 5, runs: int = 30, max_seconds: float | None = 60.0,
+                     rounds: int = BENCH_ROUNDS, desc: str = "timing") -> dict[str, dict]:
+    """Time several variants against each other: each job (run, batch_size, device, threads, sync: the arguments of
+    benchmark) is warmed up, then its `runs` timed runs are split into `rounds`, and every round times every job in
+    turn. A machine that slows down for a while (another task, frequency) then slows every variant alike, instead of
+    the one whose block it hit: the speed-up ratios are what the targets and the recommendation read. A job stops
+    after `max_seconds` of timed runs in all, shared out over the rounds (never fewer than 5 runs). Returns {name:
+    what benchmark returns}."""
     from tqdm.auto import tqdm
 
-    sync = sync or (lambda: None)
-    for _ in tqdm(range(warmup), desc=f"{desc} warm-up", leave=False):
-        run_batch()
-    sync()
-    times = []
-    start = time.perf_counter()
-    for i in tqdm(range(runs), desc=desc, leave=False):
-        t0 = time.perf_counter()
-        run_batch()
-        sync()
-        times.append((time.perf_counter() - t0) * 1000.0)
-        if max_seconds is not None and i + 1 >= 5 and time.perf_counter() - start > max_seconds:
-            break
+    rounds = max(1, min(rounds, runs))
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    spent = dict.fromkeys(jobs, 0.0)
+    with tqdm(total=len(jobs) * (warmup + runs), desc=desc, leave=False) as bar:
+        for job in jobs.values():
+            for _ in range(warmup):
+                job["run"]()
+                bar.update()
+            (job.get("sync") or (lambda: None))()
+        for r in range(rounds):
+            for name, job in jobs.items():
+                sync = job.get("sync") or (lambda: None)
+                share = runs * (r + 1) // rounds - runs * r // rounds
+                for _ in range(share):  # the time budget too is shared out round by round
+                    if (max_seconds is not None and len(times[name]) >= -(-5 * (r + 1) // rounds)
+                            and spent[name] > max_seconds * (r + 1) / rounds):
+                        break
+                    t0 = time.perf_counter()
+                    job["run"]()
+                    sync()
+                    times[name].append((time.perf_counter() - t0) * 1000.0)
+                    spent[name] += times[name][-1] / 1000.0
+                    bar.update()
+    return {name: _bench_result(times[name], job, warmup, rounds) for name, job in jobs.items()}
+
+
+def _bench_result(times: list[float], job: dict, warmup: int, rounds: int) -> dict:
     stats = latency_columns(times)
-    return {"batch_size": batch_size, "runs": len(times), "warmup": warmup, "device": device, "threads": threads,
-            **stats, "throughput_img_s": batch_size * 1000.0 / stats["latency_median_ms"]}
+    return {"batch_size": job["batch_size"], "runs": len(times), "warmup": warmup, "rounds": rounds,
+            "device": job.get("device", "cpu"), "threads": job.get("threads"), **stats,
+            "throughput_img_s": job["batch_size"] * 1000.0 / stats["latency_median_ms"]}
 
 
 P99_MIN_RUNS = 100  # with fewer timed runs a 99th percentile is the slowest one: latency_max_ms says so

@@ -403,6 +403,8 @@ RESULT_COLUMNS = {
     "torch_threads": ("", NEUTRAL, _TIME, "PyTorch threads (when the engine is another)"),
     "warmup": ("runs", NEUTRAL, _TIME, "untimed warm-up runs"),
     "runs": ("runs", NEUTRAL, _TIME, "timed runs of the latency columns"),
+    "rounds": ("", NEUTRAL, _TIME, "rounds the timed runs were split into, every variant timed in each round "
+                                   "(lab_io.benchmark_rounds)"),
     "runs_throughput": ("runs", NEUTRAL, _TIME, "timed runs of the throughput columns"),
     "latency_median_ms": ("ms per call", LOWER, _TIME, "median latency at batch_size"),
     "latency_p95_ms": ("ms per call", LOWER, _TIME, "95th percentile latency at batch_size"),
@@ -628,6 +630,7 @@ def measurement_columns(metrics: dict, b1: dict, bn: dict, *, price_per_hour: fl
     """measured_columns without the comparison with a reference (benchmark_gpu.py's CPU and GPU rows)."""
     cost = cost_per_1000_images(price_per_hour, b1["latency_median_ms"], 1)
     row = {"batch_size": 1, "threads": b1.get("threads"), "warmup": b1.get("warmup"), "runs": b1.get("runs"),
+           "rounds": b1.get("rounds"),
            "latency_median_ms": b1["latency_median_ms"], "latency_p95_ms": b1["latency_p95_ms"],
            "latency_p99_ms": b1["latency_p99_ms"], "latency_max_ms": b1["latency_max_ms"],
            "throughput_b1_img_s": b1["throughput_img_s"],

@@ -31,16 +31,16 @@ from engines import (DEFAULT_OPSET, FILES, export_onnx, mixed_precision_basis, m
                      optimize_onnx, quantize_onnx_int8, quantize_onnx_int8_mixed, variant_precision,
                      describe_ort_int8_mixed)
 from hybrid import HYBRID_CHOICES, HYBRID_HELP, fit_for_mode, guard_mask, hybrid_variants
-from inference import (ENGINE_ORT, ENGINE_OV, FINAL_ONNX, Runner, benchmark_runner, final_path, onnx_opset,
-                       ort_threads, runner_predict_logits, save_final, write_sidecar)
-from lab_io import (ArgumentParser, UserError, append_csv_rows, cpu_flags, cpu_name, environment_columns,
-                    format_table, positive_int, run_cli, run_id, save_figure, size_on_disk_mb)
+from inference import (ENGINE_ORT, ENGINE_OV, FINAL_ONNX, Runner, final_path, onnx_opset, ort_threads,
+                       runner_job, runner_predict_logits, save_final, write_sidecar)
+from lab_io import (ArgumentParser, UserError, append_csv_rows, benchmark_rounds, cpu_flags, cpu_name,
+                    environment_columns, format_table, positive_int, run_cli, run_id, save_figure, size_on_disk_mb)
 from lab_targets import (BANK_EXCLUDED, CPU_PRICE, CPU_VM, HYBRID_PREFIX, SELECTION_SPLIT, choose_deployable,
                          compare_logits, describe_flips, describe_guard, format_accuracy, guard_kind,
                          judge_selection, recommend, selection_candidates, variant_passes, variant_row)
 from load_model_hf import checkpoint_threshold, load_checkpoint, resolve_model_path
 from mvtec_dataset import make_loaders, selection_loader, split_from_manifest
-from train_utils import benchmark_batch, benchmark_torch_model, classification_metrics, predict_logits, set_threads
+from train_utils import benchmark_batch, classification_metrics, predict_logits, set_threads, torch_job
 
 
 def plot_comparison(variants: list[dict], path: Path, *, title: str, bench_batch: int, selected: str | None,
@@ -323,12 +323,11 @@ def time_variants(args, inputs: dict, variants: list[dict], runners: dict) -> fl
     bench = dict(warmup=args.warmup, runs=args.runs, max_seconds=args.max_seconds)
     for key, n in (("b1", 1), ("bn", args.bench_batch_size)):
         x = benchmark_batch(dataset, n).numpy().astype(np.float32)
+        jobs = {v["variant"]: torch_job(inputs["model"], torch.from_numpy(x), "cpu") if v["backend"] == "pytorch"
+                else runner_job(runners[v["variant"]], x) for v in variants}
+        timed = benchmark_rounds(jobs, desc=f"timing {len(jobs)} variants at batch {n}", **bench)
         for v in variants:
-            desc = f"{v['variant']} batch {n}"
-            if v["backend"] == "pytorch":
-                v[key] = benchmark_torch_model(inputs["model"], torch.from_numpy(x), "cpu", desc=desc, **bench)
-            else:
-                v[key] = benchmark_runner(runners[v["variant"]], x, desc=desc, **bench)
+            v[key] = timed[v["variant"]]
     return load
 
 

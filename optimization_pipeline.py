@@ -44,10 +44,9 @@ import torch.nn.functional as F
 import engines
 import quantize as qz
 from hybrid import HYBRID_CHOICES, HYBRID_HELP, fit_for_mode, guard_mask, hybrid_variants
-from inference import (ENGINE_ORT, Runner, benchmark_runner, onnx_opset, runner_predict_logits, save_final,
-                       write_sidecar)
-from lab_io import (ArgumentParser, UserError, append_csv_rows, atomic_write, cpu_has_bf16, environment_columns,
-                    format_table, keep_previous, positive_int, run_cli, run_id, size_on_disk_mb)
+from inference import ENGINE_ORT, Runner, onnx_opset, runner_job, runner_predict_logits, save_final, write_sidecar
+from lab_io import (BENCH_ROUNDS, ArgumentParser, UserError, append_csv_rows, atomic_write, benchmark_rounds,
+                    cpu_has_bf16, environment_columns, format_table, keep_previous, positive_int, run_cli, run_id, size_on_disk_mb)
 from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, DISTILLATION, END_TO_END_IMAGES, END_TO_END_REPEATS,
                          GPU_PRICE, GPU_VM, LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE, QUANTIZATION, SELECTION_SPLIT,
                          SELECTION_SPLITS, STUDENT_FROM_BASELINE, TARGETS, choose_deployable, compare_logits,
@@ -59,9 +58,9 @@ from mvtec_dataset import (make_loaders, make_synthetic_mvtec, prepare_split, se
                            write_manifest)
 from rapport import REPORT_CSV, REPORT_PNG, write_report
 from train_utils import (DISTILL_LOSSES, OFFLINE_DEFAULT_EPOCHS, STUDENT_FROM_BASELINE_LR, benchmark_batch,
-                         benchmark_torch_model, class_weights, classification_metrics, default_lr, device_name,
+                         class_weights, classification_metrics, default_lr, device_name,
                          half_depth_copy, linear_probe_init, model_logits, pick_device, predict_logits, set_seed,
-                         set_threads, train_model, training_recipe)
+                         set_threads, torch_job, train_model, training_recipe)
 
 HERE = Path(__file__).resolve().parent
 # The offline demo: synthetic tree size, models, epochs and learning rates measured on a 2-core CPU so that the whole
@@ -565,16 +564,17 @@ def openvino_step(args, data: Data, ckpt, fp32_onnx: Path, reference: Variant, s
 
 
 def time_variants(variants: list[Variant], args, threads: int) -> None:
-    """Batch 1 then the larger batch, every variant in turn (same images, same threads, same run)."""
+    """Batch 1 then the larger batch, every variant in each round (same images, same threads, same run)."""
     bench = dict(warmup=args.warmup, runs=args.runs, max_seconds=args.max_bench_seconds)
     for key, n in (("b1", 1), ("bn", args.bench_batch_size)):
+        jobs = {}
         for v in variants:
             batch = benchmark_batch(v.loader.dataset, n)
-            desc = f"{v.name} batch {n}"
-            if v.backend == "pytorch":
-                setattr(v, key, benchmark_torch_model(v.model, batch, v.device, desc=desc, **bench))
-            else:
-                setattr(v, key, benchmark_runner(v.runner, batch.numpy(), desc=desc, **bench))
+            jobs[v.name] = (torch_job(v.model, batch, v.device) if v.backend == "pytorch"
+                            else runner_job(v.runner, batch.numpy()))
+        timed = benchmark_rounds(jobs, desc=f"timing {len(jobs)} variants at batch {n}", **bench)
+        for v in variants:
+            setattr(v, key, timed[v.name])
     for v in variants:
         if v.device.type != "cpu":
             v.model.cpu()
@@ -898,7 +898,7 @@ def main(argv=None) -> int:
 
     # timing: every variant in the same run, same threads, same images
     print(f"timing {len(variants)} variants: batch 1 and batch {args.bench_batch_size}, {args.warmup} warm-up + up to "
-          f"{args.runs} runs each, {threads} thread(s)")
+          f"{args.runs} runs each in {BENCH_ROUNDS} rounds (every variant in each round), {threads} thread(s)")
     time_variants(variants, args, threads)
 
     # rows, the deployable model, the CSV, the report and its figure (rapport.py, from the CSV only)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from lab_io import (ArgumentParser, UserError, append_csv_rows, cpu_name, environment_columns, format_table,
-                    positive_int, run_cli, run_id, save_figure, size_on_disk_mb)
+from lab_io import (ArgumentParser, UserError, append_csv_rows, benchmark_rounds, cpu_name, environment_columns,
+                    format_table, positive_int, run_cli, run_id, save_figure, size_on_disk_mb)
 from lab_targets import (CPU_PRICE, QUANTIZATION, SELECTION_SPLIT, TARGET_MAX_LOSS_PT, TARGET_MAX_SIZE_MB,
                          TARGET_MIN_ACCURACY, compare_logits, describe_flips, describe_guard, format_accuracy,
                          judge_selection, variant_passes, variant_row)
@@ -32,8 +32,8 @@ from mvtec_dataset import make_loaders, selection_loader, split_from_manifest
 from quantize import (ENGINES, SMOOTH_CALIBRATION_IMAGES, linear_share,
                       load_quantized_checkpoint, quantization_info, quantize_dynamic_int8, quantize_smooth_int8,
                       quiet_quantization_warnings, save_quantized_checkpoint, select_engine)
-from train_utils import (benchmark_batch, benchmark_torch_model, classification_metrics, model_logits,
-                         predict_logits, set_seed, set_threads)
+from train_utils import (benchmark_batch, classification_metrics, model_logits, predict_logits, set_seed, set_threads,
+                         torch_job)
 
 FP32, DYNAMIC, SMOOTH = "pytorch-fp32", "pytorch-int8-dynamic", "pytorch-int8-smoothquant"
 METHODS = {FP32: "eager", DYNAMIC: "torch.ao quantize_dynamic (nn.Linear)",
@@ -49,7 +49,7 @@ def compare_models(models: dict, test_loader, selection_loader, *, bench_batch_s
                    runs: int = 30, threshold: float = 0.5) -> dict:
     """Evaluate every model (the first one is the fp32 reference) on the selection images (train + val, for the
     guard) and on the test loader (the report), at the decision threshold of the checkpoint, and time them on the
-    same inputs (batch 1 and bench_batch_size, each model in turn so that drift of the machine hits all alike).
+    same inputs (batch 1 and bench_batch_size, every model in each round so that drift of the machine hits all alike).
 
     Returns {name: metrics ("accuracy", "f1", ...) + "b1"/"bn" benchmark dicts + for the int8 ones "guard"
     (lab_targets.judge_selection on train + val), "test" (lab_targets.compare_logits: flips, McNemar),
@@ -63,9 +63,10 @@ def compare_models(models: dict, test_loader, selection_loader, *, bench_batch_s
         result[name] = classification_metrics(labels, logits[name], dataset.defect_types, threshold=threshold)
     batch = benchmark_batch(dataset, bench_batch_size)
     for key, example in (("b1", batch[:1]), ("bn", batch)):
-        for name, model in models.items():
-            result[name][key] = benchmark_torch_model(model, example, "cpu", warmup=warmup, runs=runs,
-                                                      desc=f"{name} batch {example.shape[0]}")
+        timed = benchmark_rounds({name: torch_job(model, example, "cpu") for name, model in models.items()},
+                                 warmup=warmup, runs=runs, desc=f"timing at batch {example.shape[0]}")
+        for name in models:
+            result[name][key] = timed[name]
     ref_name, n = next(iter(models)), len(labels)
     ref = result[ref_name]
     for name in list(models)[1:]:

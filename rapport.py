@@ -140,7 +140,9 @@ def method_section(w, rows: list[dict], base: dict) -> None:
     w(f"- Chronométrage : {base['warmup']} passes d'échauffement puis jusqu'à {base['runs']} passes mesurées par "
       f"variante ; latence = médiane, p95 et p99 à batch {base['batch_size']} (référence des objectifs de temps et "
       f"de coût ; sous 100 passes mesurées le p99 n'est que la plus lente : le tableau donne alors « max »), débit en images/s à batch {nb}. Toutes les variantes sont mesurées dans la même exécution, "
-      "sur les mêmes images, avec les mêmes threads, l'une après l'autre.")
+      f"sur les mêmes images, avec les mêmes threads, en {base.get('rounds') or 1} tours : à chaque tour, chaque "
+      "variante fait sa part des passes mesurées, si bien qu'un ralentissement passager de la machine les touche "
+      "toutes.")
     w(f"- Coût pour 1000 images = latence médiane à batch {base['batch_size']} × prix horaire "
       f"({num(base, 'price_per_hour', 3)} USD/h pour le CPU"
       + (f", {num(gpu_rows[0], 'price_per_hour', 3)} USD/h pour le GPU" if gpu_rows else "")

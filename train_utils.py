@@ -584,8 +584,8 @@ def benchmark_batch(dataset, batch_size: int) -> torch.Tensor:
     return torch.stack([dataset[i % len(dataset)][0] for i in range(batch_size)])
 
 
-def benchmark_torch_model(model, example: torch.Tensor, device="cpu", **kwargs) -> dict:
-    """benchmark() applied to a PyTorch model on a fixed input batch, under inference_mode."""
+def torch_job(model, example: torch.Tensor, device="cpu") -> dict:
+    """A PyTorch model on a fixed input batch, under inference_mode, as a lab_io.benchmark_rounds job."""
     device = torch.device(device)
     model.eval().to(device)
     example = example.to(device)
@@ -594,5 +594,12 @@ def benchmark_torch_model(model, example: torch.Tensor, device="cpu", **kwargs) 
     def run():
         return model_logits(model, example)
 
-    return benchmark(run, batch_size=example.shape[0], device=device.type, threads=torch.get_num_threads(),
-                     sync=lambda: sync(device), **kwargs)
+    return {"run": run, "batch_size": example.shape[0], "device": device.type, "threads": torch.get_num_threads(),
+            "sync": lambda: sync(device)}
+
+
+def benchmark_torch_model(model, example: torch.Tensor, device="cpu", **kwargs) -> dict:
+    """benchmark() applied to a PyTorch model on a fixed input batch, under inference_mode."""
+    job = torch_job(model, example, device)
+    return benchmark(job["run"], batch_size=job["batch_size"], device=job["device"], threads=job["threads"],
+                     sync=job["sync"], **kwargs)

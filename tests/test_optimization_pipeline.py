@@ -86,6 +86,7 @@ def test_csv_png_report_and_final_model(project):
                     "cost_per_1000_images_usd", "speedup"):
             assert float(r[key]) > 0, (r["variant"], key)
         assert r["latency_p99_ms"] == "" or int(r["runs"]) >= 100, r["variant"]  # p99 only from >= 100 runs
+        assert (r["runs"], r["rounds"]) == ("3", "3"), r["variant"]  # --runs 3: one run per round, every variant
         assert float(r["latency_p95_ms"]) >= float(r["latency_median_ms"])
         assert 0 <= float(r["accuracy"]) <= 1
         for t in TARGETS[:-1]:

@@ -55,6 +55,47 @@ def test_benchmark_reports_percentiles_and_throughput():
     assert lab_targets.cost_per_1000_images(3.6, latency_ms_per_batch=100, batch_size=1) == pytest.approx(0.1)
 
 
+class _FakeMachine:
+    """A clock that the jobs advance: job A costs 2 s and job B 1 s, three times more during a slow spell."""
+
+    def __init__(self, slow_calls=range(0)):
+        self.now, self.calls, self.order, self.slow_calls = 0.0, 0, [], slow_calls
+
+    def job(self, name, seconds):
+        def run():
+            self.now += seconds * (3 if self.calls in self.slow_calls else 1)
+            self.calls += 1
+            self.order.append(name)
+        return {"run": run, "batch_size": 1, "device": "cpu", "threads": 1}
+
+
+def test_benchmark_rounds_interleave_variants_so_a_slow_spell_hits_all_alike(monkeypatch):
+    ratios = {}
+    for rounds in (1, 3):
+        machine = _FakeMachine(slow_calls=range(2, 2 + 8))  # right after the warm-ups, a third of all the runs
+        monkeypatch.setattr(lab_io.time, "perf_counter", lambda m=machine: m.now)
+        timed = lab_io.benchmark_rounds({"A": machine.job("A", 2.0), "B": machine.job("B", 1.0)}, warmup=1, runs=12,
+                                        max_seconds=None, rounds=rounds)
+        assert [timed[n]["runs"] for n in "AB"] == [12, 12] and timed["A"]["rounds"] == rounds
+        ratios[rounds] = timed["A"]["latency_median_ms"] / timed["B"]["latency_median_ms"]
+        if rounds == 3:  # warm-ups, then every variant in each round
+            assert machine.order == ["A", "B"] + (["A"] * 4 + ["B"] * 4) * 3
+    assert ratios[1] == pytest.approx(6.0)  # the spell hit A's block alone: A looks 3x slower than it is
+    assert ratios[3] == pytest.approx(2.0)  # a third of each variant's runs slowed: the medians keep the true ratio
+
+
+def test_benchmark_rounds_share_the_time_budget_over_the_rounds(monkeypatch):
+    machine = _FakeMachine()
+    monkeypatch.setattr(lab_io.time, "perf_counter", lambda: machine.now)
+    timed = lab_io.benchmark_rounds({"slow": machine.job("slow", 10.0), "fast": machine.job("fast", 0.001)},
+                                    warmup=0, runs=30, max_seconds=30, rounds=3)
+    assert timed["slow"]["runs"] == 5 and timed["fast"]["runs"] == 30  # never fewer than 5 runs
+    slow_rounds = [i for i, name in enumerate(machine.order) if name == "slow"]
+    fast_rounds = [i for i, name in enumerate(machine.order) if name == "fast"]
+    assert slow_rounds[-1] > fast_rounds[0]  # still timed in the last round, after the fast one's first runs
+    assert timed["slow"]["latency_median_ms"] == pytest.approx(10_000)
+
+
 def test_csv_append_keeps_rows_and_unions_columns(tmp_path):
     path = tmp_path / "r.csv"
     lab_io.append_csv_rows(path, [{"run_id": 1, "accuracy": 0.5}])
