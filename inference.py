@@ -5,7 +5,8 @@
   (mvtec_dataset.py), score.py and predict.py all call it, so serving sees exactly what training saw.
 - The model's sidecar (`model_final.json`, format tp4-onnx-sidecar-v1): what file, input, labels, preprocessing,
   decision threshold and sha256; written by onnx_optimization.py and the pipeline, read by score.py.
-- ONNX Runtime sessions: creation with explicit threads, prediction over a loader, timing jobs (lab_io.benchmark_rounds).
+- ONNX Runtime sessions: creation with explicit threads, prediction over a loader, timing jobs
+  (lab_io.benchmark_rounds).
 - The good-only detector of anomaly_detector.py (PatchDetector): its bank (safetensors) and exported backbone,
   nearest-patch distances and anomaly maps in numpy, the very functions the detector is fitted and evaluated with.
 

@@ -353,9 +353,9 @@ def benchmark_rounds(jobs: dict[str, dict], *, warmup: int = 5, runs: int = 30, 
             for name, job in jobs.items():
                 sync = job.get("sync") or (lambda: None)
                 share = runs * (r + 1) // rounds - runs * r // rounds
+                min_runs, budget = math.ceil(5 * (r + 1) / rounds), (max_seconds or 0) * (r + 1) / rounds
                 for _ in range(share):  # the time budget too is shared out round by round
-                    if (max_seconds is not None and len(times[name]) >= -(-5 * (r + 1) // rounds)
-                            and spent[name] > max_seconds * (r + 1) / rounds):
+                    if max_seconds is not None and len(times[name]) >= min_runs and spent[name] > budget:
                         break
                     t0 = time.perf_counter()
                     job["run"]()

@@ -46,7 +46,8 @@ import quantize as qz
 from hybrid import HYBRID_CHOICES, HYBRID_HELP, fit_for_mode, guard_mask, hybrid_variants
 from inference import ENGINE_ORT, Runner, onnx_opset, runner_job, runner_predict_logits, save_final, write_sidecar
 from lab_io import (BENCH_ROUNDS, ArgumentParser, UserError, append_csv_rows, atomic_write, benchmark_rounds,
-                    cpu_has_bf16, environment_columns, format_table, keep_previous, positive_int, run_cli, run_id, size_on_disk_mb)
+                    cpu_has_bf16, environment_columns, format_table, keep_previous, positive_int, run_cli, run_id,
+                    size_on_disk_mb)
 from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, DISTILLATION, END_TO_END_IMAGES, END_TO_END_REPEATS,
                          GPU_PRICE, GPU_VM, LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE, QUANTIZATION, SELECTION_SPLIT,
                          SELECTION_SPLITS, STUDENT_FROM_BASELINE, TARGETS, choose_deployable, compare_logits,
