@@ -164,8 +164,9 @@ def parse_args(argv=None):
                              "PyTorch its own default; both recorded)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs per measurement (default: 5)")
     parser.add_argument("--runs", type=positive_int, default=30, help="timed runs per measurement (default: 30)")
-    parser.add_argument("--max-seconds", type=float, default=60.0,
-                        help="stop a measurement's timed runs after this many seconds, >= 5 runs (default: 60)")
+    parser.add_argument("--max-bench-seconds", "--max-seconds", dest="max_seconds", type=float, default=60.0,
+                        help="stop a measurement's timed runs after this many seconds, >= 5 runs (default: 60; "
+                             "--max-seconds is the older name)")
     parser.add_argument("--price-per-hour", type=float, default=CPU_PRICE,
                         help=f"price of the serving machine in USD/h for the cost per 1000 images (default: {CPU_PRICE} "
                              f"= {CPU_VM}, pay-as-you-go Linux list price 2024)")
@@ -180,8 +181,8 @@ def parse_args(argv=None):
                         help="replace earlier ONNX files, sidecar and plot instead of keeping them with a timestamp")
     args = parser.parse_args(argv)
 
-    if args.warmup < 0:
-        raise UserError("--warmup must be >= 0.")
+    if args.warmup < 0 or args.max_seconds <= 0:
+        raise UserError("--warmup must be >= 0 and --max-bench-seconds > 0.")
     if not 7 <= args.opset <= 23:
         raise UserError(f"--opset {args.opset} is not a valid ONNX opset for this export (use 17, or 18-23).")
     if args.price_per_hour <= 0:

@@ -275,7 +275,9 @@ def test_error_paths_are_one_line(project, synthetic_root, run, tmp_path):
               "'bottle', not 'capsule'"),
              (("--model-path", "model_cpu_bottle.pth", "--data-dir", tmp_path / "nothing"), "no dataset folder"),
              (("--model-path", "model_cpu_bottle.pth", "--data-dir", synthetic_root, "--calibration-images", "0"),
-              "--calibration-images must be >= 1")]
+              "--calibration-images must be >= 1"),
+             (("--model-path", "model_cpu_bottle.pth", "--data-dir", synthetic_root, "--max-seconds", "0"),
+              "--max-bench-seconds > 0")]
     for args, message in cases:
         result = run("onnx_optimization.py", *args, cwd=cwd)
         assert result.returncode == 2, (args, result.stderr[-2000:])
