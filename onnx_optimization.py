@@ -165,6 +165,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs per measurement (default: 5)")
     parser.add_argument("--runs", type=positive_int, default=30, help="timed runs per measurement (default: 30)")
     parser.add_argument("--max-bench-seconds", "--max-seconds", dest="max_seconds", type=float, default=60.0,
+                        metavar="SECONDS",
                         help="stop a measurement's timed runs after this many seconds, >= 5 runs (default: 60; "
                              "--max-seconds is the older name)")
     parser.add_argument("--price-per-hour", type=float, default=CPU_PRICE,
