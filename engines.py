@@ -416,24 +416,33 @@ def _quiet_logs():
 # --------------------------------------------------------------------------------------------------
 # OpenVINO: the same ONNX file in fp32 / bf16, and int8 by NNCF post-training quantization
 # --------------------------------------------------------------------------------------------------
+def openvino_int8_path(models_dir: Path, prefix: str = "model_") -> Path:
+    """The NNCF int8 IR (.xml, its .bin beside it) of the model whose files start with `prefix`."""
+    return Path(models_dir) / FILES["ov-int8-nncf"].replace("model_", prefix, 1)
+
+
 def openvino_variants(fp32_onnx: Path, models_dir: Path, model, datasets: dict, threshold: float,
                       n_calibration: int, overwrite: bool, prefix: str = "model_", basis: dict | None = None,
-                      fp16_constants: bool = False) -> dict:
+                      fp16_constants: bool = False, reuse_int8: bool = False) -> dict:
     """{variant: (file, engine, precision hint)}: OpenVINO fp32 on the exported ONNX file, bf16 where the CPU has
     it, and NNCF int8 (quantize_openvino_int8; rest f32 and, where the CPU has it, bf16). `model`: the PyTorch fp32
-    model the file was exported from; `datasets`: its "train" and "val" datasets (no augmentation)."""
+    model the file was exported from; `datasets`: its "train" and "val" datasets (no augmentation). reuse_int8: the
+    int8 IR already on disk is used as it is (the caller checked it is newer than fp32_onnx)."""
     bf16 = cpu_supports("bf16")
     out = {"ov-fp32": (fp32_onnx, ENGINE_OV, "f32")}
     if bf16:
         out["ov-bf16"] = (fp32_onnx, ENGINE_OV, "bf16")
-    xml = models_dir / FILES["ov-int8-nncf"].replace("model_", prefix, 1)
-    info = quantize_openvino_int8(fp32_onnx, xml, model, datasets, threshold, n_calibration, overwrite=overwrite,
-                                  basis=basis, fp16_constants=fp16_constants)
-    tried = ", ".join(f"{n} fp32: {a * 100:.1f} %" for n, a in info["tried"])
-    print(f"OpenVINO int8 (NNCF post-training quantization, ModelType.TRANSFORMER, {info['calibration']} training "
-          f"images for calibration): decisions agreeing with fp32 on {info['agreement_images']} train+val images "
-          f"{tried} -> {len(info['fp32_linears'])} nn.Linear kept fp32 ({info['seconds']:.0f} s) -> {xml} (+ .bin); "
-          f"bf16 on this CPU: {'yes' if bf16 else 'no'}")
+    xml = openvino_int8_path(models_dir, prefix)
+    if reuse_int8:
+        print(f"OpenVINO int8: reusing {xml} (newer than {fp32_onnx.name})")
+    else:
+        info = quantize_openvino_int8(fp32_onnx, xml, model, datasets, threshold, n_calibration, overwrite=overwrite,
+                                      basis=basis, fp16_constants=fp16_constants)
+        tried = ", ".join(f"{n} fp32: {a * 100:.1f} %" for n, a in info["tried"])
+        print(f"OpenVINO int8 (NNCF post-training quantization, ModelType.TRANSFORMER, {info['calibration']} "
+              f"training images for calibration): decisions agreeing with fp32 on {info['agreement_images']} "
+              f"train+val images {tried} -> {len(info['fp32_linears'])} nn.Linear kept fp32 ({info['seconds']:.0f} s)"
+              f" -> {xml} (+ .bin); bf16 on this CPU: {'yes' if bf16 else 'no'}")
     out["ov-int8-nncf"] = (xml, ENGINE_OV, "f32")
     if bf16:
         out["ov-int8-nncf-bf16"] = (xml, ENGINE_OV, "bf16")

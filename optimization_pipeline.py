@@ -166,8 +166,9 @@ def _add_measurement_flags(p) -> None:
 def _add_step_flags(p) -> None:
     p.add_argument("--resume", action="store_true",
                    help="reuse earlier artefacts of the same category/model: modeles/model_cpu_<category>.pth "
-                        "(e.g. from benchmark_gpu.py), the student checkpoint, model_quantized.pth and the ONNX "
-                        "files when they are newer than the checkpoint they come from")
+                        "(e.g. from benchmark_gpu.py), the student checkpoint, model_quantized.pth, the ONNX "
+                        "files and the OpenVINO int8 IR when they are newer than the file they come from (the "
+                        "hybrid is refitted and quantized again)")
     p.add_argument("--skip-torch-int8", action="store_true", help="skip step 2 (PyTorch int8: plain dynamic and the SmoothQuant fix)")
     p.add_argument("--skip-onnx", action="store_true", help="skip steps 3-4 and the student's ONNX form")
     p.add_argument("--skip-student", action="store_true", help="skip step 5 (distilled student)")
@@ -553,11 +554,14 @@ def engine_variant(name, step, role, path: Path, reference: Variant, *, engine=E
 
 def openvino_step(args, data: Data, ckpt, fp32_onnx: Path, reference: Variant, step: int, prefix: str, *,
                   threads, exporter) -> list[Variant]:
-    """OpenVINO variants of one model (fp32, bf16 where the CPU has it, NNCF int8), each judged like the others."""
+    """OpenVINO variants of one model (fp32, bf16 where the CPU has it, NNCF int8), each judged like the others; the
+    int8 IR is reused with --resume when it (.xml and .bin) is newer than the fp32 export."""
     loaders = data.loaders(ckpt["preprocessing"], ("train", "val"), augment="none")
+    xml = engines.openvino_int8_path(args.models_dir, prefix)
+    reuse = args.resume and all(is_fresh(f, fp32_onnx) for f in (xml, xml.with_suffix(".bin")))
     specs = engines.openvino_variants(fp32_onnx, Path(args.models_dir), reference.model,
-                                 {n: loader.dataset for n, loader in loaders.items()}, reference.threshold,
-                                 args.calibration_images, args.overwrite, prefix=prefix)
+                                      {n: loader.dataset for n, loader in loaders.items()}, reference.threshold,
+                                      args.calibration_images, args.overwrite, prefix=prefix, reuse_int8=reuse)
     return [engine_variant(f"{'student-' if reference.role == 'student' else ''}{name}", step, reference.role, path,
                            reference, engine=engine, precision=precision, threads=threads, exporter=exporter,
                            fp32_graph=fp32_onnx)

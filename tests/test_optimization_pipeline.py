@@ -284,6 +284,9 @@ def test_resume_reuses_the_models_and_keeps_previous_outputs(project):
     assert "[1/5] baseline: reusing modeles/model_cpu_bottle.pth" in second.stdout
     assert "student: reusing" in second.stdout and "PyTorch int8 dynamic: reusing" in second.stdout \
         and "PyTorch int8 SmoothQuant: reusing" in second.stdout
+    # the NNCF int8 IRs of the baseline and the student are reused, the refitted hybrid's is made again
+    assert second.stdout.count("OpenVINO int8: reusing") == 2
+    assert second.stdout.count("OpenVINO int8 (NNCF post-training quantization") == 1
     assert "fine-tuning" not in second.stdout and "epoch 1/1" not in second.stdout + second.stderr
     assert (cwd / "modeles" / "model_cpu_bottle.pth").stat().st_mtime_ns == project["ckpt_mtime"]
     rows = variant_rows(read_rows(cwd / "resultats" / "optimization_report.csv"))
