@@ -430,8 +430,11 @@ def _openvino_request(path, threads, precision):
     try:
         compiled = ov.Core().compile_model(str(path), "CPU", config)
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError with a long log
-        raise UserError(f"OpenVINO cannot load {path} ({type(exc).__name__}: "
-                        f"{(str(exc).splitlines() or [''])[0][:200]}).") from None
+        # its first lines only name OpenVINO's own source files; the cause is the last line
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("Exception from")]
+        raise UserError(f"OpenVINO cannot load {path} ({type(exc).__name__}: {(lines or [''])[-1][:200]}); if "
+                        f"the file is damaged or partly written, make it again (an IR needs its .bin beside the "
+                        f".xml).") from None
     actual = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # what really runs: 'f32', 'bf16'
     return compiled.create_infer_request(), actual
 

@@ -445,3 +445,17 @@ def test_openvino_int8_leaves_the_chosen_layers_out_of_the_quantization(tmp_path
     ops = {op.get_friendly_name(): op for op in ov.Core().read_model(str(tmp_path / "q.xml")).get_ops()}
     assert fp32_nodes <= set(ops) and not any(quantized(ops[n]) for n in fp32_nodes)
     assert any(quantized(ops[n]) for n in int8_nodes if n in ops)
+
+
+def test_a_damaged_openvino_ir_is_one_line_with_its_cause(tmp_path):
+    """A truncated IR (a run killed while writing, a reused file): OpenVINO's cause, not its source-file lines."""
+    from inference import ENGINE_OV, Runner
+
+    xml = tmp_path / "model_int8_nncf.xml"
+    xml.write_text('<?xml version="1.0"?>\n<net name="m" version="11">\n<layers>\n<layer id="0" name="x" type="Par')
+    xml.with_suffix(".bin").write_bytes(b"")
+    with pytest.raises(UserError) as err:
+        Runner(xml, ENGINE_OV)
+    message = str(err.value)
+    assert message.startswith(f"OpenVINO cannot load {xml} (RuntimeError: ") and "make it again" in message
+    assert "Exception from" not in message and "\n" not in message
