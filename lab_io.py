@@ -84,6 +84,13 @@ def positive_int(text: str) -> int:
 # --------------------------------------------------------------------------------------------------
 # Files: atomic writes, never lose an earlier result
 # --------------------------------------------------------------------------------------------------
+def is_fresh(path: str | Path, *sources: str | Path) -> bool:
+    """`path` exists and is newer than every source it was made from (reuse it with --resume)."""
+    path = Path(path)
+    return path.is_file() and all(path.stat().st_mtime >= Path(s).stat().st_mtime for s in sources
+                                  if Path(s).is_file())
+
+
 def keep_previous(path: str | Path, overwrite: bool = False) -> Path | None:
     """If `path` exists, rename it to `<stem>.<its mtime>.<suffix>` and say so (unless overwrite=True).
 

@@ -328,14 +328,24 @@ def selection_candidates(rows: list[dict]) -> list[dict]:
 
 def recommend(rows: list[dict]) -> dict | None:
     """THE recommendation rule: the fastest CPU variant at batch 1 (median latency) among those whose
-    `guards_passed` is true. Rows need "device", "guards_passed", "latency_median_ms"."""
+    `guards_passed` is true and that meet the size target (< TARGET_MAX_SIZE_MB, the lab's "model < 30 MB"); the
+    fastest that passes its guards when none is small enough. Rows need "device", "guards_passed",
+    "latency_median_ms" and "size_mb" (a row without a size counts as too large)."""
     passing = [r for r in rows if r["device"] == "cpu" and r["guards_passed"]]
-    return min(passing, key=lambda r: r["latency_median_ms"]) if passing else None
+    small = [r for r in passing if _size_mb(r) < TARGET_MAX_SIZE_MB]
+    return min(small or passing, key=lambda r: r["latency_median_ms"]) if passing else None
+
+
+def _size_mb(row: dict) -> float:
+    try:
+        return float(row.get("size_mb"))
+    except (TypeError, ValueError):
+        return math.inf
 
 
 def choose_deployable(rows: list[dict]) -> dict | None:
     """What becomes model_final: the recommended variant when score.py can serve it (DEPLOYABLE_BACKENDS), else the
-    fastest servable variant that passes its guards; None when there is none."""
+    servable variant the same rule prefers; None when there is none."""
     best = recommend(rows)
     if best is not None and best["backend"] in DEPLOYABLE_BACKENDS:
         return best
@@ -465,7 +475,8 @@ RESULT_COLUMNS = {
                                                    "(as in the fp32 graph; NNCF int8 stores it in int8), in size_mb"),
     "guards_passed": ("", NEUTRAL, _GUARD, "lab_targets.variant_passes: own guard, its source's, conversion "
                                            "(all on guard_split)"),
-    "recommended": ("", NEUTRAL, _GUARD, "lab_targets.recommend: fastest CPU variant passing its guards"),
+    "recommended": ("", NEUTRAL, _GUARD, "lab_targets.recommend: fastest CPU variant passing its guards (and "
+                                         "under 30 MB when one is)"),
     "deployed_as": ("", NEUTRAL, _GUARD, "model_final file written from this variant (lab_targets.choose_deployable)"),
     "target_time_80": ("", NEUTRAL, _GUARD, "time_reduction_pct >= 80"),
     "target_cost_70": ("", NEUTRAL, _GUARD, "cost_reduction_pct >= 70"),

@@ -13,10 +13,10 @@ the checkpoint's threshold (lab_targets.judge_selection: fp32 graphs agree on >=
 the same run at batch 1 and at --bench-batch-size. lab_targets.choose_deployable picks model_final:
 modeles/model_final.onnx or model_final.xml + .bin, with modeles/model_final.json (engine, precision, input,
 threshold, sha256) for the Azure scoring script. Kept too: model_fp32.onnx, model_fp32_optimized.onnx,
-model_int8.onnx, model_int8_nncf.xml.
+model_int8.onnx, model_int8_nncf.xml, model_int8_weights.xml.
 The hybrid (hybrid.py: the head logit and the patch distances to the train split's good patches, fused, in one
 graph) is fitted on train; when it beats the head on val (lab_targets.hybrid_wins) its OpenVINO fp32 / bf16 / NNCF
-int8 variants get their own rows (guards against the PyTorch hybrid) and model_final is chosen among them.
+int8 / int8-weights variants get their own rows (guards against the PyTorch hybrid) and model_final is chosen among them.
 Outputs: resultats/onnx_results.csv (one row per variant), resultats/onnx_comparison.png.
 """
 from __future__ import annotations
@@ -375,7 +375,7 @@ def deploy_final(args, inputs: dict, final: dict, reference: dict, specs: dict, 
                             precision_hint=specs[final["variant"]][2], overwrite=args.overwrite,
                             map_grid=map_grid, map_reference=hybrid["info"]["map_reference"] if map_grid else None)
     print(f"saved {final_path} = {final['variant']} (lab_targets.choose_deployable: the recommended variant, or the "
-          f"fastest servable one passing its guards; {final['b1']['latency_median_ms']:.1f} ms vs "
+          f"servable one lab_targets.recommend prefers; {final['b1']['latency_median_ms']:.1f} ms vs "
           f"{reference['b1']['latency_median_ms']:.1f} ms for PyTorch fp32); sidecar "
           f"{final_path.with_suffix('.json')} (sha256 {sidecar['sha256'][:12]}...)")
 

@@ -15,14 +15,17 @@ the speed and cost targets; --bench-batch-size = throughput):
   4. ort-int8-dynamic        ONNX Runtime dynamic int8 (QInt8 weights)
      ov-fp32, ov-bf16        OpenVINO on the exported ONNX file, INFERENCE_PRECISION_HINT f32 / bf16 (bf16: CPU has it)
      ov-int8-nncf[-bf16]     OpenVINO int8 by NNCF post-training quantization on training images (rest f32 / bf16)
+     ov-int8-weights         OpenVINO, int8 weights only (nncf.compress_weights), activations not calibrated
   5. student-pytorch-fp32    a smaller ViT fine-tuned with knowledge distillation from the baseline's logits,
-     student-ort-int8-dynamic, student-ov-fp32, student-ov-bf16, student-ov-int8-nncf[-bf16]  and its other forms.
+     student-ort-int8-dynamic, student-ov-fp32, student-ov-bf16, student-ov-int8-nncf[-bf16],
+     student-ov-int8-weights and its other forms.
 Each variant is judged against the model it was made from and the baseline by the rules of lab_targets.py (the same
 as quantization_demo.py and onnx_optimization.py): accuracy loss < 1 pt vs the baseline, its own guard (int8 =
 quantization loss, fp32 graph = conversion parity) and, for ONNX variants, the parity of the fp32 graph they run or
-were quantized from. Recommended = the fastest CPU variant at batch 1 that passes (lab_targets.recommend);
-modeles/model_final.onnx + model_final.json = lab_targets.choose_deployable. The report and its figure are written
-by rapport.py from the CSV alone (`python rapport.py` regenerates them without measuring again).
+were quantized from. Recommended = the fastest CPU variant at batch 1 that passes and weighs < 30 MB, else the
+fastest that passes (lab_targets.recommend); modeles/model_final.onnx + model_final.json =
+lab_targets.choose_deployable. The report and its figure are written by rapport.py from the CSV alone
+(`python rapport.py` regenerates them without measuring again).
 
 Reads top to bottom as the chain: parse_args -> baseline_step -> torch_int8_step -> onnx_files -> student_step ->
 time_variants -> build_rows -> deploy_final -> CSV -> rapport.write_report -> package.
@@ -46,8 +49,8 @@ import quantize as qz
 from hybrid import HYBRID_CHOICES, HYBRID_HELP, fit_for_mode, guard_mask, hybrid_variants
 from inference import ENGINE_ORT, Runner, onnx_opset, runner_job, runner_predict_logits, save_final, write_sidecar
 from lab_io import (BENCH_ROUNDS, ArgumentParser, UserError, append_csv_rows, atomic_write, benchmark_rounds,
-                    cpu_has_bf16, environment_columns, format_table, keep_previous, positive_int, run_cli, run_id,
-                    size_on_disk_mb)
+                    cpu_has_bf16, environment_columns, format_table, is_fresh, keep_previous, positive_int, run_cli,
+                    run_id, size_on_disk_mb)
 from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, DISTILLATION, END_TO_END_IMAGES, END_TO_END_REPEATS,
                          GPU_PRICE, GPU_VM, LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE, QUANTIZATION, SELECTION_SPLIT,
                          SELECTION_SPLITS, STUDENT_FROM_BASELINE, TARGETS, choose_deployable, compare_logits,
@@ -248,11 +251,6 @@ class Bf16Autocast(torch.nn.Module):
     def forward(self, pixel_values):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model_logits(self.model, pixel_values).float()
-
-
-def is_fresh(path: Path, *sources: Path) -> bool:
-    """`path` exists and is newer than every source it was made from (reuse it with --resume)."""
-    return path.is_file() and all(path.stat().st_mtime >= s.stat().st_mtime for s in sources if s.is_file())
 
 
 class Data:

@@ -155,7 +155,8 @@ def method_section(w, rows: list[dict], base: dict) -> None:
       "bf16 ou un étudiant distillé sur au moins 99 % : si 1 % au plus des décisions bougent, l'accuracy ne peut pas "
       "perdre plus d'un point sur ces images.")
     w("- Variante recommandée = la plus rapide à batch 1 sur CPU parmi celles qui passent tous les garde-fous de leur "
-      "lignée (le leur, celui du modèle dont elles sont issues et, pour ONNX, celui de la conversion).")
+      "lignée (le leur, celui du modèle dont elles sont issues et, pour ONNX, celui de la conversion) et pèsent "
+      "moins de 30 Mo ; si aucune ne pèse moins de 30 Mo, la plus rapide qui passe ses garde-fous.")
     student = next((r for r in rows if r["role"] == "student"), None)
     if student:
         w(f"- Étudiant : `{student['model_name']}` ({num(student, 'params_m', 2)} M paramètres, "
@@ -218,7 +219,8 @@ def recommendation_sections(w, rows: list[dict], base: dict) -> None:
         missed = [label for t, label in zip(TARGETS, FRENCH_TARGET_NAMES) if rec[t] == "False"]
         w(f"**`{rec['variant']}`** ({rec['backend']}, {rec['precision']}, `{rec['model_name']}`) : c'est la variante "
           f"CPU la plus rapide à batch {rec['batch_size']} parmi celles qui passent les garde-fous (mêmes décisions que "
-          f"son modèle source sur ≥ 99 % des images train + val et, pour ONNX, conversion fidèle sur ≥ 99,5 %). "
+          f"son modèle source sur ≥ 99 % des images train + val et, pour ONNX, conversion fidèle sur ≥ 99,5 %) "
+          f"et pèsent moins de 30 Mo quand il y en a. "
           f"Latence médiane {num(rec, 'latency_median_ms', 2)} ms contre {num(base, 'latency_median_ms', 2)} ms "
           f"(accélération {num(rec, 'speedup', 2)}x, temps −{num(rec, 'time_reduction_pct', 1)} %), coût "
           f"{sig(rec, 'cost_per_1000_images_usd')} USD pour 1000 images (−{num(rec, 'cost_reduction_pct', 1)} %), "
@@ -245,11 +247,12 @@ def recommendation_sections(w, rows: list[dict], base: dict) -> None:
 
 def hybrid_paragraph(w, rows: list[dict]) -> None:
     """Section 6, the hybrid classifier's rows (when it was built): accuracy with interval, decisions changed vs the
-    plain classifier, latency at batch 1 vs the fastest plain variant that passes its guards, size and bank."""
+    plain classifier, latency at batch 1 vs the plain variant lab_targets.recommend would choose, size and bank."""
     hybrid = [r for r in rows if r["variant"].startswith(HYBRID_PREFIX)]
     if not hybrid:
         return
-    typed = [{**r, "guards_passed": yes(r["guards_passed"]), "latency_median_ms": float(r["latency_median_ms"])}
+    typed = [{**r, "guards_passed": yes(r["guards_passed"]), "latency_median_ms": float(r["latency_median_ms"]),
+              "size_mb": float(r["size_mb"]) if r["size_mb"] else None}
              for r in rows if r not in hybrid and r["latency_median_ms"]]  # the CSV's strings, for the rule
     plain = recommend(typed)
     plain = next(r for r in rows if r["variant"] == plain["variant"]) if plain else None
@@ -258,7 +261,7 @@ def hybrid_paragraph(w, rows: list[dict]) -> None:
       "Il n'est construit que s'il bat la tête seule sur la validation (AUROC et accuracy équilibrée, "
       "`lab_targets.hybrid_wins`) ou avec `--hybrid on` ; la recommandation et le modèle déployé sont alors choisis "
       "parmi ses variantes (`lab_targets.selection_candidates`)."
-      + (f" Variante du classifieur seul la plus rapide passant ses garde-fous : `{plain['variant']}`, "
+      + (f" Variante du classifieur seul que la règle de recommandation choisirait : `{plain['variant']}`, "
          f"{num(plain, 'latency_median_ms', 2)} ms à batch 1, accuracy {num(plain, 'accuracy', 2, 100)} %." if plain
          else "") + "\n")
     for r in hybrid:

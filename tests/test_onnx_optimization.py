@@ -58,7 +58,7 @@ def test_run_writes_models_sidecar_csv_and_plot(project):
     assert sidecar["format"] == "tp4-onnx-sidecar-v1" and final.stem == "model_final"
     ov_bf16 = cpu_supports("bf16")
     expected = ["pytorch-fp32", "ort-fp32", "ort-fp32-optimized", "ort-int8-dynamic", "ort-int8-mixed", "ov-fp32",
-                *(["ov-bf16"] if ov_bf16 else []), "ov-int8-nncf", *(["ov-int8-nncf-bf16"] if ov_bf16 else [])]
+                *(["ov-bf16"] if ov_bf16 else []), "ov-int8-nncf", *(["ov-int8-nncf-bf16"] if ov_bf16 else []), "ov-int8-weights"]
     assert sidecar["variant"] in expected[1:]
     assert sidecar["engine"] == ("openvino" if sidecar["variant"].startswith("ov-") else "onnxruntime")
     assert sidecar["precision_hint"] == ("bf16" if sidecar["variant"].endswith("bf16") else "f32")
@@ -99,6 +99,7 @@ def test_run_writes_models_sidecar_csv_and_plot(project):
                                                                                         for v in expected]
     precisions = {r["variant"]: r["precision"] for r in rows}
     assert precisions["ov-fp32"] == "fp32" and precisions["ov-int8-nncf"] == "int8"  # the real precision, named
+    assert precisions["ov-int8-weights"] == "int8"
     if ov_bf16:
         assert precisions["ov-bf16"] == "bf16" and precisions["ov-int8-nncf-bf16"] == "int8+bf16"
     # OpenVINO variants are checked through the fp32 graph in OpenVINO, ORT int8 through model_fp32.onnx in ORT
@@ -172,7 +173,7 @@ def expected_variants():
     bf16 = cpu_supports("bf16")
     return ["pytorch-fp32", "ort-fp32", "ort-fp32-optimized", "ort-int8-dynamic", "ort-int8-mixed", "ov-fp32",
             *(["ov-bf16"] * bf16),
-            "ov-int8-nncf", *(["ov-int8-nncf-bf16"] * bf16)]
+            "ov-int8-nncf", *(["ov-int8-nncf-bf16"] * bf16), "ov-int8-weights"]
 
 
 def test_guard_and_choice_read_no_test_label():
@@ -198,6 +199,12 @@ def test_guard_and_choice_read_no_test_label():
     for r, accuracy in zip(rows, (0.5, 0.99, 1.0)):
         r["accuracy"] = accuracy
     assert choose_deployable(rows)["variant"] == "ort-fp32"
+    # the size target: among the variants that pass, the fastest under 30 MB wins; without one, the fastest
+    sized = [{**r, "size_mb": size} for r, size in zip(rows, (60.0, 60.0, 17.0))]
+    sized.append({**row("ov-int8-weights", "openvino", 6, judge_selection(QUANTIZATION, ref, flipped), 0.9),
+                  "size_mb": 21.0})
+    assert recommend(sized)["variant"] == "ov-int8-weights"  # slower than both fp32 rows, but the one under 30 MB
+    assert recommend(sized[:3])["variant"] == "pytorch-fp32"  # none under 30 MB passes: the fastest that passes
     rows[1] = row("ort-fp32", "onnxruntime", 5, two, 1.0)
     assert choose_deployable(rows) is None
 

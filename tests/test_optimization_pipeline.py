@@ -16,11 +16,12 @@ FAST = ("--baseline-model", "offline-vit-tiny", "--student-model", "offline-vit-
 BF16 = cpu_has_bf16()  # the bf16 variants exist only where the CPU computes bf16 in hardware
 VARIANTS = ["pytorch-fp32", *["pytorch-bf16"] * BF16, "pytorch-int8-dynamic", "pytorch-int8-smoothquant",
             "ort-fp32-optimized", "ort-int8-dynamic", "ort-int8-mixed",
-            "ov-fp32", *["ov-bf16"] * BF16, "ov-int8-nncf", *["ov-int8-nncf-bf16"] * BF16,
+            "ov-fp32", *["ov-bf16"] * BF16, "ov-int8-nncf", *["ov-int8-nncf-bf16"] * BF16, "ov-int8-weights",
             "hybrid-ov-fp32", *["hybrid-ov-bf16"] * BF16, "hybrid-ov-int8-nncf", *["hybrid-ov-int8-nncf-bf16"] * BF16,
+            "hybrid-ov-int8-weights",
             "student-pytorch-fp32",
             "student-pytorch-int8-smoothquant", "student-ort-int8-dynamic", "student-ov-fp32", *["student-ov-bf16"] * BF16, "student-ov-int8-nncf",
-            *["student-ov-int8-nncf-bf16"] * BF16]
+            *["student-ov-int8-nncf-bf16"] * BF16, "student-ov-int8-weights"]
 TARGETS = ["target_time_80", "target_cost_70", "target_size_30mb", "target_accuracy_95", "target_loss_1pt",
            "target_onnx_parity"]
 REQUIRED = {"run_id", "category", "variant", "backend", "precision", "device", "device_name", "batch_size", "threads",
