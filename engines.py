@@ -473,8 +473,9 @@ def compress_openvino_int8_weights(src: Path, dst_xml: Path, overwrite: bool, fp
     model = ov.Core().read_model(str(src))
     with _quiet_logs():
         compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-    layers = sum(1 for op in compressed.get_ops() if op.get_type_name() == "Constant"
-                 and op.get_output_element_type(0).get_type_name() in ("u8", "i8"))
+    layers = sum(1 for op in compressed.get_ops() if op.get_type_name() == "Constant"  # not their zero points (a
+                 and op.get_output_element_type(0).get_type_name() in ("u8", "i8")  # vector: one dimension > 1)
+                 and sum(d > 1 for d in op.get_output_shape(0)) >= 2)
     save_openvino_ir(compressed, dst_xml, overwrite, fp16_constants=fp16_constants)
     return {"layers": layers, "seconds": time.perf_counter() - t0}
 
