@@ -44,8 +44,8 @@ def test_run_writes_models_sidecar_csv_and_plot(project):
     assert "Traceback" not in result.stderr and "DeprecationWarning" not in result.stderr
     models = cwd / "modeles"
     for name in ("model_fp32.onnx", "model_fp32_optimized.onnx", "model_int8.onnx", "model_int8_mixed.onnx",
-                 "model_int8_nncf.xml",
-                 "model_int8_nncf.bin", "model_final.json"):
+                 "model_int8_nncf.xml", "model_int8_nncf.bin", "model_int8_weights.xml", "model_int8_weights.bin",
+                 "model_final.json"):
         assert (models / name).is_file(), name
     assert (cwd / "resultats" / "onnx_comparison.png").stat().st_size > 10_000
     assert (models / "model_int8.onnx").stat().st_size < 0.6 * (models / "model_fp32.onnx").stat().st_size

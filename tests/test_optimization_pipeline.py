@@ -132,7 +132,8 @@ def test_csv_png_report_and_final_model(project):
     assert png.stat().st_size > 30_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     deployed = [r for r in rows if r["deployed_as"]]
     assert len(deployed) == 1 and deployed[0]["backend"] in ("onnxruntime", "openvino")
-    assert deployed[0]["deployed_as"] == "modeles/model_final" + (".xml" if "nncf" in deployed[0]["variant"] else ".onnx")
+    ir = any(k in deployed[0]["variant"] for k in ("int8-nncf", "int8-weights"))  # OpenVINO IRs, not ONNX files
+    assert deployed[0]["deployed_as"] == "modeles/model_final" + (".xml" if ir else ".onnx")
     sidecars = sorted((cwd / "modeles").glob("model_final*.json"))  # the --resume run kept the first one
     assert deployed[0]["variant"] in {json.loads(p.read_text(encoding="utf-8"))["variant"] for p in sidecars}
     sidecar = json.loads(sidecars[-1].read_text(encoding="utf-8"))
