@@ -452,7 +452,7 @@ def openvino_variants(fp32_onnx: Path, models_dir: Path, model, datasets: dict, 
         print(f"OpenVINO int8 weights: reusing {weights_xml}")
     else:
         info = compress_openvino_int8_weights(fp32_onnx, weights_xml, overwrite, fp16_constants=fp16_constants)
-        print(f"OpenVINO int8 weights (nncf.compress_weights INT8_ASYM, per output channel, no calibration): "
+        print(f"OpenVINO int8 weights (nncf.compress_weights INT8_ASYM, per output channel, float activations): "
               f"{info['layers']} weight matrices in int8 ({info['seconds']:.0f} s) -> {weights_xml} (+ .bin)")
     out["ov-int8-weights"] = (weights_xml, ENGINE_OV, "f32")
     return out
@@ -460,10 +460,10 @@ def openvino_variants(fp32_onnx: Path, models_dir: Path, model, datasets: dict, 
 
 def compress_openvino_int8_weights(src: Path, dst_xml: Path, overwrite: bool, fp16_constants: bool = False) -> dict:
     """The weights of every MatMul / convolution of an ONNX file in int8 (nncf.compress_weights INT8_ASYM: one scale
-    and zero point per output channel), saved as OpenVINO IR. Activations are not quantized ahead of time: no
-    calibration, and the int8 noise is that of the weights alone (OpenVINO may still quantize activations on the fly
-    where the CPU gains from it; the guard judges what runs). Measured on the screw: the variant that keeps the
-    decisions under 30 MB where static int8 does not (docs/guide.md, part 3)."""
+    and zero point per output channel), saved as OpenVINO IR. No calibration, and the activations stay float: the IR
+    carries DYNAMIC_QUANTIZATION_GROUP_SIZE 0 (its runtime_options), else OpenVINO quantizes them on the fly on CPUs
+    with VNNI / AMX, faster but noisier (docs/guide.md, part 3). So the int8 noise is that of the weights alone, on
+    every CPU. Measured on the screw: the variant that keeps the decisions under 30 MB where static int8 does not."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import nncf
     import openvino as ov
@@ -476,6 +476,7 @@ def compress_openvino_int8_weights(src: Path, dst_xml: Path, overwrite: bool, fp
     layers = sum(1 for op in compressed.get_ops() if op.get_type_name() == "Constant"  # not their zero points (a
                  and op.get_output_element_type(0).get_type_name() in ("u8", "i8")  # vector: one dimension > 1)
                  and sum(d > 1 for d in op.get_output_shape(0)) >= 2)
+    compressed.set_rt_info("0", ["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"])
     save_openvino_ir(compressed, dst_xml, overwrite, fp16_constants=fp16_constants)
     return {"layers": layers, "seconds": time.perf_counter() - t0}
 

@@ -100,6 +100,9 @@ def test_run_writes_models_sidecar_csv_and_plot(project):
     precisions = {r["variant"]: r["precision"] for r in rows}
     assert precisions["ov-fp32"] == "fp32" and precisions["ov-int8-nncf"] == "int8"  # the real precision, named
     assert precisions["ov-int8-weights"] == "int8"
+    import openvino as ov  # int8 weights only: the IR keeps OpenVINO from quantizing the activations on the fly
+    weights_ir = ov.Core().compile_model(str(models / "model_int8_weights.xml"), "CPU")
+    assert int(weights_ir.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")) == 0
     if ov_bf16:
         assert precisions["ov-bf16"] == "bf16" and precisions["ov-int8-nncf-bf16"] == "int8+bf16"
     # OpenVINO variants are checked through the fp32 graph in OpenVINO, ORT int8 through model_fp32.onnx in ORT
