@@ -330,7 +330,7 @@ def recommend(rows: list[dict]) -> dict | None:
     """THE recommendation rule: the fastest CPU variant at batch 1 (median latency) among those whose
     `guards_passed` is true and that meet the size target (< TARGET_MAX_SIZE_MB, the lab's "model < 30 MB"); the
     fastest that passes its guards when none is small enough. Rows need "device", "guards_passed",
-    "latency_median_ms" and "size_mb" (a row without a size counts as too large)."""
+    "latency_median_ms" and "size_mb" (a number or the CSV's text; a row without a size counts as too large)."""
     passing = [r for r in rows if r["device"] == "cpu" and r["guards_passed"]]
     small = [r for r in passing if _size_mb(r) < TARGET_MAX_SIZE_MB]
     return min(small or passing, key=lambda r: r["latency_median_ms"]) if passing else None

@@ -16,7 +16,8 @@ threshold, sha256) for the Azure scoring script. Kept too: model_fp32.onnx, mode
 model_int8.onnx, model_int8_nncf.xml, model_int8_weights.xml.
 The hybrid (hybrid.py: the head logit and the patch distances to the train split's good patches, fused, in one
 graph) is fitted on train; when it beats the head on val (lab_targets.hybrid_wins) its OpenVINO fp32 / bf16 / NNCF
-int8 / int8-weights variants get their own rows (guards against the PyTorch hybrid) and model_final is chosen among them.
+int8 / int8-weights variants get their own rows (guards against the PyTorch hybrid) and model_final is chosen among
+them.
 Outputs: resultats/onnx_results.csv (one row per variant), resultats/onnx_comparison.png.
 """
 from __future__ import annotations

@@ -251,8 +251,7 @@ def hybrid_paragraph(w, rows: list[dict]) -> None:
     hybrid = [r for r in rows if r["variant"].startswith(HYBRID_PREFIX)]
     if not hybrid:
         return
-    typed = [{**r, "guards_passed": yes(r["guards_passed"]), "latency_median_ms": float(r["latency_median_ms"]),
-              "size_mb": float(r["size_mb"]) if r["size_mb"] else None}
+    typed = [{**r, "guards_passed": yes(r["guards_passed"]), "latency_median_ms": float(r["latency_median_ms"])}
              for r in rows if r not in hybrid and r["latency_median_ms"]]  # the CSV's strings, for the rule
     plain = recommend(typed)
     plain = next(r for r in rows if r["variant"] == plain["variant"]) if plain else None
