@@ -323,6 +323,9 @@ def library_versions() -> dict:
 # The timed loop (in the spirit of timm's benchmark.py) and printed tables
 # --------------------------------------------------------------------------------------------------
 BENCH_ROUNDS = 3  # timed runs split into rounds, every variant in each: a slow spell of the machine hits all alike
+# untimed calls each time the rounds switch to another variant: its first call after another engine ran was measured
+# up to 1.7x its steady latency (caches, the other engine's threads), a cost a model that runs alone never pays
+BENCH_SWITCH_WARMUP = 1
 
 
 def benchmark(run_batch: Callable[[], object], *, batch_size: int, device: str = "cpu", threads: int | None = None,
@@ -342,15 +345,17 @@ def benchmark_rounds(jobs: dict[str, dict], *, warmup: int = 5, runs: int = 30, 
     """Time several variants against each other: each job (run, batch_size, device, threads, sync: the arguments of
     benchmark) is warmed up, then its `runs` timed runs are split into `rounds`, and every round times every job in
     turn. A machine that slows down for a while (another task, frequency) then slows every variant alike, instead of
-    the one whose block it hit: the speed-up ratios are what the targets and the recommendation read. A job stops
-    after `max_seconds` of timed runs in all, shared out over the rounds (never fewer than 5 runs). Returns {name:
-    what benchmark returns}."""
+    the one whose block it hit: the speed-up ratios are what the targets and the recommendation read. With several
+    jobs, each one's share of a round starts with BENCH_SWITCH_WARMUP untimed calls. A job stops after `max_seconds`
+    of timed runs in all, shared out over the rounds (never fewer than 5 runs). Returns {name: what benchmark
+    returns}."""
     from tqdm.auto import tqdm
 
     rounds = max(1, min(rounds, runs))
+    rewarm = BENCH_SWITCH_WARMUP if len(jobs) > 1 else 0
     times: dict[str, list[float]] = {name: [] for name in jobs}
     spent = dict.fromkeys(jobs, 0.0)
-    with tqdm(total=len(jobs) * (warmup + runs), desc=desc, leave=False) as bar:
+    with tqdm(total=len(jobs) * (warmup + runs + rounds * rewarm), desc=desc, leave=False) as bar:
         for job in jobs.values():
             for _ in range(warmup):
                 job["run"]()
@@ -360,9 +365,15 @@ def benchmark_rounds(jobs: dict[str, dict], *, warmup: int = 5, runs: int = 30, 
             for name, job in jobs.items():
                 sync = job.get("sync") or (lambda: None)
                 share = runs * (r + 1) // rounds - runs * r // rounds
+                # the time budget too is shared out round by round
                 min_runs, budget = math.ceil(5 * (r + 1) / rounds), (max_seconds or 0) * (r + 1) / rounds
-                for _ in range(share):  # the time budget too is shared out round by round
-                    if max_seconds is not None and len(times[name]) >= min_runs and spent[name] > budget:
+                if share and not _out_of_time(len(times[name]), spent[name], min_runs, budget, max_seconds):
+                    for _ in range(rewarm):
+                        job["run"]()
+                    bar.update(rewarm)
+                    sync()
+                for _ in range(share):
+                    if _out_of_time(len(times[name]), spent[name], min_runs, budget, max_seconds):
                         break
                     t0 = time.perf_counter()
                     job["run"]()
@@ -371,6 +382,10 @@ def benchmark_rounds(jobs: dict[str, dict], *, warmup: int = 5, runs: int = 30, 
                     spent[name] += times[name][-1] / 1000.0
                     bar.update()
     return {name: _bench_result(times[name], job, warmup, rounds) for name, job in jobs.items()}
+
+
+def _out_of_time(n_timed: int, spent_s: float, min_runs: int, budget_s: float, max_seconds: float | None) -> bool:
+    return max_seconds is not None and n_timed >= min_runs and spent_s > budget_s
 
 
 def _bench_result(times: list[float], job: dict, warmup: int, rounds: int) -> dict:

@@ -78,10 +78,27 @@ def test_benchmark_rounds_interleave_variants_so_a_slow_spell_hits_all_alike(mon
                                         max_seconds=None, rounds=rounds)
         assert [timed[n]["runs"] for n in "AB"] == [12, 12] and timed["A"]["rounds"] == rounds
         ratios[rounds] = timed["A"]["latency_median_ms"] / timed["B"]["latency_median_ms"]
-        if rounds == 3:  # warm-ups, then every variant in each round
-            assert machine.order == ["A", "B"] + (["A"] * 4 + ["B"] * 4) * 3
+        if rounds == 3:  # warm-ups, then every variant in each round, after one untimed call of its own
+            assert machine.order == ["A", "B"] + (["A"] * 5 + ["B"] * 5) * 3
     assert ratios[1] == pytest.approx(6.0)  # the spell hit A's block alone: A looks 3x slower than it is
     assert ratios[3] == pytest.approx(2.0)  # a third of each variant's runs slowed: the medians keep the true ratio
+
+
+def test_benchmark_rounds_never_time_the_first_call_after_a_switch(monkeypatch):
+    machine = _FakeMachine()
+    monkeypatch.setattr(lab_io.time, "perf_counter", lambda: machine.now)
+    jobs = {"A": machine.job("A", 2.0), "B": machine.job("B", 1.0)}
+    for name, job in jobs.items():  # the first call after the other variant ran costs 10x
+        def run(job=job, name=name):
+            cost = 10 if machine.order and machine.order[-1] != name else 1
+            job["run"]()
+            machine.now += (cost - 1) * {"A": 2.0, "B": 1.0}[name]
+        jobs[name] = dict(job, run=run)
+    timed = lab_io.benchmark_rounds(jobs, warmup=1, runs=6, max_seconds=None, rounds=3)
+    assert timed["A"]["latency_max_ms"] == pytest.approx(2000) and timed["B"]["latency_max_ms"] == pytest.approx(1000)
+    calls = len(machine.order)
+    lab_io.benchmark_rounds({"A": jobs["A"]}, warmup=0, runs=3, max_seconds=None, rounds=3)
+    assert len(machine.order) == calls + 3  # one variant: nothing to switch from, no extra call
 
 
 def test_benchmark_rounds_share_the_time_budget_over_the_rounds(monkeypatch):
