@@ -40,6 +40,11 @@ def run_cli(main: Callable[[], int | None]) -> None:
 
     Set TP4_DEBUG=1 to see the full traceback of unexpected errors.
     """
+    for stream in (sys.stdout, sys.stderr):
+        # a name the console cannot encode (non-UTF-8 bytes on Linux, CJK in a cp1252 log on Windows) prints escaped
+        # instead of ending the run
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         code = main()
     except UserError as exc:

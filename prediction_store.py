@@ -18,6 +18,10 @@ PREDICTION_COLUMNS = ("path", "label", "anomaly_probability", "anomaly_score", "
                       "scored_at", "run_id")
 
 
+# A file name that is not UTF-8 (e.g. Latin-1 from an old share) reaches Python as lone surrogates (os.fsdecode):
+# written back as its own bytes, it is read again as the same path, so the row still matches its image.
+PATH_ERRORS = "surrogateescape"
+
 SAVE_SECONDS = 30.0  # the CSV is also rewritten at least this often while images are scored
 
 
@@ -69,7 +73,7 @@ class PredictionStore:
 
     def _read(self) -> tuple[list[str], list[dict]]:
         try:
-            with open(self.path, newline="", encoding="utf-8") as f:
+            with open(self.path, newline="", encoding="utf-8", errors=PATH_ERRORS) as f:
                 reader = csv.DictReader(f)
                 header = list(reader.fieldnames or [])
                 rows = list(reader)
@@ -126,7 +130,7 @@ class PredictionStore:
             check_result_columns(dict.fromkeys(columns))
 
             def write(tmp: Path) -> None:
-                with open(tmp, "w", newline="", encoding="utf-8") as f:
+                with open(tmp, "w", newline="", encoding="utf-8", errors=PATH_ERRORS) as f:
                     writer = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore")
                     writer.writeheader()
                     writer.writerows(rows.values())

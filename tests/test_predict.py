@@ -8,8 +8,10 @@ so that both labels occur.
 import csv
 import io
 import json
+import os
 import shutil
 import struct
+import sys
 import types
 import zlib
 from pathlib import Path
@@ -251,6 +253,32 @@ def test_resume_skips_done_images_and_retries_failed_ones(served, run, tmp_path)
     third = run(*args, cwd=served.cwd)
     assert third.returncode == 0 and "0 to score" in third.stdout and "nothing new to score" in third.stdout
     assert read_rows(out) == list(after.values())
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="these file systems only hold Unicode names")
+def test_a_file_name_that_is_not_utf8_is_scored_printed_and_resumed(served, run, tmp_path):
+    """A Latin-1 name (b'pi\\xe8ce', as an old Windows share leaves it on Linux) reaches Python as a lone surrogate:
+    its row is written and read back as the same path, and its name is printed escaped even by a console that
+    refuses what it cannot encode (PYTHONIOENCODING=utf-8:strict, as a UTF-8 locale other than C.UTF-8 gives)."""
+    folder = tmp_path / "day"
+    folder.mkdir()
+    good = sorted((served.category / "test" / "good").glob("*.png"))[0]
+    scored = folder / os.fsdecode(b"pi\xe8ce 01.png")
+    broken = folder / os.fsdecode(b"cass\xe9.png")
+    shutil.copy(good, scored)
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "pred.csv"
+    args = ("predict.py", "--input", folder, "--model", served.models, "--output", out, "--top", "5")
+    first = run(*args, cwd=served.cwd, env={"PYTHONIOENCODING": "utf-8:strict"})
+    assert first.returncode == 3 and "Traceback" not in first.stderr, first.stderr[-2000:]
+    assert "pi\\udce8ce 01.png" in first.stdout and "cass\\udce9.png" in first.stdout
+    with open(out, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {str(scored.resolve()), str(broken.resolve())}
+    assert rows[str(scored.resolve())]["label"] in ("good", "anomaly") and rows[str(broken.resolve())]["error"]
+    second = run(*args, cwd=served.cwd, env={"PYTHONIOENCODING": "utf-8:strict"})
+    assert second.returncode == 3, second.stderr[-2000:]
+    assert "2 images: 1 to score (0 new, 1 failed before, 0 changed since scored), 1 already in" in second.stdout
 
 
 def test_another_model_keeps_the_old_csv_and_rescores(served, run, tmp_path):
