@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lab_io import UserError, atomic_write, atomic_write_text, json_safe, keep_previous, physical_cores, \
     library_versions, sha256_file
@@ -101,9 +101,10 @@ def image_header(source, what: str | None = None, max_pixels: int | None = None)
 
 def load_rgb(source, what: str | None = None, max_pixels: int | None = None) -> Image.Image:
     """A path or bytes -> 3-channel RGB PIL image. Grayscale and palette images are converted, transparency is
-    composited on black, 16-bit images are scaled to 8 bits (not clipped to white). Raises ImageError naming
-    `what` (default: the path) for an empty, broken, unknown or too large (> max_pixels) image. At most one copy
-    of the decoded pixels is made besides the RGB result (none for an RGB file)."""
+    composited on black, 16-bit images are scaled to 8 bits (not clipped to white), a photo stored sideways is turned
+    upright (EXIF orientation). Raises ImageError naming `what` (default: the path) for an empty, broken, unknown or
+    too large (> max_pixels) image. At most one copy of the decoded pixels is made besides the RGB result (none for
+    an upright RGB file)."""
     return _open_checked(source, what, max_pixels, decode=True)
 
 
@@ -134,7 +135,19 @@ def _open_checked(source, what, max_pixels, decode: bool):
         raise ImageError(f"{what} is a broken image: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
+EXIF_ORIENTATION = 0x0112  # how a camera stored the pixels: 1 = as shown, 2-8 = mirrored and/or turned
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """A photo stored sideways (EXIF orientation 2-8) turned as every viewer shows it, and as transformers'
+    load_image reads it; an image without EXIF (every MVTec PNG) is not looked at. (Pillow turns a TIFF itself.)"""
+    if "exif" in img.info and img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        return ImageOps.exif_transpose(img)
+    return img
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
+    img = _upright(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):  # 16/32-bit grayscale: scale, don't clip
         img = _wide_gray_to_l(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

@@ -10,7 +10,8 @@ modeles/detector_<category>.safetensors (inference.PatchDetector): its score is 
 the defect is (--heatmaps). Inputs: folders (searched recursively, hidden files skipped), glob
 patterns or files. Any PNG/JPEG/BMP/TIFF of any size, converted exactly as in training and in score.py
 (inference.load_rgb + inference.preprocess: grayscale and palette -> RGB, RGBA composited on black, 16-bit scaled to
-8 bits, the whole image resized bilinear to the model's input, normalised).
+8 bits, a photo stored sideways turned upright (EXIF orientation), the whole image resized bilinear to the model's
+input, normalised).
 
 Pipeline: read + decode + resize + normalise in parallel workers (threads by default: Pillow and numpy release the
 GIL), a bounded window of prepared images, the model called on batches with the engine's own threads, so that it

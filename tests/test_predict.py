@@ -154,6 +154,29 @@ def test_one_preprocessing_for_training_serving_and_predict(served):
         (Path(predict.__file__).parent / "score.py").read_text()
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_a_photo_stored_sideways_is_read_upright(served, tmp_path, fmt):
+    """A camera keeps the sensor's pixels and says in EXIF how to turn them (orientation 6: 90 degrees clockwise;
+    Pillow turns a TIFF itself, never twice): training, serving and predict read it as a viewer shows it."""
+    from mvtec_dataset import image_to_tensor
+
+    upright = inference.load_rgb(next(iter(served.expected))).crop((0, 0, 96, 64))  # not square: turns are visible
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the Orientation tag
+    sideways, plain = tmp_path / f"sideways.{fmt.lower()}", tmp_path / f"plain.{fmt.lower()}"
+    options = {"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}
+    upright.transpose(Image.Transpose.ROTATE_90).save(sideways, fmt, exif=exif, **options)
+    upright.save(plain, fmt, **options)
+    read = inference.load_rgb(sideways)
+    assert read.size == (96, 64)
+    tolerance = 3 if fmt == "JPEG" else 0  # the same pixels, turned before or after a lossy encoding
+    assert np.abs(np.asarray(read, np.int16) - np.asarray(inference.load_rgb(plain), np.int16)).max() <= tolerance
+    assert np.array_equal(np.asarray(inference.load_rgb(sideways.read_bytes())), np.asarray(read))  # score.py
+    assert np.array_equal(image_pipeline.prepare_image(sideways, served.pre)["pixels"],
+                          image_to_tensor(sideways, served.pre).numpy())
+    assert image_pipeline.prepare_image(sideways, served.pre)["width"] == 96
+
+
 # --------------------------------------------------------------------------------------------------
 # Odd and broken files, exit codes
 # --------------------------------------------------------------------------------------------------
