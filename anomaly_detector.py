@@ -25,7 +25,7 @@ in modeles/detector_<category>.safetensors (bank + configuration, no pickle).
 from __future__ import annotations
 
 from detector import DETECTOR_DEFAULTS, ENGINES, GRID_PATCHES, check_detector_options, evaluate
-from lab_io import ArgumentParser, positive_int, run_cli
+from lab_io import ArgumentParser, finite_float, output_dir, positive_int, run_cli
 from load_model_hf import HUB_PRESETS, OFFLINE_PRESETS
 
 
@@ -43,12 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--layers", default=d["layers"],
                    help="transformer blocks whose patch tokens are used: auto (1/3 and 2/3 "
                    "of the depth) or numbers like 4,8")
-    p.add_argument("--image-size", type=int, default=d["image_size"],
+    p.add_argument("--image-size", type=positive_int, default=d["image_size"],
                    help=f"input side in pixels, a multiple of the patch size (default: {GRID_PATCHES} patches per "
                         "side, 336 for DINOv2 /14, 384 for ViT /16; an offline preset: its own size)")
-    p.add_argument("--coreset", type=float, default=d["coreset"],
+    p.add_argument("--coreset", type=finite_float, default=d["coreset"],
                    help="share of the good patches kept in the memory bank by greedy coreset selection (default 0.1)")
-    p.add_argument("--score-top", type=float, default=d["score_top"],
+    p.add_argument("--score-top", type=finite_float, default=d["score_top"],
                    help="image score = mean of this share of the largest patch distances (default 0.01 = the top "
                         "1 %%, at least one patch; 0 = the largest alone)")
     p.add_argument("--max-bank", type=positive_int, default=d["max_bank"],
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--split-seed", type=int, default=d["split_seed"],
                    help="seed of the lab's split whose validation images set the threshold (default 42, "
                         "benchmark_gpu.py's; --compare-checkpoint: that checkpoint's split)")
-    p.add_argument("--holdout", type=float, default=d["holdout"],
+    p.add_argument("--holdout", type=finite_float, default=d["holdout"],
                    help="--threshold-from good: share of train/good held out of the bank to set the threshold "
                         "(default 0.1, >= 2 images)")
     p.add_argument("--engine", choices=ENGINES, default=d["engine"],
@@ -75,8 +75,10 @@ def parse_args(argv=None):
                    help="overlay PNGs per test folder (default 3; 0 = none)")
     p.add_argument("--num-threads", type=positive_int, default=d["num_threads"],
                    help="PyTorch CPU threads (default: PyTorch's)")
-    p.add_argument("--models-dir", default=d["models_dir"], help="where the detector is saved (default: modeles)")
-    p.add_argument("--results-dir", default=d["results_dir"], help="CSV, ROC curves and overlays (default: resultats)")
+    p.add_argument("--models-dir", type=output_dir, default=d["models_dir"],
+                   help="where the detector is saved (default: modeles)")
+    p.add_argument("--results-dir", type=output_dir, default=d["results_dir"],
+                   help="CSV, ROC curves and overlays (default: resultats)")
     p.add_argument("--seed", type=int, default=d["seed"], help="seed of the held-out split and the coreset (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier outputs instead of keeping them")
     return check_detector_options(p.parse_args(argv))

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab_io import (ArgumentParser, UserError, append_csv_rows, environment_columns, format_table, positive_int,
-                    run_cli, run_id, save_figure, size_on_disk_mb)
+from lab_io import (ArgumentParser, UserError, append_csv_rows, environment_columns, finite_float, format_table,
+                    output_dir, positive_int, run_cli, run_id, save_figure, size_on_disk_mb)
 from lab_targets import (CPU_PRICE, CPU_VM, GPU_PRICE, GPU_VM, LAB_EPOCHS, PRICE_NOTE, format_accuracy,
                          measurement_columns)
 from load_model_hf import HUB_PRESETS, OFFLINE_PRESETS, load_pretrained, save_checkpoint
@@ -50,7 +50,7 @@ def parse_args(argv=None):
                    help=f"training epochs (default: {LAB_EPOCHS} for a pretrained model, {OFFLINE_DEFAULT_EPOCHS} "
                         "for the random-init offline presets)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="training / evaluation batch size (default: 16)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=finite_float, default=None,
                    help="AdamW learning rate of the top block (default: 1e-6 for a pretrained model, with layer-wise "
                         "decay 0.75 below it; 1e-3 for offline presets)")
     p.add_argument("--depth", default="auto",
@@ -65,14 +65,16 @@ def parse_args(argv=None):
                    "(default: 8); latency is measured at batch 1")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs before each measurement (default: 5)")
     p.add_argument("--runs", type=positive_int, default=30, help="timed runs per measurement (default: 30)")
-    p.add_argument("--max-bench-seconds", type=float, default=60.0,
+    p.add_argument("--max-bench-seconds", type=finite_float, default=60.0,
                    help="stop a measurement early after this many seconds, once 5 runs are done (default: 60)")
-    p.add_argument("--cpu-price-per-hour", type=float, default=CPU_PRICE,
+    p.add_argument("--cpu-price-per-hour", type=finite_float, default=CPU_PRICE,
                    help=f"USD per hour of the CPU machine (default: {CPU_PRICE} = {CPU_VM}; {PRICE_NOTE})")
-    p.add_argument("--gpu-price-per-hour", type=float, default=GPU_PRICE,
+    p.add_argument("--gpu-price-per-hour", type=finite_float, default=GPU_PRICE,
                    help=f"USD per hour of the GPU machine (default: {GPU_PRICE} = {GPU_VM}; {PRICE_NOTE})")
-    p.add_argument("--models-dir", default="modeles", help="where checkpoints and the split go (default: modeles)")
-    p.add_argument("--results-dir", default="resultats", help="where the CSV and the PNG go (default: resultats)")
+    p.add_argument("--models-dir", type=output_dir, default="modeles",
+                   help="where checkpoints and the split go (default: modeles)")
+    p.add_argument("--results-dir", type=output_dir, default="resultats",
+                   help="where the CSV and the PNG go (default: resultats)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace earlier checkpoints / plot instead of keeping them with a timestamp")
     args = p.parse_args(argv)

@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -36,6 +37,9 @@ HERE = Path(__file__).resolve().parent
 # The deployment this script builds; azureml/deployment.yml must say the same (checked on every run).
 ENDPOINT_NAME = "tp4-mvtec-anomaly"
 DEPLOYMENT_NAME = "blue"
+# Azure ML's rule for endpoint and deployment names (azure-ai-ml's EndpointConfigurations): 3 to 32 characters, a
+# letter first, then letters, digits and '-', not ending with '-'
+AZURE_NAME = re.compile(r"[a-zA-Z]([-a-zA-Z0-9]{1,30})[a-zA-Z0-9]")
 INSTANCE_TYPE = "Standard_DS3_v2"
 INSTANCE_COUNT = 1
 IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest"
@@ -474,8 +478,17 @@ def main_batch(args, config_dir: Path, stage_dir: Path) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+def check_azure_names(args) -> None:
+    """A name Azure would refuse after the upload is refused here, --dry-run included."""
+    for flag, value in (("--endpoint-name", args.endpoint_name), ("--deployment-name", args.deployment_name)):
+        if value is not None and not AZURE_NAME.fullmatch(value):
+            raise UserError(f"{flag} {value!r} is not a name Azure ML accepts: 3 to 32 characters, a letter first, "
+                            "then letters, digits or '-', not ending with '-' (e.g. tp4-mvtec-bottle)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_azure_names(args)
     config_dir = Path(args.config_dir).resolve()
     stage_dir = Path(args.stage_dir).resolve() if args.stage_dir else config_dir / "build"
     if not args.dry_run:

@@ -33,6 +33,9 @@ DETECTOR_DEFAULTS = dict(category="bottle", data_dir="./data/mvtec", model_name=
                          overwrite=False)
 
 
+MAX_IMAGE_SIDE = 1024  # 73 x 73 DINOv2 patches per image, 10 times the default's: a larger side is a typo
+
+
 def check_detector_options(options):
     """The options' ranges (UserError past them); returns the options."""
     if not 0 < options.coreset <= 1 or not 0 < options.holdout < 1 or not 0 <= options.score_top < 1:
@@ -447,8 +450,9 @@ def build_detector(args) -> Detector:
     model, pre, model_name = load_backbone(args.model_name, args.seed)
     patch = int(getattr(model.config, "patch_size", 16))
     side = args.image_size or default_image_size(model_name, pre, patch)
-    if side % patch:
-        raise UserError(f"--image-size {side} is not a multiple of the patch size {patch}.")
+    if side % patch or side > MAX_IMAGE_SIDE:
+        raise UserError(f"--image-size {side} must be a multiple of the patch size {patch}, at most {MAX_IMAGE_SIDE} "
+                        "(the patch tokens' memory grows with its square).")
     pre = {**pre, "image_size": [side, side]}
     base, _ = base_model_of(model)
     layers = resolve_layers(args.layers, len(base.encoder.layer) if base is not None else 1)

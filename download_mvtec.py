@@ -25,8 +25,10 @@ from pathlib import Path
 import requests
 from tqdm.auto import tqdm
 
-from lab_io import UserError, format_table, run_cli, sha256_file
+from lab_io import ArgumentParser, UserError, finite_float, format_table, run_cli, sha256_file
 
+MAX_RETRIES = 10  # with waits doubling up to MAX_RETRY_WAIT_S: about 6 min of waiting in all
+MAX_RETRY_WAIT_S = 60.0
 MVTEC_PAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 _SHARE = "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download"
 MVTEC_URLS = {  # official per-category archives
@@ -69,7 +71,8 @@ def download(url: str, dest: str | Path, sha256: str | None = None, retries: int
     """Download `url` to `dest` through `dest.part`, then rename it (atomic).
 
     An existing .part is resumed with an HTTP Range request (from zero if the server ignores Range).
-    Network errors, timeouts and HTTP 5xx/429 are retried `retries` times (waits backoff, 2*backoff, ...).
+    Network errors, timeouts and HTTP 5xx/429 are retried `retries` times (waits backoff, 2*backoff, ..., at most
+    MAX_RETRY_WAIT_S).
     With `sha256`, a mismatching file is deleted. Failures raise DownloadError (one line).
     """
     dest = Path(dest)
@@ -87,7 +90,7 @@ def download(url: str, dest: str | Path, sha256: str | None = None, retries: int
                 _Incomplete) as exc:
             error = _describe(exc)
         if attempt < retries:
-            wait = backoff * 2 ** attempt
+            wait = min(backoff * 2 ** attempt, MAX_RETRY_WAIT_S)
             print(f"warning: {error}; retry {attempt + 1}/{retries} in {wait:.0f} s", file=sys.stderr)
             time.sleep(wait)
     else:
@@ -285,7 +288,7 @@ def _suffix(url: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Download and safely extract one MVTec AD category "
+    p = ArgumentParser(description="Download and safely extract one MVTec AD category "
                                             f"(licence CC BY-NC-SA 4.0, {MVTEC_PAGE}).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--category", default="bottle", help=f"MVTec AD category: {', '.join(MVTEC_CATEGORIES)}")
@@ -298,8 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(the old folder is replaced once the new one is verified)")
     p.add_argument("--keep-archive", action="store_true", help="keep the downloaded archive (deleted after extraction "
                                                                "by default; an --archive file is never deleted)")
-    p.add_argument("--retries", type=int, default=3, help="retries after a network error, with exponential backoff")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server (connection: at most 10)")
+    p.add_argument("--retries", type=int, default=3,
+                   help=f"retries after a network error, with exponential backoff (0 to {MAX_RETRIES})")
+    p.add_argument("--timeout", type=finite_float, default=60.0,
+                   help="seconds to wait for the server (connection: at most 10)")
     return p
 
 
@@ -311,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     sha = (args.sha256 or SHA256.get(category) or "").strip().lower() or None
     if sha and not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise UserError("--sha256 must be 64 hexadecimal characters.")
-    if args.retries < 0 or args.timeout <= 0:
-        raise UserError("--retries must be >= 0 and --timeout > 0.")
+    if not 0 <= args.retries <= MAX_RETRIES or args.timeout <= 0:
+        raise UserError(f"--retries must be between 0 and {MAX_RETRIES}, and --timeout > 0.")
     output = Path(args.output).expanduser()
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file, not a folder.")

@@ -18,6 +18,7 @@ import datetime as _dt
 import functools
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -32,6 +33,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # what th
 SIDECAR_FORMAT = "tp4-onnx-sidecar-v1"
 ENGINE_ORT, ENGINE_OV = "onnxruntime", "openvino"
 FINAL_ONNX, FINAL_SIDECAR = "model_final.onnx", "model_final.json"
+FINAL_STEM = "model_final"  # model_final.onnx, or .xml + .bin; its sidecar model_final.json
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
 MAP_OUTPUT_NAME = "patch_distances"  # the hybrid classifier's second output: [N, gh * gw], where the defect is
 REQUIRED_KEYS = ("format", "model_file", "variant", "category", "labels", "input_name", "output_name",
@@ -74,8 +76,8 @@ def env_number(name: str, default: float) -> float:
         value = float(text)
     except ValueError:
         raise ValueError(f"environment variable {name} must be a number, got {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"environment variable {name} must be > 0, got {text!r}")
+    if not value > 0 or not math.isfinite(value):  # nan passes `value <= 0`
+        raise ValueError(f"environment variable {name} must be a finite number > 0, got {text!r}")
     return value
 
 
@@ -268,6 +270,11 @@ def _is_sidecar(path: Path) -> bool:
         return False
 
 
+def _three_numbers(values) -> bool:
+    return isinstance(values, list) and len(values) == 3 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
 def read_sidecar(path: str | Path, verify_sha256: bool = True) -> dict:
     """Load and check a sidecar; returns it with "model_path" added. Raises ValueError/FileNotFoundError."""
     path = Path(path)
@@ -282,8 +289,12 @@ def read_sidecar(path: str | Path, verify_sha256: bool = True) -> dict:
     if missing:
         raise ValueError(f"sidecar {path} lacks {', '.join(missing)}")
     labels = meta["labels"]
-    if not (isinstance(labels, list) and len(labels) >= 2 and "anomaly" in labels):
-        raise ValueError(f"sidecar {path}: labels must list the classes with 'anomaly' among them, got {labels!r}")
+    if labels != list(LABELS):  # the order of the model's two outputs, as every export of this lab writes it
+        raise ValueError(f"sidecar {path}: labels must be {list(LABELS)!r} (the model's outputs in order), "
+                         f"got {labels!r}")
+    if not (isinstance(meta["model_file"], str) and meta["model_file"] and Path(meta["model_file"]).name ==
+            meta["model_file"]):
+        raise ValueError(f"sidecar {path}: model_file must be a file name beside it, got {meta['model_file']!r}")
     pre = meta["preprocessing"]
     if not isinstance(pre, dict):
         raise ValueError(f"sidecar {path}: preprocessing must be an object")
@@ -296,8 +307,9 @@ def read_sidecar(path: str | Path, verify_sha256: bool = True) -> dict:
     size = pre.get("image_size")
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
         raise ValueError(f"sidecar {path}: preprocessing image_size must be [height, width], got {size!r}")
-    if len(pre.get("mean", [])) != 3 or len(pre.get("std", [])) != 3 or min(pre["std"]) <= 0:
-        raise ValueError(f"sidecar {path}: preprocessing mean and std must have 3 values (std > 0)")
+    if not all(_three_numbers(pre.get(k)) for k in ("mean", "std")) or min(pre["std"]) <= 0:
+        raise ValueError(f"sidecar {path}: preprocessing mean and std must be lists of 3 numbers (std > 0), got "
+                         f"{pre.get('mean')!r} and {pre.get('std')!r}")
     model_path = path.parent / meta["model_file"]
     if not model_path.is_file():
         raise FileNotFoundError(f"model file {model_path} named by {path} does not exist")
@@ -328,7 +340,7 @@ def read_sidecar(path: str | Path, verify_sha256: bool = True) -> dict:
 
 def final_path(src: str | Path, models_dir: str | Path) -> Path:
     """Where save_final() copies a model: model_final.onnx, or model_final.xml (+ .bin) for an OpenVINO IR."""
-    return Path(models_dir) / f"{Path(FINAL_ONNX).stem}{Path(src).suffix}"
+    return Path(models_dir) / f"{FINAL_STEM}{Path(src).suffix}"
 
 
 def save_final(src: str | Path, models_dir: str | Path, overwrite: bool) -> Path:
@@ -339,13 +351,38 @@ def save_final(src: str | Path, models_dir: str | Path, overwrite: bool) -> Path
     src = Path(src)
     final = final_path(src, models_dir)
     pairs = [(src, final)] + ([(src.with_suffix(".bin"), final.with_suffix(".bin"))] if src.suffix == ".xml" else [])
+    pending = not overwrite  # the set in place goes aside once, when the first new file is ready to replace it
     for source, target in reversed(pairs):  # the weights first: a model file never points at missing weights
-        def write(tmp: Path, source=source, target=target) -> None:
+        def write(tmp: Path, source=source) -> None:
+            nonlocal pending
             shutil.copyfile(source, tmp)
-            keep_previous(target, overwrite)
+            if pending:
+                keep_previous_final(Path(models_dir))
+                pending = False
 
         atomic_write(target, write)
     return final
+
+
+def keep_previous_final(models_dir: Path) -> None:
+    """Set the deployable model in place aside as one set (lab_io.keep_previous): its model file, its weights and its
+    sidecar under one timestamp, the kept sidecar naming the kept files, so that it still serves
+    (predict.py --model modeles/model_final.<stamp>.json)."""
+    sidecar = models_dir / f"{FINAL_STEM}.json"
+    files = [p for p in (models_dir / f"{FINAL_STEM}{ext}" for ext in (".onnx", ".xml", ".bin")) if p.exists()]
+    if not files:
+        return
+    kept_sidecar = keep_previous(sidecar) if sidecar.is_file() else None
+    stamp = kept_sidecar.stem[len(FINAL_STEM) + 1:] if kept_sidecar else None
+    kept = {p.name: keep_previous(p, stamp=stamp).name for p in files}
+    if kept_sidecar is None:
+        return
+    try:
+        meta = json.loads(kept_sidecar.read_text(encoding="utf-8"))
+        meta.update({k: kept[meta[k]] for k in ("model_file", "weights_file") if meta.get(k) in kept})
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return  # not a sidecar this lab can read: kept as it was
+    atomic_write_text(kept_sidecar, json.dumps(meta, indent=1, allow_nan=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------

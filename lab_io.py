@@ -48,6 +48,7 @@ def run_cli(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except UserError as exc:
+        _end_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -59,11 +60,23 @@ def run_cli(main: Callable[[], int | None]) -> None:
             sys.exit(2)
         if os.environ.get("TP4_DEBUG"):
             raise
+        _end_progress_bars()
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"error: unexpected {type(exc).__name__}: {msg} (set TP4_DEBUG=1 to see the traceback)",
               file=sys.stderr)
         sys.exit(1)
     sys.exit(code or 0)
+
+
+def _end_progress_bars() -> None:
+    """An error raised inside a tqdm loop leaves its bar on the current line of stderr: close the bars and end that
+    line, so that the error starts a line of its own (in a terminal and in a log file)."""
+    tqdm_module = sys.modules.get("tqdm")
+    bars = list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", None) or [])
+    for bar in bars:
+        bar.close()
+    if bars:
+        print(file=sys.stderr)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -86,6 +99,38 @@ def positive_int(text: str) -> int:
     return value
 
 
+def finite_float(text: str) -> float:
+    """argparse type of every real-valued option (--lr, prices, timeouts, fractions): nan and inf are refused here,
+    since every range check after it (`x <= 0`) is False for nan."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
+def output_file(text: str) -> str:
+    """argparse type of a file to write (--output, --report, --figure...): a folder of that name is refused at once,
+    before any work, and never set aside in place of the file."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: give the file to write, e.g. {Path(text) / 'name'}")
+    return text
+
+
+def output_dir(text: str) -> str:
+    """argparse type of a folder the script writes in (--models-dir, --results-dir): a file of that name, or a folder
+    this user may not write in, is refused at once, not after the training whose results would go there."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in {existing}: choose a folder you may write in")
+    return text
+
+
 # --------------------------------------------------------------------------------------------------
 # Files: atomic writes, never lose an earlier result
 # --------------------------------------------------------------------------------------------------
@@ -96,16 +141,19 @@ def is_fresh(path: str | Path, *sources: str | Path) -> bool:
                                   if Path(s).is_file())
 
 
-def keep_previous(path: str | Path, overwrite: bool = False) -> Path | None:
-    """If `path` exists, rename it to `<stem>.<its mtime>.<suffix>` and say so (unless overwrite=True).
+def keep_previous(path: str | Path, overwrite: bool = False, stamp: str | None = None) -> Path | None:
+    """If `path` exists, rename it to `<stem>.<its mtime>.<suffix>` (or `<stem>.<stamp>.<suffix>`, to keep files that
+    go together under one name) and say so (unless overwrite=True).
 
     Called before writing an output, so that a result produced earlier is never silently lost.
     Returns the backup path, or None.
     """
     path = Path(path)
+    if path.is_dir():  # a whole folder is never set aside (and then replaced by one file)
+        raise UserError(f"{path} is a folder, not the file to write: give a file name")
     if not path.exists() or overwrite:
         return None
-    stamp = _dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+    stamp = stamp or _dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
     backup = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
     n = 1
     while backup.exists():
@@ -182,7 +230,9 @@ def csv_lock(path: str | Path, timeout: float | None = None):
 
 def append_csv_rows(path: str | Path, rows: Iterable[dict]) -> Path:
     """Append result rows to a CSV (header = union of the columns seen so far); earlier rows are kept, also those
-    another process appends at the same time (csv_lock).
+    another process appends at the same time (csv_lock). A file that cannot be extended as it is (saved again by
+    a spreadsheet: ';' separators, a cell too many, another encoding) is kept under a timestamped name, and the rows
+    start a new file.
 
     Every column must be one of lab_targets.RESULT_COLUMNS (one schema: names, units, signs, for every CSV)."""
     from lab_targets import check_result_columns
@@ -192,13 +242,13 @@ def append_csv_rows(path: str | Path, rows: Iterable[dict]) -> Path:
     for row in rows:
         check_result_columns(row)
     with csv_lock(path):
-        old_rows: list[dict] = []
-        columns: list[str] = []
+        columns, old_rows = [], []
         if path.exists():
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                columns = list(reader.fieldnames or [])
-                old_rows = list(reader)
+            try:
+                columns, old_rows = _read_results_csv(path)
+            except UserError as exc:
+                print(f"note: {exc}; it is kept aside and a new file is started")
+                keep_previous(path)
         for row in rows:
             columns += [k for k in row if k not in columns]
 
@@ -212,10 +262,29 @@ def append_csv_rows(path: str | Path, rows: Iterable[dict]) -> Path:
         return atomic_write(path, write)
 
 
+def _read_results_csv(path: Path) -> tuple[list[str], list[dict]]:
+    """(header, rows) of a results CSV as this lab writes it; UserError saying what is wrong otherwise. A BOM (a
+    spreadsheet's "CSV UTF-8") is read through."""
+    from lab_targets import RESULT_COLUMNS
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns, rows = list(reader.fieldnames or []), list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path} is not a CSV written by this lab ({type(exc).__name__}: {exc})") from None
+    unknown = [c for c in columns if c not in RESULT_COLUMNS]
+    if unknown:
+        raise UserError(f"{path} has columns this lab does not write ({unknown[0][:60]!r}...): it was changed, "
+                        "e.g. saved by a spreadsheet with ';' separators")
+    if any(None in r for r in rows):
+        raise UserError(f"{path} has rows with more cells than its header: it was changed by hand")
+    return columns, rows
+
+
 def read_csv_rows(path: str | Path, run_id_: str | None = None) -> list[dict]:
-    """The rows of a results CSV as strings (those of one run when run_id_ is given)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        return [r for r in csv.DictReader(f) if run_id_ is None or r.get("run_id") == run_id_]
+    """The rows of a results CSV as strings (those of one run when run_id_ is given); UserError if it is not one."""
+    return [r for r in _read_results_csv(Path(path))[1] if run_id_ is None or r.get("run_id") == run_id_]
 
 
 def _csv_value(value):

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
 import torch
@@ -173,6 +174,10 @@ def checkpoint_threshold(ckpt: dict) -> float:
     return float(value)
 
 
+# what every script reads of a checkpoint (save_checkpoint and quantize.save_quantized_checkpoint write them all)
+CHECKPOINT_KEYS = ("model_type", "config_json", "state_dict", "preprocessing", "category", "split")
+
+
 def read_checkpoint(path: str | Path, expected_category: str | None = None) -> dict:
     """torch.load(weights_only=True) + format and category checks; raises UserError with a clear reason."""
     path = Path(path)
@@ -181,13 +186,20 @@ def read_checkpoint(path: str | Path, expected_category: str | None = None) -> d
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} not found.") from None
     except Exception as exc:  # truncated file, not a torch file, pickled object refused by weights_only...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if "Weights only load failed" in first:  # torch's long explanation helps nobody here
             first = "not a torch.save file, or it holds pickled objects that safe loading refuses"
-        raise UserError(f"{path} is not a readable checkpoint of this lab ({first}).") from None
+        elif "central directory" in first or "PytorchStreamReader" in first:
+            first = "the file is truncated or damaged: was its copy or download interrupted?"
+        raise UserError(f"{path} is not a readable checkpoint of this lab "
+                        f"({textwrap.shorten(first, 200, placeholder=' ...')}).") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a checkpoint of this lab (no '{CHECKPOINT_FORMAT}' format field): "
                         f"train one with benchmark_gpu.py.")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: it was not written by this lab's save_checkpoint; "
+                        "train one with benchmark_gpu.py.")
     if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
         raise UserError(f"{path} was written by a newer version of this lab (format "
                         f"{ckpt['format_version']} > {CHECKPOINT_VERSION}).")
@@ -220,10 +232,16 @@ def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint"):
         raise UserError(f"{path} holds an int8 model: load it with quantize.load_quantized_checkpoint "
                         f"(or pass the fp32 checkpoint, e.g. model_cpu_<category>.pth).")
     model = model_skeleton(ckpt, path)
-    missing, unexpected = _compare_keys(model.state_dict(), ckpt["state_dict"])
+    expected = model.state_dict()
+    missing, unexpected = _compare_keys(expected, ckpt["state_dict"])
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the model ({len(missing)} missing, {len(unexpected)} "
                         f"unexpected, e.g. {(missing + unexpected)[0]}).")
+    resized = next((k for k, v in ckpt["state_dict"].items() if tuple(v.shape) != tuple(expected[k].shape)), None)
+    if resized is not None:
+        raise UserError(f"{path}: weights do not match the model ({resized} is "
+                        f"{tuple(ckpt['state_dict'][resized].shape)} in the checkpoint, "
+                        f"{tuple(expected[resized].shape)} in the model its config describes).")
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:

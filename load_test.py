@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from image_pipeline import find_images as find_image_files
 from inference import IMAGE_EXTENSIONS
-from lab_io import (ArgumentParser, UserError, append_csv_rows, format_table, latency_columns, positive_int, run_cli,
-                    run_id, save_figure)
+from lab_io import (ArgumentParser, UserError, append_csv_rows, finite_float, format_table, latency_columns, output_dir,
+                    positive_int, run_cli, run_id, save_figure)
 
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -60,11 +60,12 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated numbers of concurrent clients")
     p.add_argument("--requests-per-level", type=positive_int, default=50,
                    help="requests sent at each concurrency level")
-    p.add_argument("--max-seconds-per-level", type=float, default=30.0,
+    p.add_argument("--max-seconds-per-level", type=finite_float, default=30.0,
                    help="stop sending new requests at a level after this many seconds")
-    p.add_argument("--timeout", type=float, default=30.0, help="timeout of one request, in seconds")
+    p.add_argument("--timeout", type=finite_float, default=30.0, help="timeout of one request, in seconds")
     p.add_argument("--warmup", type=int, default=2, help="requests sent (and not measured) before the first level")
-    p.add_argument("--results-dir", default="resultats", help="where load_test.csv and load_test.png go")
+    p.add_argument("--results-dir", type=output_dir, default="resultats",
+                   help="where load_test.csv and load_test.png go")
     p.add_argument("--overwrite", action="store_true", help="replace load_test.png instead of keeping the old one")
     args = p.parse_args(argv)
     args.levels = parse_levels(args.concurrency)
@@ -315,6 +316,10 @@ def main(argv=None) -> int:
         raise UserError(f"no request reached {args.url} at concurrency {unreachable['concurrency']} "
                         f"({unreachable['error_kinds']}): is the server started (azmlinfsrv ... --port) and the URL "
                         f"right?" + (f" Levels {skipped} skipped." if skipped else ""))
+    if all(r["errors"] == r["requests"] for r in rows):  # the server answered, but never with a result
+        kinds = "; ".join(sorted({r["error_kinds"] for r in rows}))
+        raise UserError(f"every request to {args.url} failed ({kinds}): the server answers but refuses them; check "
+                        "the URL's path (/score), the images (--images) and --mode")
     return 0
 
 

@@ -11,9 +11,10 @@ as a JSON manifest (and inside every checkpoint) so that all scripts evaluate on
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 
 import inference
 from inference import image_files
-from lab_io import UserError, atomic_write_text, format_table, keep_previous, run_cli
+from lab_io import (ArgumentParser, UserError, atomic_write_text, finite_float, format_table, keep_previous,
+                    output_file, positive_int, run_cli)
 
 CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
               "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
@@ -167,7 +169,20 @@ def prepare_split(data_dir, category: str, seed: int = 42, val_frac: float = 0.1
     """Index a category and split it. Returns (split dict, manifest dict)."""
     samples = index_category(data_dir, category)
     split = make_split(samples, seed, val_frac, test_frac)
+    check_split_classes(category, split)
     return split, split_manifest(category, split, seed, val_frac, test_frac)
+
+
+def check_split_classes(category: str, split: dict) -> None:
+    """Each part needs a good and a defective image: train to learn both, val to choose the threshold, test to
+    measure; a folder with a handful of images would otherwise train and report numbers that mean nothing."""
+    counts = {name: (sum(not s.label for s in part), sum(s.label for s in part)) for name, part in split.items()}
+    empty = [f"{'defective' if good else 'good'} image in {name}" for name, (good, bad) in counts.items()
+             if not good or not bad]
+    if empty:
+        shown = ", ".join(f"{name} {good} good / {bad} defective" for name, (good, bad) in counts.items())
+        raise UserError(f"category '{category}' has too few images to split: no {empty[0]} ({shown}); MVTec AD "
+                        "has 100 to 400 good training images and dozens of defective ones per category")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,9 +352,27 @@ def make_synthetic_mvtec(root: str | Path, category: str = "bottle", n_train_goo
     """Write a small, deterministic MVTec-like tree ROOT/CATEGORY/{train/good, test/<type>, ground_truth/<type>}.
 
     Parts are bottle-like rings seen from above; defects (broken rim, contamination, crack) are clearly
-    visible, with their masks. Returns the category folder."""
-    rng = np.random.default_rng(seed)
+    visible, with their masks. Returns the category folder. The tree is written beside it and renamed into place
+    when complete: an interrupted run leaves no half tree, and an existing CATEGORY folder (real MVTec images have
+    the same names) is refused, never written over."""
     folder = Path(root) / category
+    if folder.exists():
+        raise UserError(f"{folder} already exists: synthetic images are never written over a dataset; choose "
+                        f"another folder, or delete {folder} to write a new synthetic tree")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{category}.partial-", dir=folder.parent))
+    try:
+        _draw_tree(partial, category, n_train_good, n_test_good, n_per_defect, image_size, defects, seed)
+        partial.rename(folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return folder
+
+
+def _draw_tree(folder: Path, category: str, n_train_good: int, n_test_good: int, n_per_defect: int,
+               image_size: int, defects, seed: int) -> None:
+    rng = np.random.default_rng(seed)
     plan = [("train/good", None, n_train_good), ("test/good", None, n_test_good)]
     plan += [(f"test/{d}", d, n_per_defect) for d in defects]
     total = sum(n for *_, n in plan)
@@ -355,26 +388,27 @@ def make_synthetic_mvtec(root: str | Path, category: str = "bottle", n_train_goo
                     mask.save(folder / "ground_truth" / defect / f"{i:03d}_mask.png")
                 img.save(folder / sub / f"{i:03d}.png")
                 bar.update()
-    return folder
 
 
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Summarise an MVTec AD category and its train/val/test split, "
+    parser = ArgumentParser(description="Summarise an MVTec AD category and its train/val/test split, "
                                                  "or write a synthetic MVTec-like tree.")
     parser.add_argument("--data-dir", default="./data/mvtec", help="folder holding the category folders "
                         "(default: ./data/mvtec)")
     parser.add_argument("--category", default="bottle", help="MVTec AD category (default: bottle)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the train/val/test split (default: 42)")
-    parser.add_argument("--val-frac", type=float, default=0.15, help="share of each defect type in val (0.15)")
-    parser.add_argument("--test-frac", type=float, default=0.25, help="share of each defect type in test (0.25)")
-    parser.add_argument("--save-manifest", metavar="JSON", help="also write the split manifest to this file")
+    parser.add_argument("--val-frac", type=finite_float, default=0.15, help="share of each defect type in val (0.15)")
+    parser.add_argument("--test-frac", type=finite_float, default=0.25, help="share of each defect type in test (0.25)")
+    parser.add_argument("--save-manifest", type=output_file, metavar="JSON",
+                        help="also write the split manifest to this file")
     parser.add_argument("--skip-image-check", action="store_true",
                         help="do not decode every image (by default each one is opened, so a corrupt file is named)")
     parser.add_argument("--make-synthetic", metavar="DIR", help="write a synthetic tree DIR/CATEGORY and exit")
-    parser.add_argument("--image-size", type=int, default=128, help="side of synthetic images in pixels (128)")
+    parser.add_argument("--image-size", type=positive_int, default=128,
+                        help="side of synthetic images in pixels (128)")
     args = parser.parse_args(argv)
 
     if args.make_synthetic:

@@ -35,7 +35,8 @@ from hybrid import HYBRID_CHOICES, HYBRID_HELP, fit_for_mode, guard_mask, hybrid
 from inference import (ENGINE_ORT, ENGINE_OV, FINAL_ONNX, Runner, final_path, onnx_opset, ort_threads,
                        runner_job, runner_predict_logits, save_final, write_sidecar)
 from lab_io import (ArgumentParser, UserError, append_csv_rows, benchmark_rounds, cpu_flags, cpu_name,
-                    environment_columns, format_table, positive_int, run_cli, run_id, save_figure, size_on_disk_mb)
+                    environment_columns, finite_float, format_table, output_dir, positive_int, run_cli, run_id,
+                    save_figure, size_on_disk_mb)
 from lab_targets import (BANK_EXCLUDED, CPU_PRICE, CPU_VM, HYBRID_PREFIX, SELECTION_SPLIT, choose_deployable,
                          compare_logits, describe_flips, describe_guard, format_accuracy, guard_kind,
                          judge_selection, recommend, selection_candidates, variant_passes, variant_row)
@@ -150,9 +151,10 @@ def parse_args(argv=None):
     parser.add_argument("--model-path", default=None,
                         help="checkpoint to export; a bare name is looked for in --models-dir "
                              "(default: model_cpu_<category>.pth)")
-    parser.add_argument("--models-dir", default="modeles", help="where checkpoints are read and ONNX files "
-                        "written (default: modeles)")
-    parser.add_argument("--results-dir", default="resultats", help="where the CSV and the plot go (default: resultats)")
+    parser.add_argument("--models-dir", type=output_dir, default="modeles",
+                        help="where checkpoints are read and ONNX files written (default: modeles)")
+    parser.add_argument("--results-dir", type=output_dir, default="resultats",
+                        help="where the CSV and the plot go (default: resultats)")
     parser.add_argument("--batch-size", type=positive_int, default=16,
                         help="batch size of the test-split evaluation (16)")
     parser.add_argument("--bench-batch-size", type=positive_int, default=8,
@@ -165,11 +167,11 @@ def parse_args(argv=None):
                              "PyTorch its own default; both recorded)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs per measurement (default: 5)")
     parser.add_argument("--runs", type=positive_int, default=30, help="timed runs per measurement (default: 30)")
-    parser.add_argument("--max-bench-seconds", "--max-seconds", dest="max_seconds", type=float, default=60.0,
+    parser.add_argument("--max-bench-seconds", "--max-seconds", dest="max_seconds", type=finite_float, default=60.0,
                         metavar="SECONDS",
                         help="stop a measurement's timed runs after this many seconds, >= 5 runs (default: 60; "
                              "--max-seconds is the older name)")
-    parser.add_argument("--price-per-hour", type=float, default=CPU_PRICE,
+    parser.add_argument("--price-per-hour", type=finite_float, default=CPU_PRICE,
                         help=f"price of the serving machine in USD/h for the cost per 1000 images (default: {CPU_PRICE} "
                              f"= {CPU_VM}, pay-as-you-go Linux list price 2024)")
     parser.add_argument("--no-fusion", action="store_true", help="skip ORT's transformer fusion variant")

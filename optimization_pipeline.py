@@ -49,8 +49,8 @@ import quantize as qz
 from hybrid import HYBRID_CHOICES, HYBRID_HELP, fit_for_mode, guard_mask, hybrid_variants
 from inference import ENGINE_ORT, Runner, onnx_opset, runner_job, runner_predict_logits, save_final, write_sidecar
 from lab_io import (BENCH_ROUNDS, ArgumentParser, UserError, append_csv_rows, atomic_write, benchmark_rounds,
-                    cpu_has_bf16, environment_columns, format_table, is_fresh, keep_previous, positive_int, run_cli,
-                    run_id, size_on_disk_mb)
+                    cpu_has_bf16, environment_columns, finite_float, format_table, is_fresh, keep_previous, output_dir,
+                    output_file, positive_int, run_cli, run_id, size_on_disk_mb)
 from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, DISTILLATION, END_TO_END_IMAGES, END_TO_END_REPEATS,
                          GPU_PRICE, GPU_VM, LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE, QUANTIZATION, SELECTION_SPLIT,
                          SELECTION_SPLITS, STUDENT_FROM_BASELINE, TARGETS, choose_deployable, compare_logits,
@@ -127,22 +127,23 @@ def _add_data_and_model_flags(p) -> None:
                         f"{OFFLINE_DEFAULT_EPOCHS} for an offline preset, {DEMO['epochs']} with --demo)")
     p.add_argument("--student-epochs", type=positive_int, default=None,
                    help=f"student epochs (default: like --epochs; {DEMO['student_epochs']} with --demo)")
-    p.add_argument("--lr", type=float, default=None, help="baseline learning rate (default: 1e-6 pretrained, after "
+    p.add_argument("--lr", type=finite_float, default=None,
+                   help="baseline learning rate (default: 1e-6 pretrained, after "
                    f"a linear probe, see train_utils.training_recipe; 1e-3 offline presets, {DEMO['lr']:g} with --demo)")
     p.add_argument("--depth", default="auto",
                    help="pretrained models: transformer blocks to keep, 'auto' = chosen with the linear probe by "
                         "cross-validation on train + val, 'full' or a number (default: auto)")
-    p.add_argument("--student-lr", type=float, default=None,
+    p.add_argument("--student-lr", type=finite_float, default=None,
                    help=f"student learning rate (default: 1e-6 pretrained, 1e-3 offline presets, "
                         f"{DEMO['student_lr']:g} with --demo)")
-    p.add_argument("--distill-alpha", type=float, default=None,
+    p.add_argument("--distill-alpha", type=finite_float, default=None,
                    help=f"weight of the distillation term in the student's loss, 0-1 (default: 0.5; 1 for "
                         f"'{STUDENT_FROM_BASELINE}')")
     p.add_argument("--distill-loss", choices=DISTILL_LOSSES, default=None,
                    help=f"distillation term: kl = KL divergence of the softened logits (Hinton), mse = squared "
                         f"difference of the logits; with mse the student keeps the baseline's threshold (default: kl; "
                         f"mse for '{STUDENT_FROM_BASELINE}')")
-    p.add_argument("--distill-temperature", type=float, default=2.0,
+    p.add_argument("--distill-temperature", type=finite_float, default=2.0,
                    help="softmax temperature of the distillation (default: 2.0)")
 
 
@@ -152,16 +153,16 @@ def _add_measurement_flags(p) -> None:
                    help="batch size of the throughput measurement (default: 8); latency is measured at batch 1")
     p.add_argument("--runs", type=positive_int, default=30, help="timed runs per measurement (default: 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs per measurement (default: 5)")
-    p.add_argument("--max-bench-seconds", type=float, default=60.0,
+    p.add_argument("--max-bench-seconds", type=finite_float, default=60.0,
                    help="stop a measurement early after this many seconds, once 5 runs are done (default: 60)")
     p.add_argument("--num-threads", type=positive_int, default=None,
                    help="CPU threads of PyTorch AND ONNX Runtime, the same for every variant (default: PyTorch's "
                         "default)")
     p.add_argument("--device", default="auto", help="training device: auto (GPU when present), cpu, cuda, mps "
                    "(default: auto); every CPU variant is timed on the CPU anyway")
-    p.add_argument("--price-per-hour", type=float, default=CPU_PRICE,
+    p.add_argument("--price-per-hour", type=finite_float, default=CPU_PRICE,
                    help=f"USD per hour of the CPU machine (default: {CPU_PRICE} = {CPU_VM})")
-    p.add_argument("--gpu-price-per-hour", type=float, default=GPU_PRICE,
+    p.add_argument("--gpu-price-per-hour", type=finite_float, default=GPU_PRICE,
                    help=f"USD per hour of the GPU machine, for the GPU row (default: {GPU_PRICE} = "
                         f"{GPU_VM})")
 
@@ -184,17 +185,19 @@ def _add_step_flags(p) -> None:
     p.add_argument("--skip-end-to-end", action="store_true",
                    help="skip step 6 (image files -> labels: the deployable model through predict.py's pipeline vs "
                         "the naive baseline, PIL + PyTorch fp32 batch 1)")
-    p.add_argument("--end-to-end-images", type=int, default=END_TO_END_IMAGES,
+    p.add_argument("--end-to-end-images", type=positive_int, default=END_TO_END_IMAGES,
                    help="test images timed end to end (default: %(default)s)")
-    p.add_argument("--end-to-end-repeats", type=int, default=END_TO_END_REPEATS,
+    p.add_argument("--end-to-end-repeats", type=positive_int, default=END_TO_END_REPEATS,
                    help="timed passes of each path, alternately (default: %(default)s)")
     p.add_argument("--skip-detector", action="store_true",
                    help="skip step 7 (the good-only detector of anomaly_detector.py on the baseline's pretrained "
                         "backbone, compared with the classifier on the test images neither trained on)")
-    p.add_argument("--models-dir", default="modeles", help="checkpoints and ONNX files (default: modeles)")
-    p.add_argument("--results-dir", default="resultats", help="CSV and figure (default: resultats)")
-    p.add_argument("--report", default="rapport.md", help="the French report to write (default: rapport.md)")
-    p.add_argument("--package", metavar="ZIP", default=None,
+    p.add_argument("--models-dir", type=output_dir, default="modeles",
+                   help="checkpoints and ONNX files (default: modeles)")
+    p.add_argument("--results-dir", type=output_dir, default="resultats", help="CSV and figure (default: resultats)")
+    p.add_argument("--report", type=output_file, default="rapport.md",
+                   help="the French report to write (default: rapport.md)")
+    p.add_argument("--package", type=output_file, metavar="ZIP", default=None,
                    help="also write the lab's archive, e.g. nom_prenom_tp_jour4.zip: code/, resultats/, "
                         "modeles/ (model_cpu.pth, model_quantized.pth, model_final.onnx + .json), rapport.md")
     p.add_argument("--seed", type=int, default=42, help="seed of the split, initial weights, shuffling (default: 42)")

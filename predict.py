@@ -49,7 +49,7 @@ from end_to_end import benchmark_end_to_end
 from heatmaps import HeatmapWriter, gives_maps
 from image_pipeline import Timing, default_workers, find_images, load_model, model_precision, score_stream
 from inference import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, Classifier, ort_threads
-from lab_io import ArgumentParser, UserError, append_csv_rows, positive_int, run_cli, run_id
+from lab_io import ArgumentParser, UserError, append_csv_rows, finite_float, output_dir, positive_int, run_cli, run_id
 from lab_targets import END_TO_END_IMAGES, END_TO_END_REPEATS
 from prediction_store import SAVE_SECONDS, PredictionStore, model_identity, prediction_row
 
@@ -77,7 +77,7 @@ def parse_args(argv=None):
                         "or processes")
     p.add_argument("--num-threads", type=positive_int, default=None,
                    help="intra-op threads of the engine (default: the physical cores)")
-    p.add_argument("--max-pixels", type=float, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=finite_float, default=DEFAULT_MAX_PIXELS,
                    help=f"larger images are refused in their row (default: {DEFAULT_MAX_PIXELS:.3g}, as score.py)")
     p.add_argument("--save-every", type=positive_int, default=256,
                    help=f"rewrite the CSV after this many images (and at least every {SAVE_SECONDS:g} s; default: "
@@ -99,7 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--baseline-checkpoint", default=None,
                    help="PyTorch checkpoint of the naive baseline (default: model_cpu_<category>.pth beside the "
                         "model, else the sidecar's source_checkpoint)")
-    p.add_argument("--results-dir", default="resultats", help="where end_to_end.csv goes (default: %(default)s)")
+    p.add_argument("--results-dir", type=output_dir, default="resultats",
+                   help="where end_to_end.csv goes (default: %(default)s)")
     args = p.parse_args(argv)
     for flag, value in (("--top", args.top), ("--workers", 0 if args.workers is None else args.workers)):
         if value < 0:

@@ -26,8 +26,10 @@ SAVE_SECONDS = 30.0  # the CSV is also rewritten at least this often while image
 
 
 def model_identity(model: Classifier) -> dict:
+    """What makes a row this model's: its files, and its decision threshold (a sidecar given another threshold
+    labels every image again)."""
     return {"variant": model.info["variant"], "model_sha256": model.meta["sha256"],
-            "weights_sha256": model.meta.get("weights_sha256") or ""}
+            "weights_sha256": model.meta.get("weights_sha256") or "", "threshold": f"{model.threshold:.6g}"}
 
 
 class PredictionStore:
@@ -56,7 +58,7 @@ class PredictionStore:
         if rescore or others:
             self.replace_file = True
             why = "--rescore" if rescore else \
-                "it holds predictions of another model (" + ", ".join(
+                "it holds predictions of another model or threshold (" + ", ".join(
                     f"{v or '?'} sha256 {s[:12]}... x{n}" for (v, s), n in others.most_common(3)) + ")"
             self.note = (f"note: {self.path}: {why}; it will be kept under a timestamped name and every image is "
                          f"scored again with {identity['variant']} (sha256 {identity['model_sha256'][:12]}...)")
@@ -85,10 +87,11 @@ class PredictionStore:
         return header, rows
 
     def _others(self, rows: list[dict]) -> Counter:
-        """(variant, model_sha256) -> rows of a model other than this one."""
-        mine = (self.identity["variant"], self.identity["model_sha256"], self.identity["weights_sha256"])
+        """(variant, model_sha256) -> rows of a model other than this one (or of this one at another threshold)."""
+        keys = ("variant", "model_sha256", "weights_sha256", "threshold")
+        mine = tuple(self.identity[k] for k in keys)
         return Counter((r.get("variant", ""), r.get("model_sha256", "")) for r in rows
-                       if (r.get("variant", ""), r.get("model_sha256", ""), r.get("weights_sha256") or "") != mine)
+                       if tuple(r.get(k) or "" for k in keys) != mine)
 
     def status(self, path: Path) -> str:
         """'done' (scored by this model, file unchanged), 'changed' (scored, but the file changed since), 'failed'

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from lab_io import (ArgumentParser, UserError, append_csv_rows, benchmark_rounds, cpu_name, environment_columns,
-                    format_table, positive_int, run_cli, run_id, save_figure, size_on_disk_mb)
+                    format_table, output_dir, output_file, positive_int, run_cli, run_id, save_figure, size_on_disk_mb)
 from lab_targets import (CPU_PRICE, QUANTIZATION, SELECTION_SPLIT, TARGET_MAX_LOSS_PT, TARGET_MAX_SIZE_MB,
                          TARGET_MIN_ACCURACY, compare_logits, describe_flips, describe_guard, format_accuracy,
                          judge_selection, variant_passes, variant_row)
@@ -213,11 +213,13 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="./data/mvtec", help="folder holding the category folders (./data/mvtec)")
     p.add_argument("--model-path", default=None, help="fp32 checkpoint to quantize; a bare name is looked for in "
                                                       "--models-dir (default: model_cpu_CATEGORY.pth)")
-    p.add_argument("--models-dir", default="modeles", help="folder of the checkpoints (default: modeles)")
-    p.add_argument("--output", default=None, help="plain dynamic int8 checkpoint to write (default: "
+    p.add_argument("--models-dir", type=output_dir, default="modeles",
+                   help="folder of the checkpoints (default: modeles)")
+    p.add_argument("--output", type=output_file, default=None, help="plain dynamic int8 checkpoint to write (default: "
                                                   "MODELS_DIR/model_quantized.pth; the fix goes beside it as "
                                                   "model_quantized_smoothquant.pth)")
-    p.add_argument("--results-dir", default="resultats", help="folder of the CSV and the plot (default: resultats)")
+    p.add_argument("--results-dir", type=output_dir, default="resultats",
+                   help="folder of the CSV and the plot (default: resultats)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="batch size of the test-set evaluation (16)")
     p.add_argument("--bench-batch-size", type=positive_int, default=8,
                    help="batch size of the throughput measurement (8)")

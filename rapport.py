@@ -11,13 +11,13 @@ the direction of each column is in lab_targets.RESULT_COLUMNS.
 """
 from __future__ import annotations
 
-import argparse
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
 
-from lab_io import UserError, atomic_write_text, keep_previous, read_csv_rows, run_cli, save_figure
+from lab_io import (ArgumentParser, UserError, atomic_write_text, keep_previous, output_file, read_csv_rows,
+                    run_cli, save_figure)
 from lab_targets import (HIGHER, LOWER, NEUTRAL, TARGET_COST_REDUCTION_PCT, TARGET_END_TO_END_SPEEDUP,
                          TARGET_MAX_LOSS_PT, TARGET_MAX_SIZE_MB, TARGET_MIN_ACCURACY, TARGET_TIME_REDUCTION_PCT, TARGETS,
                          HYBRID_PREFIX, STUDENT_FROM_BASELINE, better_direction, recommend)
@@ -610,6 +610,28 @@ def figure_title(rows: list[dict]) -> str:
             + (" - DEMO: synthetic data, random-init models" if base["mode"] == "demo" else ""))
 
 
+REPORT_TEXT_COLUMNS = ("variant", "device", "role", "recommended")
+REPORT_NUMBER_COLUMNS = ("latency_median_ms", "latency_p95_ms", "size_mb", "accuracy", "cost_per_1000_images_usd",
+                         "throughput_img_s")
+
+
+def check_report_rows(rows: list[dict], csv_path: Path) -> None:
+    """The columns the report reads are there, and its numbers are numbers: a CSV changed by hand (a column
+    deleted, decimal commas) is named in one line instead of failing halfway through the report."""
+    for column in REPORT_TEXT_COLUMNS + REPORT_NUMBER_COLUMNS:
+        if any(column not in r for r in rows):
+            raise UserError(f"{csv_path} has no column {column!r}: it was changed by hand; give the CSV as "
+                            "optimization_pipeline.py wrote it (or run it again)")
+    for r in sections(rows)["variant"]:  # the rows of the summary figure, every one of them measured
+        for column in REPORT_NUMBER_COLUMNS:
+            try:
+                float(r[column])
+            except ValueError:
+                raise UserError(f"{csv_path}: {column} of {r['variant']} is {r[column]!r}, not a number: the CSV was "
+                                "changed by hand (e.g. decimal commas); give it as optimization_pipeline.py "
+                                "wrote it") from None
+
+
 def write_report(csv_path: str | Path, run_id: str | None, report: str | Path, figure: str | Path,
                  overwrite: bool = False) -> tuple[Path, Path, list[dict]]:
     """rapport.md and the summary figure of one run of the CSV (None = its last run). Returns both paths and the
@@ -624,6 +646,7 @@ def write_report(csv_path: str | Path, run_id: str | None, report: str | Path, f
     rows = [r for r in rows if r["run_id"] == run_id]
     if not rows:
         raise UserError(f"no row with run_id {run_id} in {csv_path}.")
+    check_report_rows(rows, csv_path)
     variants = sections(rows)["variant"]
     png = plot_summary(variants, Path(figure), figure_title(variants), overwrite)
     report = Path(report)
@@ -633,13 +656,14 @@ def write_report(csv_path: str | Path, run_id: str | None, report: str | Path, f
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Write the French report (rapport.md) and the summary figure of one run "
+    p = ArgumentParser(description="Write the French report (rapport.md) and the summary figure of one run "
                                             "of the optimisation pipeline from its CSV, without measuring again.")
     p.add_argument("--csv", default=f"resultats/{REPORT_CSV}",
                    help=f"the pipeline's CSV (default: resultats/{REPORT_CSV})")
     p.add_argument("--run-id", default=None, help="which run of the CSV (default: the last one)")
-    p.add_argument("--report", default=REPORT_MD, help=f"the report to write (default: {REPORT_MD})")
-    p.add_argument("--figure", default=None, help=f"the figure to write (default: {REPORT_PNG} next to the CSV)")
+    p.add_argument("--report", type=output_file, default=REPORT_MD, help=f"the report to write (default: {REPORT_MD})")
+    p.add_argument("--figure", type=output_file, default=None,
+                   help=f"the figure to write (default: {REPORT_PNG} next to the CSV)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the report and figure instead of keeping the earlier ones with a timestamp")
     args = p.parse_args(argv)

@@ -188,6 +188,8 @@ def _images_from_json(body: bytes, lim: dict) -> tuple[list[tuple[str, bytes]], 
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # thousands of nested [ or {: Python's parser gives up, the request is still the client's
+        raise RequestError(400, "invalid_json", "the body is JSON nested too deeply") from None
     if not isinstance(doc, dict) or "images" not in doc:
         raise RequestError(400, "missing_images", 'the JSON body must be an object {"images": ["<base64>", ...]}')
     images = doc["images"]

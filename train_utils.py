@@ -445,6 +445,9 @@ def train_model(model, train_loader, val_loader, *, epochs: int, lr: float, devi
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = training_loss(model, pixels, labels, weight, teacher, distill_alpha, distill_temperature,
                                      distill_loss)
+            if not torch.isfinite(loss):  # diverged: the weights are no longer usable, stop with the best kept
+                seen = 0
+                break
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -457,11 +460,23 @@ def train_model(model, train_loader, val_loader, *, epochs: int, lr: float, devi
             bar.set_postfix(loss=f"{running / seen:.4f}")
         sync(device)
         epoch_seconds.append(time.perf_counter() - t0)
-        validate(epoch, running / max(1, seen), epoch_seconds[-1])
+        if not seen:
+            stop_diverged(desc, epoch, lr, best)
+            break
+        validate(epoch, running / seen, epoch_seconds[-1])
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     return {"history": history, "best_epoch": best["epoch"], "train_seconds": float(sum(epoch_seconds)),
             "epoch_seconds": epoch_seconds, "threshold": best["threshold"]}
+
+
+def stop_diverged(desc: str, epoch: int, lr: float, best: dict) -> None:
+    """The loss became nan or inf in `epoch`: an error if no epoch before it can be kept, else say which is."""
+    if best["state"] is None:
+        raise UserError(f"[{desc}] training diverged in epoch {epoch} (loss nan or inf): the learning rate {lr:g} "
+                        "is too high for this model; lower --lr (e.g. 10 times)")
+    print(f"[{desc}] warning: training diverged in epoch {epoch} (loss nan or inf, learning rate {lr:g}): stopped; "
+          f"epoch {best['epoch']} is kept, the best on val before it")
 
 
 def validation_row(model, val_loader, device, *, epoch: int, train_loss: float, seconds: float,

@@ -217,6 +217,7 @@ BAD_REQUESTS = {  # id: (body, Content-Type, expected status, expected error cod
     "not_an_image": (b"hello, this is text", "image/jpeg", 400, "not_an_image"),
     "truncated_png": ("TRUNCATED", "image/png", 400, "not_an_image"),
     "invalid_json": (b'{"images": [', "application/json", 400, "invalid_json"),
+    "json_nested_too_deep": (b"[" * 200_000, "application/json", 400, "invalid_json"),
     "json_list": (b"[1, 2]", "application/json", 400, "missing_images"),
     "json_wrong_key": (json.dumps({"image": "abc"}).encode(), "application/json", 400, "missing_images"),
     "images_not_list": (json.dumps({"images": "abc"}).encode(), "application/json", 400, "invalid_images"),
@@ -349,7 +350,12 @@ def test_init_rejects_bad_sidecars(azure_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("AZUREML_MODEL_DIR", str(tmp_path))
     sidecar = json.loads((folder / "model_final.json").read_text())
     cases = [({"sha256": "0" * 64}, "sha256"), ({"format": "other"}, "not a tp4-onnx-sidecar-v1"),
-             ({"labels": ["ok", "ko"]}, "anomaly"), ({"model_file": "missing.onnx"}, "does not exist"),
+             ({"labels": ["ok", "ko"]}, "labels must be"), ({"labels": ["anomaly", "good"]}, "labels must be"),
+             ({"labels": ["good", "anomaly", "other"]}, "labels must be"),
+             ({"model_file": "missing.onnx"}, "does not exist"), ({"model_file": None}, "model_file must be"),
+             ({"model_file": "../model/model_final.onnx"}, "model_file must be"),
+             ({"preprocessing": {**sidecar["preprocessing"], "mean": 0.5}}, "lists of 3 numbers"),
+             ({"preprocessing": {**sidecar["preprocessing"], "std": ["a", "b", "c"]}}, "lists of 3 numbers"),
              ({"input_name": "images"}, "sidecar names"),
              ({"preprocessing": {**sidecar["preprocessing"], "layout": "NHWC"}}, "layout")]
     for change, message in cases:
@@ -374,6 +380,15 @@ def deploy_setup(azure_model_dir, tmp_path):
 
 
 NO_AZURE_ENV = {"AZURE_SUBSCRIPTION_ID": "", "AZURE_RESOURCE_GROUP": "", "AZUREML_WORKSPACE": ""}
+
+
+@pytest.mark.parametrize("flag, name", [("--endpoint-name", "Mon Endpoint"), ("--deployment-name", "blue_1"),
+                                        ("--endpoint-name", "ab"), ("--deployment-name", "green-")])
+def test_deploy_refuses_names_azure_would_refuse(cli, deploy_setup, flag, name):
+    res = cli("deploy_azure.py", "--dry-run", flag, name, "--config-dir", deploy_setup / "azureml", cwd=deploy_setup,
+              env=NO_AZURE_ENV)
+    assert res.returncode == 2 and res.stderr == f"error: {flag} {name!r} is not a name Azure ML accepts: 3 to 32 " \
+        "characters, a letter first, then letters, digits or '-', not ending with '-' (e.g. tp4-mvtec-bottle)\n"
 
 
 def test_deploy_dry_run_builds_and_validates_the_spec(cli, deploy_setup, azure_model_dir):

@@ -71,3 +71,33 @@ def test_the_real_command_line_prints_one_line():
     res = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--input", "x.png", "--num-threads", "0"],
                          cwd=ROOT, capture_output=True, text=True)
     assert (res.returncode, res.stderr) == (2, "error: --num-threads must be >= 1, not 0\n")
+
+
+def test_no_option_takes_a_bare_float():
+    """nan passes every range check written `x <= 0`: each real-valued option goes through lab_io.finite_float."""
+    bare = {f"{p.stem} {option}" for p in ROOT.glob("*.py") for option, kind in _typed_options(p).items()
+            if kind == "float"}
+    assert not bare
+
+
+@pytest.mark.parametrize("module, flag, value", [("benchmark_gpu", "--lr", "nan"),
+                                                 ("optimization_pipeline", "--price-per-hour", "nan"),
+                                                 ("load_test", "--timeout", "inf"),
+                                                 ("download_mvtec", "--timeout", "NaN")])
+def test_nan_and_inf_are_refused_at_parse_time(module, flag, value, capsys):
+    assert _parse(module, [flag, value], capsys) == (2, [f"error: {flag} must be a finite number, not {value}"])
+
+
+def test_output_folders_and_files_are_checked_before_any_work(tmp_path, capsys):
+    """A file given as --results-dir, a folder given as --output / --report: refused at once, nothing renamed."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    cases = [("benchmark_gpu", ["--results-dir", tmp_path / "a_file"], "is a file, not a folder"),
+             ("onnx_optimization", ["--models-dir", tmp_path / "a_file"], "is a file, not a folder"),
+             ("quantization_demo", ["--output", tmp_path / "a_folder"], "is a folder: give the file to write"),
+             ("rapport", ["--report", tmp_path / "a_folder"], "is a folder: give the file to write"),
+             ("optimization_pipeline", ["--report", tmp_path / "a_folder"], "is a folder: give the file to write")]
+    for module, argv, message in cases:
+        code, err = _parse(module, [str(a) for a in argv], capsys)
+        assert code == 2 and len(err) == 1 and message in err[0], (module, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder"]

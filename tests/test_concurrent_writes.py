@@ -15,7 +15,7 @@ from filelock import FileLock
 import lab_io
 from lab_io import UserError
 
-IDENTITY = {"variant": "ort-fp32", "model_sha256": "ab" * 32, "weights_sha256": ""}
+IDENTITY = {"variant": "ort-fp32", "model_sha256": "ab" * 32, "weights_sha256": "", "threshold": "0.5"}
 MODEL = types.SimpleNamespace(score_kind="probability", threshold=0.5)  # what prediction_row reads of a Classifier
 
 

@@ -44,6 +44,9 @@ def test_every_defect_type_in_test_even_when_rare(tmp_path):
     make_synthetic_mvtec(tmp_path, "bottle", n_train_good=5, n_test_good=1, n_per_defect=1, image_size=32)
     split = make_split(index_category(tmp_path, "bottle"), seed=0)
     assert {s.defect_type for s in split["test"]} == {"good", *SYNTHETIC_DEFECTS}
+    # but a tree that small leaves no defective image to learn from or to choose the threshold on: refused
+    with pytest.raises(UserError, match=r"too few images to split: no defective image in train \(train 3 good / 0 def"):
+        prepare_split(tmp_path, "bottle")
 
 
 def test_manifest_round_trip(synthetic_root, tmp_path):
@@ -101,7 +104,7 @@ def test_cli_summary_and_errors(synthetic_root, tmp_path, cli):
     assert json.loads((tmp_path / "split.json").read_text(encoding="utf-8"))["category"] == "bottle"
 
     broken_root = tmp_path / "broken"
-    folder = make_synthetic_mvtec(broken_root, "bottle", n_train_good=4, n_test_good=2, n_per_defect=2, image_size=32)
+    folder = make_synthetic_mvtec(broken_root, "bottle", n_train_good=8, n_test_good=4, n_per_defect=8, image_size=32)
     (folder / "test" / "crack" / "001.png").write_bytes(b"not an image at all")
     result = cli("mvtec_dataset.py", "--data-dir", broken_root, "--category", "bottle")
     assert result.returncode == 2 and "test/crack/001.png" in result.stderr and "Traceback" not in result.stderr
@@ -110,3 +113,36 @@ def test_cli_summary_and_errors(synthetic_root, tmp_path, cli):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error:")
+
+
+def test_synthetic_tree_never_written_over_a_dataset_nor_left_half_done(tmp_path, monkeypatch, cli):
+    """Real MVTec images have the synthetic names (000.png...): an existing category folder is refused, bytes
+    untouched; a tree interrupted while drawn leaves nothing, so the demo never reuses half a tree."""
+    import mvtec_dataset
+
+    real = tmp_path / "mvtec" / "bottle" / "train" / "good"
+    real.mkdir(parents=True)
+    (real / "000.png").write_bytes(b"a real photo")
+    result = cli("mvtec_dataset.py", "--make-synthetic", tmp_path / "mvtec", "--image-size", "32")
+    assert result.returncode == 2 and "already exists" in result.stderr and result.stderr.count("\n") == 1
+    assert (real / "000.png").read_bytes() == b"a real photo"
+    assert sorted(p.name for p in (tmp_path / "mvtec").iterdir()) == ["bottle"]
+
+    drawn = []
+
+    def draw_then_stop(rng, size):
+        if len(drawn) == 7:
+            raise KeyboardInterrupt
+        drawn.append(size)
+        return real_draw(rng, size)
+
+    real_draw = mvtec_dataset._draw_part
+    monkeypatch.setattr(mvtec_dataset, "_draw_part", draw_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic_mvtec(tmp_path / "demo", "bottle", n_train_good=5, n_test_good=2, n_per_defect=2,
+                             image_size=32)
+    assert list((tmp_path / "demo").iterdir()) == []
+    monkeypatch.setattr(mvtec_dataset, "_draw_part", real_draw)
+    folder = make_synthetic_mvtec(tmp_path / "demo", "bottle", n_train_good=5, n_test_good=2, n_per_defect=2,
+                                  image_size=32)
+    assert len(list(folder.glob("t*/*/*.png"))) == 5 + 2 + 2 * len(SYNTHETIC_DEFECTS)

@@ -47,14 +47,16 @@ def test_load_test_on_the_inference_server(run, score_url, synthetic_root, tmp_p
     assert len(list((tmp_path / "resultats").glob("load_test*.png"))) == 2
 
 
-def test_errors_are_counted_not_fatal(run, score_url, tmp_path):
-    # files that are not images: every request gets a 400, counted as errors; the run completes
+def test_errors_are_counted_and_a_run_with_no_success_is_an_error(run, score_url, tmp_path):
+    # files that are not images: every request gets a 400, counted as errors; every level is measured and written,
+    # then the run ends with one line and a non-zero exit (a load test in which nothing was served measured nothing)
     folder = tmp_path / "fake"
     folder.mkdir()
     (folder / "a.png").write_bytes(b"not a png")
     res = run("load_test.py", "--url", score_url, "--images", folder, "--concurrency", "1,2",
               "--requests-per-level", 4, "--warmup", 0, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
+    last = res.stderr.strip().splitlines()[-1]  # after the levels' progress bars
+    assert res.returncode == 2 and last.startswith("error: every request to ") and "http_400:4" in last, res.stderr
     rows = read_rows(tmp_path / "resultats" / "load_test.csv")
     assert [r["error_kinds"] for r in rows] == ["http_400:4", "http_400:4"]
     assert all(float(r["error_rate"]) == 1.0 for r in rows)

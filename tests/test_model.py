@@ -1,4 +1,6 @@
 """load_model_hf.py: presets, local folders of other architectures, checkpoint round trip and its errors."""
+import re
+
 import pytest
 import torch
 
@@ -67,7 +69,7 @@ def test_checkpoint_errors(tmp_path, synthetic_root):
     # truncated file
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(UserError, match="not a readable checkpoint"):
+    with pytest.raises(UserError, match=r"not a readable checkpoint .*\(the file is truncated or damaged"):
         lm.load_checkpoint(truncated)
     # weights of another architecture under a matching config
     ckpt = torch.load(path, weights_only=True)
@@ -76,6 +78,18 @@ def test_checkpoint_errors(tmp_path, synthetic_root):
     mismatched = tmp_path / "mismatched.pth"
     torch.save(ckpt, mismatched)
     with pytest.raises(UserError, match="weights do not match"):
+        lm.load_checkpoint(mismatched)
+    # the same keys, one tensor of another shape: named, with both shapes
+    ckpt = torch.load(path, weights_only=True)
+    key = next(k for k in ckpt["state_dict"] if k.endswith("classifier.weight"))
+    ckpt["state_dict"][key] = torch.zeros(3, ckpt["state_dict"][key].shape[1])
+    torch.save(ckpt, mismatched)
+    with pytest.raises(UserError, match=rf"{re.escape(key)} is \(3, \d+\) in the checkpoint, \(2, \d+\) in the model"):
+        lm.load_checkpoint(mismatched)
+    # a lab-like dict that lacks what the scripts read
+    del ckpt["split"]
+    torch.save(ckpt, mismatched)
+    with pytest.raises(UserError, match="lacks split"):
         lm.load_checkpoint(mismatched)
 
 

@@ -3,6 +3,7 @@ import csv
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 
 import load_model_hf as lm
 import engines
-from inference import ENGINE_ORT, ENGINE_OV, Runner, cpu_supports, make_session
+from inference import ENGINE_ORT, ENGINE_OV, Runner, cpu_supports, make_session, read_sidecar
 from lab_io import UserError
 from lab_targets import (CONVERSION, QUANTIZATION, choose_deployable, guard_kind, judge_selection, recommend,
                          variant_passes)
@@ -167,6 +168,12 @@ def test_second_run_keeps_previous_outputs(project, synthetic_root, run):
     assert len(list((cwd / "modeles").glob("model_final*.onnx"))) >= 1
     assert len(list((cwd / "modeles").glob("model_final*.json"))) == 2  # the first run's sidecar kept
     assert json.loads((cwd / "modeles" / "model_final.json").read_text())["variant"] == "ort-fp32"
+    # ... with the files it names, under its own timestamp: the earlier model still serves (and is still checked)
+    kept = next(p for p in (cwd / "modeles").glob("model_final.*.json"))
+    meta = read_sidecar(kept)
+    stamp = kept.stem[len("model_final."):]
+    assert meta["model_file"].startswith(f"model_final.{stamp}.") and Path(meta["model_path"]).is_file()
+    assert meta.get("weights_file") in (None, f"model_final.{stamp}.bin")  # read_sidecar checked their sha256
     with open(cwd / "resultats" / "onnx_results.csv", newline="", encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == len(expected_variants()) + 2  # first run kept, 2 variants added
     assert len(list((cwd / "resultats").glob("onnx_comparison*.png"))) == 2

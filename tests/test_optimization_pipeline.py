@@ -256,6 +256,22 @@ def test_rapport_regenerates_the_report_from_the_csv(project, run, tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = run("rapport.py", "--csv", tmp_path / "none.csv", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    # the CSV changed by hand (a column deleted, a decimal comma), or a folder given as the report: one line each
+    rows = list(csv.DictReader(open(cwd / "resultats/optimization_report.csv", newline="", encoding="utf-8")))
+    columns = list(rows[0])
+    for name, drop, value in (("deleted.csv", "accuracy", None), ("comma.csv", None, "59,9")):
+        with open(tmp_path / name, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, [c for c in columns if c != drop], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({**r, "size_mb": value or r["size_mb"]} for r in rows)
+    (tmp_path / "folder").mkdir()
+    for args, message in ((["--csv", tmp_path / "deleted.csv"], "has no column 'accuracy'"),
+                          (["--csv", tmp_path / "comma.csv"], "is '59,9', not a number"),
+                          (["--csv", cwd / "resultats/optimization_report.csv", "--report", "folder"], "is a folder")):
+        bad = run("rapport.py", *args, cwd=tmp_path)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and message in bad.stderr, bad.stderr
+        assert bad.stderr.count("\n") == 1
+    assert (tmp_path / "folder").is_dir() and not list((tmp_path / "folder").iterdir())
 
 
 def test_archive_layout(project):

@@ -315,10 +315,30 @@ def test_another_model_keeps_the_old_csv_and_rescores(served, run, tmp_path):
     first = out.read_text()
     res = run("predict.py", "--input", folder, "--model", served.cwd / "ov", "--output", out, cwd=served.cwd)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "holds predictions of another model (ort-fp32" in res.stdout and "scored again with ov-fp32" in res.stdout
+    assert "holds predictions of another model or threshold (ort-fp32" in res.stdout
+    assert "scored again with ov-fp32" in res.stdout
     backups = [p for p in tmp_path.glob("pred.*.csv")]
     assert len(backups) == 1 and backups[0].read_text() == first
     assert {r["variant"] for r in read_rows(out)} == {"ov-fp32"} and len(read_rows(out)) == 4
+
+
+def test_another_threshold_labels_every_image_again(served, run, tmp_path):
+    folder = tmp_path / "day"
+    folder.mkdir()
+    for p in sorted((served.category / "test" / "good").glob("*.png"))[:3]:
+        shutil.copy(p, folder / p.name)
+    models = tmp_path / "modeles"
+    shutil.copytree(served.models, models)
+    out = tmp_path / "pred.csv"
+    args = ("predict.py", "--input", folder, "--model", models, "--output", out)
+    assert run(*args, cwd=served.cwd).returncode == 0
+    sidecar = json.loads((models / "model_final.json").read_text())
+    (models / "model_final.json").write_text(json.dumps({**sidecar, "threshold": 0.999}))  # edited by hand
+    res = run(*args, cwd=served.cwd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "another model or threshold" in res.stdout and "3 to score (3 new" in res.stdout
+    rows = read_rows(out)
+    assert len(rows) == 3 and {r["threshold"] for r in rows} == {"0.999"} and {r["label"] for r in rows} == {"good"}
 
 
 def test_interrupt_saves_done_rows_and_resume_completes(served, tmp_path, monkeypatch, capsys):

@@ -125,6 +125,25 @@ def test_csv_append_keeps_rows_and_unions_columns(tmp_path):
     assert len(list(csv.DictReader(open(path)))) == 2
 
 
+def test_csv_saved_again_by_a_spreadsheet_is_read_through_or_kept_aside(tmp_path, capsys):
+    """A BOM ("CSV UTF-8") is read through: one header, the old rows under it. A file that cannot be extended as it
+    is (';' separators, a cell too many) is kept under a timestamped name, and the new rows start a new file."""
+    path = tmp_path / "r.csv"
+    path.write_text("run_id,accuracy\n1,0.5\n", encoding="utf-8-sig")
+    lab_io.append_csv_rows(path, [{"run_id": 2, "accuracy": 0.75}])
+    assert path.read_text(encoding="utf-8") == "run_id,accuracy\n1,0.5\n2,0.75\n"
+    for i, text in enumerate(("run_id;accuracy\n1;0,5\n", "run_id,accuracy\n1,0.5,oops\n")):
+        path.write_text(text, encoding="utf-8")
+        lab_io.append_csv_rows(path, [{"run_id": 3, "accuracy": 0.25}])
+        assert path.read_text(encoding="utf-8") == "run_id,accuracy\n3,0.25\n"
+        kept = sorted(p for p in tmp_path.glob("r.*.csv"))
+        assert len(kept) == i + 1 and text in {p.read_text(encoding="utf-8") for p in kept}
+        assert "it is kept aside and a new file is started" in capsys.readouterr().out
+    for kept_file in tmp_path.glob("r.*.csv"):  # and the report says what is wrong with them, in one line
+        with pytest.raises(lab_io.UserError, match="changed"):
+            lab_io.read_csv_rows(kept_file)
+
+
 def test_keep_previous_and_atomic_write(tmp_path):
     path = tmp_path / "out.txt"
     lab_io.atomic_write_text(path, "first")
@@ -135,6 +154,10 @@ def test_keep_previous_and_atomic_write(tmp_path):
         lab_io.atomic_write(path, lambda p: (p.write_text("half"), (_ for _ in ()).throw(RuntimeError("crash"))))
     assert path.read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([backup.name, "out.txt"])  # no temp file left
+    (tmp_path / "resultats").mkdir()
+    with pytest.raises(lab_io.UserError, match="is a folder"):  # never set aside and replaced by one file
+        lab_io.keep_previous(tmp_path / "resultats")
+    assert (tmp_path / "resultats").is_dir()
 
 
 def test_pick_device_without_gpu(monkeypatch):
@@ -164,6 +187,24 @@ def test_tiny_training_learns_the_synthetic_task(synthetic_root):
     assert metrics["accuracy"] >= majority + 0.1, metrics
     assert metrics["auroc"] >= 0.85, metrics
     assert math.isfinite(result["history"][-1]["train_loss"])
+
+
+def test_a_diverging_training_stops_with_a_clear_error_or_keeps_the_epoch_before(synthetic_root, capsys):
+    """A learning rate far too high: the loss becomes nan in the first steps. Without an earlier epoch, one error that
+    says to lower --lr (no nan reaching the metrics); with epoch 0 kept (keep_initial), training stops there."""
+    tu.set_seed(0)
+    split, _ = prepare_split(synthetic_root, "bottle")
+    model, pre, _ = load_pretrained("offline-vit-tiny")
+    loaders = make_loaders(synthetic_root, "bottle", split, pre, batch_size=16, augment="none")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lab_io.UserError, match=r"diverged in epoch 1 .* lower --lr"):
+        tu.train_model(model, loaders["train"], loaders["val"], epochs=2, lr=1e9, device=torch.device("cpu"))
+    model.load_state_dict(before)
+    result = tu.train_model(model, loaders["train"], loaders["val"], epochs=2, lr=1e9, device=torch.device("cpu"),
+                            keep_initial=True)
+    assert result["best_epoch"] == 0 and [r["epoch"] for r in result["history"]] == [0]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert "diverged in epoch 1" in capsys.readouterr().out
 
 
 @pytest.mark.slow
