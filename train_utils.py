@@ -434,20 +434,11 @@ def train_model(model, train_loader, val_loader, *, epochs: int, lr: float, devi
 
     if keep_initial:  # epoch 0 = the starting weights, with their loss on the (augmented) train batches
         validate(0, loader_loss(model, train_loader, device, weight, desc=f"{desc} epoch 0 train"), 0.0)
-    for epoch in range(1, epochs + 1):
-        model.train()
-        sync(device)
-        t0 = time.perf_counter()
-        running, seen = 0.0, 0
-        bar = tqdm(train_loader, desc=f"{desc} epoch {epoch}/{epochs}", leave=False, unit="batch")
-        for pixels, labels in bar:
-            pixels, labels = pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = training_loss(model, pixels, labels, weight, teacher, distill_alpha, distill_temperature,
-                                     distill_loss)
-            if not torch.isfinite(loss):  # diverged: the weights are no longer usable, stop with the best kept
-                seen = 0
-                break
+    def step(pixels, labels) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            loss = training_loss(model, pixels, labels, weight, teacher, distill_alpha, distill_temperature,
+                                 distill_loss)
+        if torch.isfinite(loss):  # else diverged: no update, the caller stops with the best epoch kept
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -455,19 +446,39 @@ def train_model(model, train_loader, val_loader, *, epochs: int, lr: float, devi
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            running += loss.item() * labels.size(0)
-            seen += labels.size(0)
-            bar.set_postfix(loss=f"{running / seen:.4f}")
+        return loss
+
+    for epoch in range(1, epochs + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        train_loss = run_epoch(model, train_loader, device, step, desc=f"{desc} epoch {epoch}/{epochs}")
         sync(device)
         epoch_seconds.append(time.perf_counter() - t0)
-        if not seen:
+        if train_loss is None:
             stop_diverged(desc, epoch, lr, best)
             break
-        validate(epoch, running / seen, epoch_seconds[-1])
+        validate(epoch, train_loss, epoch_seconds[-1])
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     return {"history": history, "best_epoch": best["epoch"], "train_seconds": float(sum(epoch_seconds)),
             "epoch_seconds": epoch_seconds, "threshold": best["threshold"]}
+
+
+def run_epoch(model, loader, device, step, desc: str) -> float | None:
+    """One pass of `step(pixels, labels) -> loss` over the loader in train mode: the mean loss, or None as soon as a
+    loss is nan or inf (the training diverged)."""
+    model.train()
+    running, seen = 0.0, 0
+    bar = tqdm(loader, desc=desc, leave=False, unit="batch")
+    for pixels, labels in bar:
+        loss = step(pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+        if not torch.isfinite(loss):
+            bar.close()
+            return None
+        running += loss.item() * labels.size(0)
+        seen += labels.size(0)
+        bar.set_postfix(loss=f"{running / seen:.4f}")
+    return running / max(1, seen)
 
 
 def stop_diverged(desc: str, epoch: int, lr: float, best: dict) -> None:
