@@ -304,11 +304,16 @@ def test_a_file_name_that_is_not_utf8_is_scored_printed_and_resumed(served, run,
     assert "2 images: 1 to score (0 new, 1 failed before, 0 changed since scored), 1 already in" in second.stdout
 
 
-def test_another_model_keeps_the_old_csv_and_rescores(served, run, tmp_path):
-    folder = tmp_path / "day"
+def _good_images(served, folder: Path, n: int) -> Path:
+    """`folder` holding copies of the first n good test images."""
     folder.mkdir()
-    for p in sorted((served.category / "test" / "good").glob("*.png"))[:4]:
+    for p in sorted((served.category / "test" / "good").glob("*.png"))[:n]:
         shutil.copy(p, folder / p.name)
+    return folder
+
+
+def test_another_model_keeps_the_old_csv_and_rescores(served, run, tmp_path):
+    folder = _good_images(served, tmp_path / "day", 4)
     out = tmp_path / "pred.csv"
     assert run("predict.py", "--input", folder, "--model", served.models, "--output", out,
                cwd=served.cwd).returncode == 0
@@ -323,10 +328,7 @@ def test_another_model_keeps_the_old_csv_and_rescores(served, run, tmp_path):
 
 
 def test_another_threshold_labels_every_image_again(served, run, tmp_path):
-    folder = tmp_path / "day"
-    folder.mkdir()
-    for p in sorted((served.category / "test" / "good").glob("*.png"))[:3]:
-        shutil.copy(p, folder / p.name)
+    folder = _good_images(served, tmp_path / "day", 3)
     models = tmp_path / "modeles"
     shutil.copytree(served.models, models)
     out = tmp_path / "pred.csv"
