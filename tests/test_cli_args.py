@@ -101,3 +101,29 @@ def test_output_folders_and_files_are_checked_before_any_work(tmp_path, capsys):
         code, err = _parse(module, [str(a) for a in argv], capsys)
         assert code == 2 and len(err) == 1 and message in err[0], (module, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder"]
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("optimization_pipeline", ["--end-to-end-repeats", "0"], "--end-to-end-repeats must be >= 1, not 0"),
+    ("optimization_pipeline", ["--end-to-end-images", "-1"], "--end-to-end-images must be >= 1, not -1"),
+    ("anomaly_detector", ["--image-size", "0"], "--image-size must be >= 1, not 0"),
+    ("download_mvtec", ["--retries", "11"], "--retries must be between 0 and 10"),
+])
+def test_ranges_checked_before_any_work(module, argv, message, capsys):
+    code, err = _parse(module, argv, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
+
+
+def test_an_error_inside_a_progress_bar_starts_its_own_line(capsys):
+    from tqdm.auto import tqdm
+
+    from lab_io import UserError
+
+    def main():  # a bar held in a variable stays open while the error travels up (the image decoding loops)
+        bar = tqdm(total=3, desc="decoding", leave=False)
+        bar.update()
+        raise UserError("cannot read image: x.png")
+
+    with pytest.raises(SystemExit):
+        run_cli(main)
+    assert "\nerror: cannot read image: x.png\n" in capsys.readouterr().err
