@@ -444,11 +444,22 @@ class Runner:
         elif engine == ENGINE_OV:
             self.per_image = False  # OpenVINO's int8 (NNCF) has static scales, calibrated once
             request, self.precision = _openvino_request(path, threads, precision)
+            self.request = request
             self.run_all = lambda x: [v.copy() for v in request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
                                       .to_tuple()]
             self.run = lambda x: request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})[0].copy()
         else:
             raise ValueError(f"unknown engine {engine!r}: use {ENGINE_ORT} or {ENGINE_OV}")
+
+
+    def input_size(self) -> list[int] | None:
+        """[height, width] of the graph's input where both are fixed (this lab's exports: only the batch varies)."""
+        if self.engine == ENGINE_ORT:
+            dims = list(self.session.get_inputs()[0].shape[2:])
+        else:
+            dims = [d.get_length() if d.is_static else None for d in
+                    list(self.request.model_inputs[0].get_partial_shape())[2:]]
+        return dims if len(dims) == 2 and all(isinstance(d, int) and d > 0 for d in dims) else None
 
 
 def scales_span_the_batch(path: str | Path) -> bool:
@@ -547,6 +558,11 @@ class Classifier:
                                  f"sidecar names {self.meta['input_name']!r} -> {self.meta['output_name']!r}")
             batch_dim = inputs[self.meta["input_name"]].shape[0]
             self.max_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None  # None = dynamic
+        graph_size = self.runner.input_size()
+        if graph_size is not None and graph_size != self.meta["preprocessing"]["image_size"]:
+            raise ValueError(f"{self.meta['model_path']} takes {graph_size[0]}x{graph_size[1]} images, the sidecar's "
+                             f"preprocessing image_size says {self.meta['preprocessing']['image_size']}: the sidecar "
+                             "was edited or belongs to another model; re-run onnx_optimization.py")
         self.labels = list(self.meta["labels"])
         self.anomaly_index = self.labels.index("anomaly")
         self.threshold = self.meta["threshold"]

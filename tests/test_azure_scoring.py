@@ -356,6 +356,9 @@ def test_init_rejects_bad_sidecars(azure_model_dir, tmp_path, monkeypatch):
              ({"model_file": "../model/model_final.onnx"}, "model_file must be"),
              ({"preprocessing": {**sidecar["preprocessing"], "mean": 0.5}}, "lists of 3 numbers"),
              ({"preprocessing": {**sidecar["preprocessing"], "std": ["a", "b", "c"]}}, "lists of 3 numbers"),
+             ({"preprocessing": {**sidecar["preprocessing"],  # the graph's fixed input says otherwise
+                                 "image_size": [v + 16 for v in sidecar["preprocessing"]["image_size"]]}},
+              r"takes \d+x\d+ images, the sidecar's preprocessing image_size says"),
              ({"input_name": "images"}, "sidecar names"),
              ({"preprocessing": {**sidecar["preprocessing"], "layout": "NHWC"}}, "layout")]
     for change, message in cases:
