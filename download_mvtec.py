@@ -289,8 +289,8 @@ def _suffix(url: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Download and safely extract one MVTec AD category "
-                                            f"(licence CC BY-NC-SA 4.0, {MVTEC_PAGE}).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   f"(licence CC BY-NC-SA 4.0, {MVTEC_PAGE}).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--category", default="bottle", help=f"MVTec AD category: {', '.join(MVTEC_CATEGORIES)}")
     p.add_argument("--output", default="./data/mvtec", help="folder that receives <category>/ (train, test, ground_truth)")
     p.add_argument("--url", default=None, help="download from this URL instead of the category's official link")

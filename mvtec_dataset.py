@@ -395,7 +395,7 @@ def _draw_tree(folder: Path, category: str, n_train_good: int, n_test_good: int,
 # --------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = ArgumentParser(description="Summarise an MVTec AD category and its train/val/test split, "
-                                                 "or write a synthetic MVTec-like tree.")
+                                        "or write a synthetic MVTec-like tree.")
     parser.add_argument("--data-dir", default="./data/mvtec", help="folder holding the category folders "
                         "(default: ./data/mvtec)")
     parser.add_argument("--category", default="bottle", help="MVTec AD category (default: bottle)")

@@ -657,7 +657,7 @@ def write_report(csv_path: str | Path, run_id: str | None, report: str | Path, f
 
 def main(argv=None) -> int:
     p = ArgumentParser(description="Write the French report (rapport.md) and the summary figure of one run "
-                                            "of the optimisation pipeline from its CSV, without measuring again.")
+                                   "of the optimisation pipeline from its CSV, without measuring again.")
     p.add_argument("--csv", default=f"resultats/{REPORT_CSV}",
                    help=f"the pipeline's CSV (default: resultats/{REPORT_CSV})")
     p.add_argument("--run-id", default=None, help="which run of the CSV (default: the last one)")
