@@ -17,7 +17,7 @@ from engines import model_size_mb, save_openvino_ir
 from inference import (DETECTOR_FORMAT, IMAGE_SCORE_TOP, MAP_SIZE, SIGMA_PATCHES, NearestPatches, anomaly_maps,
                        files_sha256, image_scores)
 from lab_io import (UserError, append_csv_rows, atomic_write, cpu_name, environment_columns, format_table,
-                    keep_previous, run_id, save_figure, size_on_disk_mb)
+                    run_id, save_figure, size_on_disk_mb)
 from lab_targets import DETECTOR_GOOD_THRESHOLD_RULE, DETECTOR_THRESHOLD_RULE, choose_threshold
 from load_model_hf import OFFLINE_PRESETS, load_checkpoint, load_pretrained, read_checkpoint
 from mvtec_dataset import (category_dir, image_to_tensor, index_category, open_dataset_image, prepare_split,
@@ -259,9 +259,8 @@ class Detector:
 
         def write(tmp: Path) -> None:
             save_file({"bank": self.bank.contiguous()}, str(tmp), metadata=meta)
-            keep_previous(path, overwrite)
 
-        return atomic_write(path, write)
+        return atomic_write(path, write, overwrite)
 
 
 def default_image_size(model_name: str, pre: dict, patch: int) -> int:

@@ -16,7 +16,7 @@ import torch
 
 from inference import (ENGINE_ORT, ENGINE_OV, INPUT_NAME, MAP_OUTPUT_NAME, OUTPUT_NAME, Runner, cpu_supports,
                        make_session, numeric_precision, onnx_opset)
-from lab_io import UserError, atomic_write, is_fresh, keep_previous, size_on_disk_mb
+from lab_io import UserError, atomic_write, is_fresh, keep_previous, size_on_disk_mb, working_folder
 from lab_targets import predict_labels
 from quantize import choose_fp32_layers
 from train_utils import model_logits
@@ -129,10 +129,11 @@ def export_onnx(model, path: str | Path, preprocessing: dict, opset: int = DEFAU
             onnx.checker.check_model(str(tmp))
             info["check_max_abs_diff"] = _check_against_torch(model, tmp, image_size)
             info["opset"] = onnx_opset(tmp)
-            keep_previous(path, overwrite)
 
         try:
-            atomic_write(path, write)
+            atomic_write(path, write, overwrite)
+        except UserError:  # a full disk: no other exporter can help
+            raise
         except Exception as exc:  # noqa: BLE001 - any exporter failure: try the other one, report both
             failures.append(f"{name}: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
             continue
@@ -172,9 +173,8 @@ def optimize_onnx(src: str | Path, dst: str | Path, config, *, overwrite: bool =
 
     def write(tmp: Path) -> None:
         optimized.save_model_to_file(str(tmp))
-        keep_previous(dst, overwrite)
 
-    atomic_write(dst, write)
+    atomic_write(dst, write, overwrite)
     return {"applied": True, "reason": None, "fused": fused, "seconds": time.perf_counter() - t0}
 
 
@@ -191,9 +191,8 @@ def quantize_onnx_int8(src: str | Path, dst: str | Path, *, overwrite: bool = Fa
             quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         onnx.checker.check_model(str(tmp))
-        keep_previous(dst, overwrite)
 
-    atomic_write(dst, write)
+    atomic_write(dst, write, overwrite)
     return {"seconds": time.perf_counter() - t0}
 
 
@@ -326,8 +325,6 @@ def quantize_onnx_int8_mixed(model, dst: Path, datasets: dict, threshold: float,
     kept fp32 by quantize.choose_fp32_layers. Never the test split. Decisions are taken one image per call: ORT's
     dynamic int8 takes one activation scale per batch tensor. `basis`: mixed_precision_basis(...) when the caller
     has it (its images and fp32 logits are reused)."""
-    import tempfile
-
     import onnx
 
     from lab_targets import TARGET_MAX_SIZE_MB
@@ -349,7 +346,7 @@ def quantize_onnx_int8_mixed(model, dst: Path, datasets: dict, threshold: float,
     def run(path: Path, x: np.ndarray) -> np.ndarray:  # one image per call (Runner: DynamicQuantizeLinear)
         return Runner(path, ENGINE_ORT, runner_threads).run(x)
 
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".int8-mixed-") as tmp:
+    with working_folder(dst.parent, ".int8-mixed-") as tmp:
         def build(src: Path, nodes: dict, fp32_layers, name: str):
             path = Path(tmp) / name
             _ort_int8(src, path, _head_nodes(nodes) + [x for n in fp32_layers for x in nodes[n]])
@@ -384,9 +381,8 @@ def quantize_onnx_int8_mixed(model, dst: Path, datasets: dict, threshold: float,
         def write(tmp_dst: Path) -> None:
             shutil.copyfile(chosen[2][0], tmp_dst)
             onnx.checker.check_model(str(tmp_dst))
-            keep_previous(dst, overwrite)
 
-        atomic_write(dst, write)
+        atomic_write(dst, write, overwrite)
     return {"alpha": alpha, "alphas_tried": deviations, "logit_shift": chosen[2][1],
             "fp32_linears": order[:chosen[0]], "agreement": chosen[1], "agreement_images": len(images),
             "tried": tried, "seconds": time.perf_counter() - t0}
@@ -491,8 +487,6 @@ def quantize_openvino_int8(src: Path, dst_xml: Path, model, datasets: dict, thre
     most sensitive nn.Linear layers are left out of NNCF's quantization (an IgnoredScope of their node names, checked by
     NNCF) until the decisions agree with the fp32 model's on train + val; never the test split (measurements:
     docs/guide.md, part 3)."""
-    import tempfile
-
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" when nncf loads
     import nncf
     import openvino as ov
@@ -506,7 +500,7 @@ def quantize_openvino_int8(src: Path, dst_xml: Path, model, datasets: dict, thre
     calibration = [datasets["train"][i][0].numpy()[None] for i in range(min(n_calibration, len(datasets["train"])))]
     basis = basis or mixed_precision_basis(src, model, datasets, threshold)
     order, nodes, images, reference = (basis[k] for k in ("order", "nodes", "images", "reference"))
-    with tempfile.TemporaryDirectory(dir=dst_xml.parent, prefix=".int8-nncf-") as tmp:
+    with working_folder(dst_xml.parent, ".int8-nncf-") as tmp:
         def candidate(fp32_layers):
             scope = nncf.IgnoredScope(names=[x for n in fp32_layers for x in nodes[n]]) if fp32_layers else None
             with _quiet_logs():
@@ -537,12 +531,10 @@ def save_openvino_ir(model, dst_xml: Path, overwrite: bool, fp16_constants: bool
     """An OpenVINO model saved as IR (dst .xml + .bin, fp32 weights kept fp32 unless fp16_constants: then stored fp16,
     computed fp32), atomically: both files are written in a temporary folder beside them, then moved in, the weights
     first (the .xml never points at missing weights)."""
-    import tempfile
-
     import openvino as ov
 
     dst_xml.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst_xml.parent, prefix=".ir-") as tmp:
+    with working_folder(dst_xml.parent, ".ir-") as tmp:
         tmp_xml = Path(tmp) / dst_xml.name
         ov.save_model(model, str(tmp_xml), compress_to_fp16=fp16_constants)
         for suffix in (".bin", ".xml"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab_io import atomic_write, keep_previous
+from lab_io import atomic_write
 
 
 def gives_maps(model) -> bool:
@@ -78,8 +78,7 @@ class HeatmapWriter:
         img = overlay(result["uint8"], result["map"], self.scale)
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.folder / f"{Path(result['path']).stem}_{_short_hash(result['path'])}_heatmap.png"
-        keep_previous(target)
-        atomic_write(target, lambda p: img.save(p, format="PNG"))
+        atomic_write(target, lambda p: img.save(p, format="PNG"), overwrite=False)
         self.written += 1
         tile = (float(result["score"]), -self.written, img, f"{Path(result['path']).name} {result['score']:.3g}")
         (heapq.heappush if len(self._top) < self.max_tiles else heapq.heappushpop)(self._top, tile)
@@ -91,8 +90,7 @@ class HeatmapWriter:
         tiles = [(img, caption) for _, _, img, caption in sorted(self._top, reverse=True)]
         sheet = contact_sheet(tiles)
         sheet_path = self.folder / "contact_sheet.png"
-        keep_previous(sheet_path)
-        atomic_write(sheet_path, lambda p: sheet.save(p, format="PNG"))
+        atomic_write(sheet_path, lambda p: sheet.save(p, format="PNG"), overwrite=False)
         self._top = []
         return sheet_path
 

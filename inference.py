@@ -238,8 +238,7 @@ def write_sidecar(model_path: str | Path, *, variant: str, category: str, prepro
     if map_grid:  # a hybrid classifier: its second output is the patch map on this grid
         sidecar.update(anomaly_map=True, map_output=MAP_OUTPUT_NAME, map_grid=[int(v) for v in map_grid],
                        map_reference=float(map_reference))
-    keep_previous(sidecar_path, overwrite)
-    atomic_write_text(sidecar_path, json.dumps(sidecar, indent=1, allow_nan=False) + "\n")
+    atomic_write_text(sidecar_path, json.dumps(sidecar, indent=1, allow_nan=False) + "\n", overwrite)
     return sidecar
 
 

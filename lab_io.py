@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import csv
 import datetime as _dt
+import errno
 import hashlib
 import io
 import math
@@ -18,6 +19,7 @@ import os
 import platform
 import re
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +35,10 @@ CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_b
 # --------------------------------------------------------------------------------------------------
 class UserError(Exception):
     """A problem the user can fix (bad input, missing file, no GPU...): shown as one line, exit code 2."""
+
+
+class DiskFullError(UserError):
+    """A write failed because its disk is full (one line, exit code 2, like any UserError)."""
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
@@ -61,6 +67,10 @@ def run_cli(main: Callable[[], int | None]) -> None:
         if os.environ.get("TP4_DEBUG"):
             raise
         _end_progress_bars()
+        disk_full = disk_full_message(exc)
+        if disk_full:
+            print(f"error: {disk_full}", file=sys.stderr)
+            sys.exit(2)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"error: unexpected {type(exc).__name__}: {msg} (set TP4_DEBUG=1 to see the traceback)",
               file=sys.stderr)
@@ -116,6 +126,7 @@ def output_file(text: str) -> str:
     before any work, and never set aside in place of the file."""
     if Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder: give the file to write, e.g. {Path(text) / 'name'}")
+    _OUTPUT_FOLDERS.add(Path(text).parent)
     return text
 
 
@@ -128,6 +139,7 @@ def output_dir(text: str) -> str:
     existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
     if not os.access(existing, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write in {existing}: choose a folder you may write in")
+    _OUTPUT_FOLDERS.add(path)
     return text
 
 
@@ -164,18 +176,29 @@ def keep_previous(path: str | Path, overwrite: bool = False, stamp: str | None =
     return backup
 
 
-def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, writer: Callable[[Path], None], overwrite: bool | None = None) -> Path:
     """Call writer(tmp_path) on a temporary file next to `path`, then rename it over `path`.
 
-    A crash or Ctrl+C never leaves a half-written output behind.
+    A crash, a full disk or Ctrl+C never leaves a half-written output behind. overwrite=False: an existing `path` is
+    kept under a timestamped name (keep_previous), once the new file is complete, so a failed write never takes its
+    name away; True or None: replaced. A write that fails because the disk is full is one DiskFullError.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _OUTPUT_FOLDERS.add(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        writer(tmp_path)
+        try:
+            writer(tmp_path)
+        except Exception as exc:  # noqa: BLE001 - a full disk, whatever the library calls it; else re-raised
+            message = disk_full_message(exc, path)
+            if message:
+                raise DiskFullError(message) from None
+            raise
+        if overwrite is not None:
+            keep_previous(path, overwrite)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
@@ -186,14 +209,70 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+@contextlib.contextmanager
+def working_folder(parent: str | Path, prefix: str):
+    """A temporary folder in `parent` (the outputs' disk: a finished file is moved in by a rename), removed at the
+    end. A failure inside it while the disk is full is one DiskFullError naming `parent`: checked before the folder
+    is removed and frees the space, since libraries writing there (torch.onnx, onnx shape inference, OpenVINO) may
+    leave a cut file that the next step fails to parse."""
+    with tempfile.TemporaryDirectory(dir=parent, prefix=prefix) as tmp:
+        try:
+            yield Path(tmp)
+        except Exception as exc:  # noqa: BLE001 - a full disk, whatever the library calls it; else re-raised
+            if isinstance(exc, UserError) and not isinstance(exc, DiskFullError):
+                raise
+            message = disk_full_message(exc, folder=parent)
+            if message:
+                raise DiskFullError(message) from None
+            raise
+
+
+# A write that fails with less than this left on its disk failed because the disk is full: torch.save and OpenVINO
+# say it in their own words ("unexpected pos", "iostream error"), without errno.
+DISK_FULL_BYTES = 1 << 20
+_OUTPUT_FOLDERS: set[Path] = set()  # the folders this run writes in (output_dir, output_file, atomic_write)
+
+
+def disk_full_message(exc: BaseException, target: str | Path | None = None,
+                      folder: str | Path | None = None) -> str | None:
+    """One line for a failure caused by a full disk (errno ENOSPC / EDQUOT in the exception's chain, or less than
+    DISK_FULL_BYTES free on a disk this run writes in), None for any other failure. `target`: the file being written,
+    or `folder`: where the working files were written, when known."""
+    chain, seen = [], exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    no_space = [e for e in chain if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)]
+    where = Path(folder) if folder is not None else Path(target).parent if target is not None else None
+    folders = ([where] if where is not None else []) + [Path(e.filename).parent for e in no_space if e.filename] \
+        + sorted(_OUTPUT_FOLDERS) + [Path(".")]
+    full = next((f for f in folders if _free_bytes(f) < DISK_FULL_BYTES), None)
+    if full is None and not no_space:
+        return None
+    shown = where if where is not None else full
+    what = (f"{target} was not written" if target is not None else
+            f"a working file in {folder} was not written" if folder is not None else "an output could not be written")
+    return (f"{f'the disk of {shown}' if shown is not None else 'the disk'} is full: {what} (earlier results are "
+            f"untouched). Free some space (older timestamped copies in modeles/ and resultats/ can go) or write "
+            f"elsewhere (--models-dir, --results-dir).")
+
+
+def _free_bytes(folder: Path) -> float:
+    """Free bytes on the disk of `folder` (or of its nearest existing parent); infinite when it cannot be read."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    try:
+        return shutil.disk_usage(existing).free
+    except OSError:
+        return math.inf
+
+
+def atomic_write_text(path: str | Path, text: str, overwrite: bool | None = None) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), overwrite)
 
 
 def save_figure(fig, path: str | Path, overwrite: bool = False) -> Path:
     """Save a matplotlib figure atomically as PNG, keeping an earlier file of the same name."""
-    keep_previous(path, overwrite)
-    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
+    return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"), overwrite)
 
 
 CSV_LOCK_TIMEOUT_S = 60.0  # a writer holds a CSV's lock for one read-merge-replace (milliseconds): longer = stuck

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lab_io import UserError, atomic_write, keep_previous, library_versions, run_cli, size_on_disk_mb
+from lab_io import UserError, atomic_write, library_versions, run_cli, size_on_disk_mb
 from lab_targets import LABELS, THRESHOLD_RULE
 from train_utils import model_logits
 
@@ -162,8 +162,7 @@ def save_checkpoint(path: str | Path, model, *, model_name: str, preprocessing: 
         "threshold_rule": THRESHOLD_RULE if threshold is not None else "argmax (0.5), no threshold chosen",
         "versions": library_versions(), **(extra or {}),
     }
-    keep_previous(path, overwrite)
-    return atomic_write(path, lambda p: torch.save(ckpt, p))
+    return atomic_write(path, lambda p: torch.save(ckpt, p), overwrite)
 
 
 def checkpoint_threshold(ckpt: dict) -> float:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import inference
 from inference import image_files
-from lab_io import (ArgumentParser, UserError, atomic_write_text, finite_float, format_table, keep_previous,
+from lab_io import (ArgumentParser, UserError, atomic_write_text, finite_float, format_table,
                     output_file, positive_int, run_cli)
 
 CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
@@ -148,8 +148,8 @@ def split_from_manifest(manifest: dict) -> dict[str, list[Sample]]:
     return {k: [Sample(**s) for s in v] for k, v in manifest["splits"].items()}
 
 
-def save_manifest(path: str | Path, manifest: dict) -> Path:
-    return atomic_write_text(path, json.dumps(manifest, indent=1))
+def save_manifest(path: str | Path, manifest: dict, overwrite: bool | None = None) -> Path:
+    return atomic_write_text(path, json.dumps(manifest, indent=1), overwrite)
 
 
 def write_manifest(path: str | Path, manifest: dict, overwrite: bool = False) -> None:
@@ -161,8 +161,7 @@ def write_manifest(path: str | Path, manifest: dict, overwrite: bool = False) ->
                 return
         except (OSError, ValueError):
             pass
-        keep_previous(path, overwrite)
-    save_manifest(path, manifest)
+    save_manifest(path, manifest, overwrite)
 
 
 def prepare_split(data_dir, category: str, seed: int = 42, val_frac: float = 0.15, test_frac: float = 0.25):

@@ -49,7 +49,7 @@ import quantize as qz
 from hybrid import HYBRID_CHOICES, HYBRID_HELP, fit_for_mode, guard_mask, hybrid_variants
 from inference import ENGINE_ORT, Runner, onnx_opset, runner_job, runner_predict_logits, save_final, write_sidecar
 from lab_io import (BENCH_ROUNDS, ArgumentParser, UserError, append_csv_rows, atomic_write, benchmark_rounds,
-                    cpu_has_bf16, environment_columns, finite_float, format_table, is_fresh, keep_previous, output_dir,
+                    cpu_has_bf16, environment_columns, finite_float, format_table, is_fresh, output_dir,
                     output_file, positive_int, run_cli, run_id, size_on_disk_mb)
 from lab_targets import (CONVERSION, CPU_PRICE, CPU_VM, DISTILLATION, END_TO_END_IMAGES, END_TO_END_REPEATS,
                          GPU_PRICE, GPU_VM, LAB_DELIVERABLES, LAB_EPOCHS, PRICE_NOTE, QUANTIZATION, SELECTION_SPLIT,
@@ -737,9 +737,8 @@ def write_package(zip_path: Path, members: dict, overwrite: bool) -> Path:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as z:
             for name, p in members.items():
                 z.write(p, name)
-        keep_previous(zip_path, overwrite)
 
-    return atomic_write(zip_path, write)
+    return atomic_write(zip_path, write, overwrite)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab_io import UserError, atomic_write, keep_previous, library_versions
+from lab_io import UserError, atomic_write, library_versions
 from load_model_hf import count_parameters, model_skeleton, read_checkpoint, resolve_model_path
 
 QUANT_METHOD = "dynamic-int8"
@@ -102,9 +102,8 @@ def save_quantized_checkpoint(path: str | Path, qmodel, source_ckpt: dict, *, qu
     ckpt = _checkpoint_dict(source_ckpt, qmodel.state_dict(), quantization=quantization,
                             metrics=metrics if metrics is not None else {},
                             source_metrics=source_ckpt.get("metrics", {}), **(extra or {}))
-    keep_previous(path, overwrite)
     with quiet_quantization_warnings():
-        return atomic_write(path, lambda p: torch.save(ckpt, p))
+        return atomic_write(path, lambda p: torch.save(ckpt, p), overwrite)
 
 
 def load_quantized_checkpoint(path: str | Path, expected_category: str | None = None,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab_io import (ArgumentParser, UserError, atomic_write_text, keep_previous, output_file, read_csv_rows,
+from lab_io import (ArgumentParser, UserError, atomic_write_text, output_file, read_csv_rows,
                     run_cli, save_figure)
 from lab_targets import (HIGHER, LOWER, NEUTRAL, TARGET_COST_REDUCTION_PCT, TARGET_END_TO_END_SPEEDUP,
                          TARGET_MAX_LOSS_PT, TARGET_MAX_SIZE_MB, TARGET_MIN_ACCURACY, TARGET_TIME_REDUCTION_PCT, TARGETS,
@@ -650,8 +650,7 @@ def write_report(csv_path: str | Path, run_id: str | None, report: str | Path, f
     variants = sections(rows)["variant"]
     png = plot_summary(variants, Path(figure), figure_title(variants), overwrite)
     report = Path(report)
-    keep_previous(report, overwrite)
-    atomic_write_text(report, report_markdown(rows, csv_path))
+    atomic_write_text(report, report_markdown(rows, csv_path), overwrite)
     return report, png, rows
 
 
