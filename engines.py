@@ -16,7 +16,7 @@ import torch
 
 from inference import (ENGINE_ORT, ENGINE_OV, INPUT_NAME, MAP_OUTPUT_NAME, OUTPUT_NAME, Runner, cpu_supports,
                        make_session, numeric_precision, onnx_opset)
-from lab_io import UserError, atomic_write, is_fresh, keep_previous, size_on_disk_mb, working_folder
+from lab_io import DiskFullError, UserError, atomic_write, is_fresh, keep_previous, size_on_disk_mb, working_folder
 from lab_targets import predict_labels
 from quantize import choose_fp32_layers
 from train_utils import model_logits
@@ -132,7 +132,7 @@ def export_onnx(model, path: str | Path, preprocessing: dict, opset: int = DEFAU
 
         try:
             atomic_write(path, write, overwrite)
-        except UserError:  # a full disk: no other exporter can help
+        except DiskFullError:  # no other exporter can help
             raise
         except Exception as exc:  # noqa: BLE001 - any exporter failure: try the other one, report both
             failures.append(f"{name}: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}")
