@@ -41,6 +41,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, ImageError, Classifier, PatchDetector, \
     env_number, find_sidecar, serving_model_dir, serving_threads, image_header, load_rgb, preprocess  # noqa: E402
+
+from lab_io import UserError  # noqa: E402
+
+SERVER_MODULE = "azureml_inference_server_http.server.user_script"  # loaded only by the server that runs init()
 
 try:  # inside azmlinfsrv these names are mapped onto the server's own module
     from azureml.contrib.services.aml_request import rawhttp
@@ -230,7 +235,26 @@ def detector_reply(patches: np.ndarray) -> dict:
 # Azure ML contract
 # --------------------------------------------------------------------------------------------------
 def init() -> None:
-    """Called once per worker: find, verify and load the model. Any error stops the server from starting."""
+    """Called once per worker: find, verify and load the model. Any error stops the server from starting; under
+    azmlinfsrv, a deployment problem (no model, a tampered or mismatched one) does so in one line (_stop_server)."""
+    try:
+        _load_models()
+    except (OSError, ValueError, UserError) as exc:
+        if SERVER_MODULE in sys.modules:
+            _stop_server(exc)
+        raise
+
+
+def _stop_server(exc: Exception) -> None:
+    """The server would log a traceback of its own and of ours, then exit 3; the same exit, with one line that says
+    what to fix."""
+    logger.error("error: %s; the server does not start", exc)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(3)
+
+
+def _load_models() -> None:
     global _model, _detector
     lim = limits()
     sidecar = find_sidecar(serving_model_dir())

@@ -14,6 +14,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from mvtec_dataset import make_synthetic_mvtec  # noqa: E402
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (pytest.ini), the cores are shared between the workers: torch in each worker gets its share,
+    so two workers do not run four threads on two cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A small synthetic MVTec tree: DATA/bottle with train/good, test/good, 3 defect types, masks."""

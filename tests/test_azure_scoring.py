@@ -265,10 +265,21 @@ def test_server_refuses_to_start_on_a_tampered_model(azure_model_dir, tmp_path):
     data = bytearray(onnx_path.read_bytes())
     data[-1] ^= 0xFF  # one flipped byte in the weights
     onnx_path.write_bytes(bytes(data))
-    with pytest.raises(RuntimeError, match="exited with code") as info:
+    with pytest.raises(RuntimeError, match="exited with code 3") as info:
         with azmlinfsrv(model_dir, tmp_path, timeout=60):
             pass
     assert "sha256" in str(info.value)
+    # one line says what to fix, without the server's traceback of our exception and of its own (it may still log
+    # its harmless "Error while fetching model IDs" one, README)
+    assert "User's init function failed" not in str(info.value) and "score.py\", line" not in str(info.value)
+    errors = [line for line in str(info.value).splitlines() if "azmlinfsrv.score - error: " in line]
+    assert len(errors) == 1 and "the server does not start" in errors[0]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="exited with code 3") as info:
+        with azmlinfsrv(tmp_path / "empty", tmp_path, timeout=60):
+            pass
+    assert "Traceback" not in str(info.value) and "run onnx_optimization.py first" in str(info.value)
+    assert "the server does not start" in str(info.value)
 
 
 # --------------------------------------------------------------------------------------------------
