@@ -14,9 +14,27 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from mvtec_dataset import make_synthetic_mvtec  # noqa: E402
 
 
+def pytest_addoption(parser):
+    """Without pytest-xdist (a venv made before requirements.txt listed it), pytest.ini's options would be
+    "unrecognized arguments": they are accepted and the tests run one at a time, with a note."""
+    import importlib.util
+
+    if importlib.util.find_spec("xdist") is None:
+        group = parser.getgroup("xdist (not installed: pip install -r requirements.txt)")
+        group.addoption("--numprocesses", default=None, help="ignored: no pytest-xdist")
+        group.addoption("--maxprocesses", default=None, help="ignored: no pytest-xdist")
+        group.addoption("--dist", default=None, help="ignored: no pytest-xdist")
+
+
 def pytest_configure(config):
     """Under pytest-xdist (pytest.ini), the cores are shared between the workers: torch in each worker gets its share,
     so two workers do not run four threads on two cores."""
+    import importlib.util
+
+    if importlib.util.find_spec("xdist") is None:
+        config.issue_config_time_warning(pytest.PytestConfigWarning(
+            "pytest-xdist is not installed: the tests run one at a time, about twice as long "
+            "(pip install -r requirements.txt -c constraints.txt)"), stacklevel=2)
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
