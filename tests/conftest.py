@@ -28,7 +28,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     """Under pytest-xdist (pytest.ini), the cores are shared between the workers: torch in each worker gets its share,
-    so two workers do not run four threads on two cores."""
+    so two workers do not run four threads on two cores. Without it, a warning says how to install it."""
     import importlib.util
 
     if importlib.util.find_spec("xdist") is None:
