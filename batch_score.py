@@ -110,3 +110,11 @@ def run(mini_batch) -> list[str]:
     failed = sum(bool(r["error"]) for r in rows)
     logger.info("mini-batch of %d files scored, %d unreadable", len(rows), failed)
     return [csv_line(r) for r in rows]
+
+
+if __name__ == "__main__":
+    from lab_io import entry_script_only
+
+    entry_script_only("batch_score.py is the entry script of an Azure ML batch endpoint (init() / run(mini_batch)), "
+                      "not a command: deploy it with `python deploy_azure.py --batch`; to score a folder of images "
+                      "here, `python predict.py --input FOLDER`")

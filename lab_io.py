@@ -41,6 +41,17 @@ class DiskFullError(UserError):
     """A write failed because its disk is full (one line, exit code 2, like any UserError)."""
 
 
+def entry_script_only(usage: str, argv: list[str] | None = None) -> None:
+    """`python score.py`: an Azure ML entry script is called by a server (init() / run()), not run as a command. Says
+    how to use it, in one line: on stdout with exit 0 for -h / --help, else as an error with exit 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        sys.exit(0)
+    print(f"error: {usage}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a script's main(): user errors become one clear line and a non-zero exit, never a traceback.
 

@@ -328,3 +328,11 @@ def run(request):
         logger.exception("scoring failed")
         return _reply(500, {"error": {"status": 500, "code": "internal_error",
                                       "message": f"{type(exc).__name__}: {str(exc)[:200]}"}})
+
+
+if __name__ == "__main__":
+    from lab_io import entry_script_only
+
+    entry_script_only("score.py is Azure ML's entry script (init() / run()), not a command: serve it here with "
+                      "`azmlinfsrv --entry_script score.py --model_dir modeles --port 5001`, or deploy it with "
+                      "`python deploy_azure.py`")

@@ -76,6 +76,18 @@ def test_client_help_is_fast(script):
     assert best < 1.0, f"{script} --help took {best:.2f} s"
 
 
+@pytest.mark.parametrize("script, how", [("score.py", "azmlinfsrv --entry_script score.py"),
+                                         ("batch_score.py", "deploy_azure.py --batch")])
+def test_entry_scripts_run_as_commands_say_how_to_use_them(script, how):
+    """Azure's entry scripts are loaded by a server, not run: `python score.py` says so in one line (it was silent,
+    exit 0)."""
+    res = subprocess.run([sys.executable, str(ROOT / script)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stdout == "" and res.stderr.startswith("error: ") and how in res.stderr
+    assert res.stderr.count("\n") == 1
+    res = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0 and how in res.stdout and res.stderr == ""
+
+
 def _timed_help(script: str) -> float:
     """Seconds of CPU the child used (what importing torch would cost), not wall time: the tests run in parallel
     (pytest.ini), so another worker may hold the cores. Wall time where the OS does not report a child's CPU."""
