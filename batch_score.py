@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import DEFAULT_MAX_PIXELS, Classifier, ImageError, env_number, find_sidecar, load_rgb, preprocess, \
     serving_model_dir, serving_threads  # noqa: E402
+from lab_io import entry_script_only  # noqa: E402
 from lab_targets import BATCH_COLUMNS  # noqa: E402
 
 
@@ -113,8 +114,6 @@ def run(mini_batch) -> list[str]:
 
 
 if __name__ == "__main__":
-    from lab_io import entry_script_only
-
     entry_script_only("batch_score.py is the entry script of an Azure ML batch endpoint (init() / run(mini_batch)), "
                       "not a command: deploy it with `python deploy_azure.py --batch`; to score a folder of images "
                       "here, `python predict.py --input FOLDER`")

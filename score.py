@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, ImageError, Classifier, PatchDetector, \
     env_number, find_sidecar, serving_model_dir, serving_threads, image_header, load_rgb, preprocess  # noqa: E402
 
-from lab_io import UserError  # noqa: E402
+from lab_io import UserError, entry_script_only  # noqa: E402
 
 SERVER_MODULE = "azureml_inference_server_http.server.user_script"  # loaded only by the server that runs init()
 
@@ -331,8 +331,6 @@ def run(request):
 
 
 if __name__ == "__main__":
-    from lab_io import entry_script_only
-
     entry_script_only("score.py is Azure ML's entry script (init() / run()), not a command: serve it here with "
                       "`azmlinfsrv --entry_script score.py --model_dir modeles --port 5001`, or deploy it with "
                       "`python deploy_azure.py`")
