@@ -1,4 +1,5 @@
 """Shared fixtures: the repository root on sys.path, a synthetic MVTec tree, helpers to run scripts."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,12 +15,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from mvtec_dataset import make_synthetic_mvtec  # noqa: E402
 
 
+HAS_XDIST = importlib.util.find_spec("xdist") is not None  # pytest.ini runs the tests in parallel with it
+
+
 def pytest_addoption(parser):
     """Without pytest-xdist (a venv made before requirements.txt listed it), pytest.ini's options would be
     "unrecognized arguments": they are accepted and the tests run one at a time, with a note."""
-    import importlib.util
-
-    if importlib.util.find_spec("xdist") is None:
+    if not HAS_XDIST:
         group = parser.getgroup("xdist (not installed: pip install -r requirements.txt)")
         group.addoption("--numprocesses", default=None, help="ignored: no pytest-xdist")
         group.addoption("--maxprocesses", default=None, help="ignored: no pytest-xdist")
@@ -29,9 +31,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     """Under pytest-xdist (pytest.ini), the cores are shared between the workers: torch in each worker gets its share,
     so two workers do not run four threads on two cores. Without it, a warning says how to install it."""
-    import importlib.util
-
-    if importlib.util.find_spec("xdist") is None:
+    if not HAS_XDIST:
         config.issue_config_time_warning(pytest.PytestConfigWarning(
             "pytest-xdist is not installed: the tests run one at a time, about twice as long "
             "(pip install -r requirements.txt -c constraints.txt)"), stacklevel=2)
