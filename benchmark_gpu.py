@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     ordered = [rows[k] for k in ("cpu", "gpu") if k in rows]
 
     results = Path(args.results_dir)
-    append_csv_rows(results / "benchmark_cpu_gpu.csv", ordered)
+    csv_path = append_csv_rows(results / "benchmark_cpu_gpu.csv", ordered)
     plot(ordered, results / "benchmark_cpu_gpu.png", args, args.overwrite)
 
     print(f"\nSummary ({args.model_name}, category '{args.category}', test split {ordered[0].get('n_test') or '?'}"
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
         print(f"GPU/CPU speedup: not measured ({gpu['note'] or 'CPU not run'})")
     print(f"throughput = images/s at batch {args.bench_batch_size}; costs = time measured on this machine x hourly "
           f"price ({CPU_VM} / {GPU_VM}, {PRICE_NOTE}): an estimate, this machine is not that VM.")
-    print(f"results appended to {results / 'benchmark_cpu_gpu.csv'}, plot {results / 'benchmark_cpu_gpu.png'}")
+    print(f"results appended to {csv_path}, plot {results / 'benchmark_cpu_gpu.png'}")
     return 0
 
 

@@ -4,7 +4,6 @@ IR saving and on-disk sizes. Used by onnx_optimization.py (part 3), the pipeline
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 import warnings
@@ -16,7 +15,8 @@ import torch
 
 from inference import (ENGINE_ORT, ENGINE_OV, INPUT_NAME, MAP_OUTPUT_NAME, OUTPUT_NAME, Runner, cpu_supports,
                        make_session, numeric_precision, onnx_opset)
-from lab_io import DiskFullError, UserError, atomic_write, is_fresh, keep_previous, size_on_disk_mb, working_folder
+from lab_io import (DiskFullError, UserError, atomic_write, check_replaceable, is_fresh, keep_previous, rename,
+                    size_on_disk_mb, working_folder)
 from lab_targets import predict_labels
 from quantize import choose_fp32_layers
 from train_utils import model_logits
@@ -537,9 +537,10 @@ def save_openvino_ir(model, dst_xml: Path, overwrite: bool, fp16_constants: bool
     with working_folder(dst_xml.parent, ".ir-") as tmp:
         tmp_xml = Path(tmp) / dst_xml.name
         ov.save_model(model, str(tmp_xml), compress_to_fp16=fp16_constants)
+        check_replaceable(dst_xml.with_suffix(".bin"), dst_xml)  # both or neither: never a new .xml on old weights
         for suffix in (".bin", ".xml"):
             keep_previous(dst_xml.with_suffix(suffix), overwrite)
-            os.replace(tmp_xml.with_suffix(suffix), dst_xml.with_suffix(suffix))
+            rename(tmp_xml.with_suffix(suffix), dst_xml.with_suffix(suffix))
     return dst_xml
 
 

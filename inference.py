@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lab_io import UserError, atomic_write, atomic_write_text, json_safe, keep_previous, physical_cores, \
-    library_versions, sha256_file
+from lab_io import UserError, atomic_write, atomic_write_text, check_replaceable, json_safe, keep_previous, \
+    library_versions, physical_cores, sha256_file
 from lab_targets import DETECTOR_GOOD_THRESHOLD_RULE, LABELS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # what the lab reads as images
@@ -350,6 +350,8 @@ def save_final(src: str | Path, models_dir: str | Path, overwrite: bool) -> Path
     src = Path(src)
     final = final_path(src, models_dir)
     pairs = [(src, final)] + ([(src.with_suffix(".bin"), final.with_suffix(".bin"))] if src.suffix == ".xml" else [])
+    # the set in place is replaced whole or not at all: a served model's weights may be held (OpenVINO maps them)
+    check_replaceable(*(Path(models_dir) / f"{FINAL_STEM}{ext}" for ext in (".onnx", ".xml", ".bin", ".json")))
     pending = not overwrite  # the set in place goes aside once, when the first new file is ready to replace it
     for source, target in reversed(pairs):  # the weights first: a model file never points at missing weights
         def write(tmp: Path, source=source) -> None:

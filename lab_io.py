@@ -41,6 +41,16 @@ class DiskFullError(UserError):
     """A write failed because its disk is full (one line, exit code 2, like any UserError)."""
 
 
+class FileInUseError(UserError):
+    """An output could not be renamed or replaced: another program holds it open (Windows refuses to rename or
+    replace such a file: a CSV open in a spreadsheet, the weights of a model being served) or it is read-only.
+    `kept`: where the new content went instead, if anywhere."""
+
+    def __init__(self, message: str, kept: Path | None = None):
+        super().__init__(message)
+        self.kept = kept
+
+
 def entry_script_only(usage: str, argv: list[str] | None = None) -> None:
     """`python score.py`: an Azure ML entry script is called by a server (init() / run()), not run as a command. Says
     how to use it, in one line: on stdout with exit 0 for -h / --help, else as an error with exit 2."""
@@ -177,14 +187,53 @@ def keep_previous(path: str | Path, overwrite: bool = False, stamp: str | None =
     if not path.exists() or overwrite:
         return None
     stamp = stamp or _dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
-    backup = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
-    n = 1
-    while backup.exists():
-        backup = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
-        n += 1
-    path.rename(backup)
+    backup = _free_name(path, stamp)
+    rename(path, backup, held=path)
     print(f"note: previous {path} kept as {backup.name}")
     return backup
+
+
+def _free_name(path: Path, stamp: str) -> Path:
+    """`<stem>.<stamp><suffix>` beside `path`, with -1, -2... until no file has that name."""
+    name, n = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
+    while name.exists():
+        name, n = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}"), n + 1
+    return name
+
+
+RENAME_RETRY_S = (0.05, 0.1, 0.2, 0.4, 0.8)  # Windows: a virus scanner or an indexer may hold a new file a moment
+
+
+def in_use_message(path: str | Path, kept: str | Path | None = None) -> str:
+    kept_note = f" The new file is kept as {kept}." if kept else ""
+    return (f"{path} cannot be replaced: another program holds it open (a spreadsheet or an image viewer, a running "
+            f"azmlinfsrv or predict.py) or it is read-only.{kept_note} Close that program and run again, or write "
+            "elsewhere (--models-dir, --results-dir).")
+
+
+def rename(src: str | Path, dst: str | Path, held: str | Path | None = None) -> None:
+    """os.replace(src, dst), tried again for about 1.5 s while the system refuses it (PermissionError: on Windows a
+    file that another program holds open cannot be renamed, nor replaced); then FileInUseError naming `held`, the
+    file in the way (default: dst)."""
+    for delay in (*RENAME_RETRY_S, None):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if delay is None:
+                raise FileInUseError(in_use_message(held or dst)) from None
+            time.sleep(delay)
+
+
+def check_replaceable(*paths: str | Path) -> None:
+    """FileInUseError if one of `paths` (those that exist) cannot be renamed, found by renaming it and back: checked
+    before replacing files that go together (a model, its weights, its sidecar), so that none of them is replaced
+    when another one is held."""
+    for path in map(Path, paths):
+        if path.is_file():
+            probe = path.with_name(f".{path.name}.{secrets.token_hex(4)}.probe")
+            rename(path, probe, held=path)
+            rename(probe, path, held=path)
 
 
 def atomic_write(path: str | Path, writer: Callable[[Path], None], overwrite: bool | None = None) -> Path:
@@ -192,7 +241,8 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None], overwrite: bo
 
     A crash, a full disk or Ctrl+C never leaves a half-written output behind. overwrite=False: an existing `path` is
     kept under a timestamped name (keep_previous), once the new file is complete, so a failed write never takes its
-    name away; True or None: replaced. A write that fails because the disk is full is one DiskFullError.
+    name away; True or None: replaced. A write that fails because the disk is full is one DiskFullError; a `path`
+    that another program holds (see rename) is one FileInUseError, the new file kept as `<stem>.unsaved.<time>`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,12 +258,19 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None], overwrite: bo
             if message:
                 raise DiskFullError(message) from None
             raise
-        if overwrite is not None:
-            keep_previous(path, overwrite)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp_path, path)
+        try:
+            if overwrite is not None:
+                keep_previous(path, overwrite)
+            rename(tmp_path, path)
+        except FileInUseError:  # the new content is not lost: it goes under a name of its own
+            kept = _free_name(path, f"unsaved.{_dt.datetime.now():%Y%m%d-%H%M%S}")
+            with contextlib.suppress(OSError):
+                os.replace(tmp_path, kept)
+            kept = kept if kept.exists() else None
+            raise FileInUseError(in_use_message(path, kept), kept) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -225,17 +282,23 @@ def working_folder(parent: str | Path, prefix: str):
     """A temporary folder in `parent` (the outputs' disk: a finished file is moved in by a rename), removed at the
     end. A failure inside it while the disk is full is one DiskFullError naming `parent`: checked before the folder
     is removed and frees the space, since libraries writing there (torch.onnx, onnx shape inference, OpenVINO) may
-    leave a cut file that the next step fails to parse."""
-    with tempfile.TemporaryDirectory(dir=parent, prefix=prefix) as tmp:
-        try:
-            yield Path(tmp)
-        except Exception as exc:  # noqa: BLE001 - a full disk, whatever the library calls it; else re-raised
-            if isinstance(exc, UserError) and not isinstance(exc, DiskFullError):
-                raise
-            message = disk_full_message(exc, folder=parent)
-            if message:
-                raise DiskFullError(message) from None
+    leave a cut file that the next step fails to parse. A folder that cannot be removed (Windows: a library still holds
+    one of its files open) does not fail the run: a note says where it stays."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    try:
+        yield tmp
+    except Exception as exc:  # noqa: BLE001 - a full disk, whatever the library calls it; else re-raised
+        if isinstance(exc, UserError) and not isinstance(exc, DiskFullError):
             raise
+        message = disk_full_message(exc, folder=parent)
+        if message:
+            raise DiskFullError(message) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.exists():
+        print(f"note: the working folder {tmp} could not be removed (a file in it is still open): delete it once "
+              "this run is over")
 
 
 # A write that fails with less than this left on its disk failed because the disk is full: torch.save and OpenVINO
@@ -322,7 +385,8 @@ def append_csv_rows(path: str | Path, rows: Iterable[dict]) -> Path:
     """Append result rows to a CSV (header = union of the columns seen so far); earlier rows are kept, also those
     another process appends at the same time (csv_lock). A file that cannot be extended as it is (saved again by
     a spreadsheet: ';' separators, a cell too many, another encoding) is kept under a timestamped name, and the rows
-    start a new file.
+    start a new file. A CSV that cannot be replaced (held open by a spreadsheet on Windows) stays as it is: the rows,
+    its own and the new ones, go to `<stem>.unsaved.<time>.csv`, said in a note, and that path is returned.
 
     Every column must be one of lab_targets.RESULT_COLUMNS (one schema: names, units, signs, for every CSV)."""
     from lab_targets import check_result_columns
@@ -349,7 +413,14 @@ def append_csv_rows(path: str | Path, rows: Iterable[dict]) -> Path:
                 writer.writerows(old_rows)
                 writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
 
-        return atomic_write(path, write)
+        try:
+            return atomic_write(path, write)
+        except FileInUseError as exc:  # a CSV open in a spreadsheet must not stop a run of many minutes
+            if exc.kept is None:
+                raise
+            print(f"note: {path} is held by another program (open in a spreadsheet?): its rows and this run's are "
+                  f"in {exc.kept} instead; close that program, then give that file the name {path.name}.")
+            return exc.kept
 
 
 def _read_results_csv(path: Path) -> tuple[list[str], list[dict]]:
