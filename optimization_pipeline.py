@@ -707,9 +707,11 @@ def detector_step(args, base_ckpt: dict, base_path: Path, threads: int, rid: str
 # --------------------------------------------------------------------------------------------------
 # The lab's archive
 # --------------------------------------------------------------------------------------------------
-def package_members(args, *, models: dict) -> tuple[dict, list[str]]:
+def package_members(args, *, models: dict, report_csv: Path | None = None) -> tuple[dict, list[str]]:
     """({name in the archive: file}, [missing deliverables, each with the script that makes it]) in the lab's layout
-    (lab_targets.LAB_DELIVERABLES); nothing missing is invented. `models`: {archive name: file or None}."""
+    (lab_targets.LAB_DELIVERABLES); nothing missing is invented. `models`: {archive name: file or None}; `report_csv`:
+    the CSV this run wrote its rows in, when it is not resultats/optimization_report.csv (held open by a
+    spreadsheet: lab_io.append_csv_rows), archived under that name."""
     members = {}
     for p in sorted(HERE.glob("*.py")) + [HERE / "requirements.txt", HERE / "constraints.txt", HERE / "README.md"]:
         if p.is_file():
@@ -722,6 +724,8 @@ def package_members(args, *, models: dict) -> tuple[dict, list[str]]:
     for p in sorted(results.glob("*.csv")) + sorted(results.glob("*.png")):
         if not BACKUP_RE.search(p.name):
             members[f"resultats/{p.name}"] = p
+    if report_csv is not None:
+        members[f"resultats/{REPORT_CSV}"] = Path(report_csv)
     for name, p in models.items():
         if p is not None and Path(p).is_file():
             members[f"modeles/{name}"] = Path(p)
@@ -862,12 +866,12 @@ def student_variants(args, device, data, base, base_model, base_ckpt, base_path,
     return variants, student_ckpt, s_path
 
 
-def package_step(args, final: Path | None, base_path: Path, quant_path: Path | None) -> None:
+def package_step(args, final: Path | None, base_path: Path, quant_path: Path | None, report_csv: Path) -> None:
     """--package: the lab's archive, naming every deliverable it lacks."""
     finals = [final, final.with_suffix(".json")] + ([final.with_suffix(".bin")] if final.suffix == ".xml" else []) \
         if final else []
     members, missing = package_members(args, models={"model_cpu.pth": base_path, "model_quantized.pth": quant_path,
-                                                     **{p.name: p for p in finals}})
+                                                     **{p.name: p for p in finals}}, report_csv=report_csv)
     zip_path = write_package(Path(args.package), members, args.overwrite)
     print(f"archive written: {zip_path} ({len(members)} files, {size_on_disk_mb(zip_path):.1f} MB)")
     if missing:
@@ -918,7 +922,7 @@ def main(argv=None) -> int:
     print_summary(rows, final)
     print(f"results appended to {csv_path} (run_id {rid}); figure {png}; report {report}")
     if args.package:
-        package_step(args, final, base_path, quant_path)
+        package_step(args, final, base_path, quant_path, csv_path)
     print(f"pipeline finished in {time.perf_counter() - t_start:.0f} s")
     return 0
 

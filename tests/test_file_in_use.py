@@ -153,3 +153,22 @@ def test_a_working_folder_that_cannot_be_removed_does_not_fail_the_run(tmp_path,
         assert f"note: the working folder {work} could not be removed" in note
     else:  # simulated: only renames are refused, so the folder went
         assert "note" not in note
+
+
+def test_the_archive_holds_the_rows_of_this_run_when_the_report_csv_was_held(tmp_path):
+    """optimization_pipeline.py --package: its report CSV held open, the rows went to the unsaved file; the archive
+    carries that file under the lab's name (rapport.md was written from it), not the stale one."""
+    from types import SimpleNamespace
+
+    from optimization_pipeline import REPORT_CSV, package_members
+
+    results = tmp_path / "resultats"
+    results.mkdir()
+    (results / REPORT_CSV).write_text("run_id\nmonday\n")
+    unsaved = results / REPORT_CSV.replace(".csv", ".unsaved.20261208-101500.csv")
+    unsaved.write_text("run_id\nmonday\ntuesday\n")
+    args = SimpleNamespace(results_dir=results, report=tmp_path / "rapport.md")
+    members, _ = package_members(args, models={}, report_csv=unsaved)
+    assert members[f"resultats/{REPORT_CSV}"] == unsaved and unsaved.name not in str(list(members))
+    members, _ = package_members(args, models={})
+    assert members[f"resultats/{REPORT_CSV}"] == results / REPORT_CSV
