@@ -396,13 +396,13 @@ def append_csv_rows(path: str | Path, rows: Iterable[dict]) -> Path:
     for row in rows:
         check_result_columns(row)
     with csv_lock(path):
-        columns, old_rows = [], []
+        columns, old_rows, foreign = [], [], False
         if path.exists():
             try:
                 columns, old_rows = _read_results_csv(path)
             except UserError as exc:
                 print(f"note: {exc}; it is kept aside and a new file is started")
-                keep_previous(path)
+                foreign = True
         for row in rows:
             columns += [k for k in row if k not in columns]
 
@@ -414,12 +414,12 @@ def append_csv_rows(path: str | Path, rows: Iterable[dict]) -> Path:
                 writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
 
         try:
-            return atomic_write(path, write)
+            return atomic_write(path, write, overwrite=False if foreign else None)  # False: kept aside, once written
         except FileInUseError as exc:  # a CSV open in a spreadsheet must not stop a run of many minutes
             if exc.kept is None:
                 raise
-            print(f"note: {path} is held by another program (open in a spreadsheet?): its rows and this run's are "
-                  f"in {exc.kept} instead; close that program, then give that file the name {path.name}.")
+            print(f"note: {path} is held by another program (open in a spreadsheet?): the rows were written to "
+                  f"{exc.kept} instead; close that program, then give that file the name {path.name}.")
             return exc.kept
 
 

@@ -77,7 +77,19 @@ def test_a_csv_open_in_a_spreadsheet_loses_no_row_and_does_not_stop_the_run(tmp_
     assert [r["run_id"] for r in read_csv_rows(written)] == ["monday", "tuesday"]
     assert _others(tmp_path, path.name, written.name, ".onnx_results.csv.lock") == []
     note = capsys.readouterr().out
-    assert f"note: {path} is held by another program" in note and f"in {written} instead" in note
+    assert f"note: {path} is held by another program" in note and f"written to {written} instead" in note
+
+
+def test_a_csv_saved_by_a_spreadsheet_and_still_open_loses_no_row(tmp_path, hold, capsys):
+    """Saved again by Excel (';' separators) and still open in it: it cannot be set aside; the new rows start a file
+    of their own."""
+    path = tmp_path / "quantization_results.csv"
+    path.write_text("run_id;variant\nmonday;ort-fp32\n")
+    hold(path)
+    written = append_csv_rows(path, [{"run_id": "tuesday", "variant": "pytorch-int8-dynamic"}])
+    assert path.read_text() == "run_id;variant\nmonday;ort-fp32\n"
+    assert ".unsaved." in written.name and [r["run_id"] for r in read_csv_rows(written)] == ["tuesday"]
+    assert "written to" in capsys.readouterr().out
 
 
 def test_a_served_model_is_replaced_whole_or_not_at_all(tmp_path, hold):
