@@ -236,7 +236,7 @@ def _main(args) -> int:
     interrupted = score_all(args, model, todo, store, workers, rid, timing, heatmaps)
     if interrupted is not None:
         return interrupted
-    failed = print_summary(images, store, timing, args, output, workers)
+    failed = print_summary(images, store, timing, args, workers)
     if heatmaps:
         sheet = heatmaps.close()
         print(f"heat maps: {heatmaps.written} overlay(s) in {args.heatmaps}, colours from "
@@ -262,8 +262,7 @@ def row_score(row: dict) -> float:
     return float(row.get("anomaly_probability") or row.get("anomaly_score"))
 
 
-def print_summary(images: list[Path], store: PredictionStore, timing: Timing, args, output: Path,
-                  workers: int) -> int:
+def print_summary(images: list[Path], store: PredictionStore, timing: Timing, args, workers: int) -> int:
     """Counts per label over the input, the most anomalous files, the errors, this run's throughput. Returns the
     number of images of the input that could not be read."""
     rows = [store.rows[str(p)] for p in images if str(p) in store.rows]
@@ -279,7 +278,7 @@ def print_summary(images: list[Path], store: PredictionStore, timing: Timing, ar
     for r in errors[:10]:
         print(f"  error  {_shown(r['path'])}: {r['error']}")
     if len(errors) > 10:
-        print(f"  ... and {len(errors) - 10} more errors (column 'error' of {_shown(output)})")
+        print(f"  ... and {len(errors) - 10} more errors (column 'error' of {_shown(store.path)})")
     if timing.images and not timing.scored:
         print(f"this run: {timing.images} image(s) tried, none readable ({timing.wall_s:.2f} s)")
     elif timing.images:
@@ -292,7 +291,7 @@ def print_summary(images: list[Path], store: PredictionStore, timing: Timing, ar
               f"{ms['model_busy_pct']:.0f} % of the wall time, waited {timing.wait_s:.2f} s for images")
     else:
         print("this run: nothing new to score")
-    print(f"predictions: {_shown(output)} ({len(store.rows)} rows)")
+    print(f"predictions: {_shown(store.path)} ({len(store.rows)} rows)")
     return len(errors)
 
 

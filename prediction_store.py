@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from inference import Classifier
-from lab_io import UserError, atomic_write, csv_lock, keep_previous
+from lab_io import FileInUseError, UserError, atomic_write, csv_lock
 from lab_targets import check_result_columns
 
 
@@ -121,8 +121,9 @@ class PredictionStore:
             header, on_disk = self._read() if self.path.exists() else ([], [])
             # set the file aside when it is the one read at the start (--rescore, another model), or when another
             # model's run wrote it since; one of this model's runs may have replaced it already: merge with that
-            if on_disk and (self._others(on_disk) or (self.replace_file and self._stat() == self.stat_read)):
-                keep_previous(self.path)
+            aside = bool(on_disk) and bool(self._others(on_disk) or (self.replace_file and
+                                                                    self._stat() == self.stat_read))
+            if aside:  # kept under a timestamped name by atomic_write, once the new file is written
                 header, on_disk = [], []
             self.replace_file = False
             rows = {r["path"]: r for r in on_disk}
@@ -140,7 +141,15 @@ class PredictionStore:
                     f.flush()
                     os.fsync(f.fileno())
 
-            atomic_write(self.path, write)
+            try:
+                atomic_write(self.path, write, overwrite=False if aside else None)
+            except FileInUseError as exc:  # open in a spreadsheet: the run goes on, in a file of its own
+                if exc.kept is None:
+                    raise
+                print(f"note: {self.path} is held by another program (open in a spreadsheet?): the predictions are "
+                      f"saved in {exc.kept} from now on; close that program, then give that file the name "
+                      f"{self.path.name}.")
+                self.path = exc.kept
         self.rows, self.columns, self.unsaved, self.dirty = rows, columns, {}, 0
 
 

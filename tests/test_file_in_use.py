@@ -184,3 +184,33 @@ def test_the_archive_holds_the_rows_of_this_run_when_the_report_csv_was_held(tmp
     assert members[f"resultats/{REPORT_CSV}"] == unsaved and unsaved.name not in str(list(members))
     members, _ = package_members(args, models={})
     assert members[f"resultats/{REPORT_CSV}"] == results / REPORT_CSV
+
+
+def test_predictions_open_in_a_spreadsheet_go_on_in_a_file_of_their_own(tmp_path, hold, capsys):
+    """predict.py saves its CSV every few images; opened in Excel meanwhile, the next saves go beside it and the run
+    goes on (its summary names the file: store.path)."""
+    from types import SimpleNamespace
+
+    from prediction_store import PredictionStore, prediction_row
+
+    model = SimpleNamespace(score_kind="probability", threshold=0.5)
+    identity = {"variant": "ort-fp32", "model_sha256": "ab" * 32, "weights_sha256": "", "threshold": "0.5"}
+    path = tmp_path / "predictions.csv"
+
+    def put(store, name, score):
+        result = {"path": str(tmp_path / name), "label": "good", "score": score, "error": "", "width": 8, "height": 8}
+        store.put(prediction_row(result, model, identity, "run"))
+
+    store = PredictionStore(path, identity)
+    put(store, "a.png", 0.1)
+    store.save()
+    hold(path)
+    put(store, "b.png", 0.2)
+    store.save()
+    moved = store.path
+    assert moved != path and ".unsaved." in moved.name and "saved in" in capsys.readouterr().out
+    put(store, "c.png", 0.9)
+    store.save()
+    assert store.path == moved and len(list(tmp_path.glob("predictions.unsaved.*.csv"))) == 1
+    assert [r["path"][-5:] for r in read_csv_rows(moved)] == ["a.png", "b.png", "c.png"]
+    assert [r["path"][-5:] for r in read_csv_rows(path)] == ["a.png"]
