@@ -25,7 +25,8 @@ from pathlib import Path
 import requests
 from tqdm.auto import tqdm
 
-from lab_io import ArgumentParser, UserError, finite_float, format_table, run_cli, sha256_file
+from lab_io import (ArgumentParser, FileInUseError, UserError, finite_float, format_table, rename, run_cli,
+                    sha256_file)
 
 MAX_RETRIES = 10  # with waits doubling up to MAX_RETRY_WAIT_S: about 6 min of waiting in all
 MAX_RETRY_WAIT_S = 60.0
@@ -181,7 +182,12 @@ def safe_extract(archive: str | Path, output_dir: str | Path, category: str, rep
         counts = verify_layout(tmp / category, shown=f"the {category} folder of {archive}")
         old = tmp / ".previous"
         if target.exists():
-            os.replace(target, old)
+            try:
+                rename(target, old, held=target)
+            except FileInUseError:  # Windows: a file of it open in an image viewer, a window on the folder
+                raise UserError(f"{target} cannot be replaced: another program has it or one of its images open (an "
+                                "image viewer, a file explorer window, a running script); close it and run again; "
+                                "the category in place is untouched.") from None
         try:
             os.replace(tmp / category, target)
         except OSError:

@@ -214,3 +214,25 @@ def test_predictions_open_in_a_spreadsheet_go_on_in_a_file_of_their_own(tmp_path
     assert store.path == moved and len(list(tmp_path.glob("predictions.unsaved.*.csv"))) == 1
     assert [r["path"][-5:] for r in read_csv_rows(moved)] == ["a.png", "b.png", "c.png"]
     assert [r["path"][-5:] for r in read_csv_rows(path)] == ["a.png"]
+
+
+def test_a_category_folder_in_use_is_not_replaced_by_download_force(tmp_path, hold):
+    """download_mvtec.py --force over data/mvtec/bottle while an image viewer has one of its images open (Windows
+    refuses to rename the folder): one clear line, the category in place untouched, no temporary folder left."""
+    import tarfile
+
+    import download_mvtec as dm
+    from mvtec_dataset import make_synthetic_mvtec
+
+    make_synthetic_mvtec(tmp_path / "source", n_train_good=3, n_test_good=2, n_per_defect=1, image_size=16)
+    archive = tmp_path / "bottle.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(tmp_path / "source" / "bottle", arcname="bottle")
+    out = tmp_path / "mvtec"
+    argv = ["--category", "bottle", "--output", str(out), "--archive", str(archive)]
+    assert dm.main(argv) == 0
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    hold(out / "bottle")
+    with pytest.raises(lab_io.UserError, match=r"bottle cannot be replaced: another program has it"):
+        dm.main(argv + ["--force"])
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
